@@ -1,0 +1,3 @@
+from gfs_backup.cli import main
+
+main()

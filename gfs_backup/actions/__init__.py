@@ -1,0 +1,1 @@
+"""One module per action; the CLI calls these, they call the core."""

@@ -1,0 +1,75 @@
+"""The `gfs` command line. The only layer that imports click or prints.
+
+Expected errors (GfsError) become one line per problem on stderr and a documented exit code;
+anything else is a bug: one line, exit 1, and a traceback only with --debug.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from gfs_backup import __version__
+from gfs_backup.cli import check, plan
+from gfs_backup.errors import ExitCode, GfsError
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  success
+  1  internal error (a bug; --debug shows the traceback)
+  2  wrong command-line usage
+  3  invalid configuration, policy or input file
+  4  some jobs failed      5  all jobs failed
+  6  a job's lock is held by another run
+  7  gfs check: valid, but with warnings
+"""
+
+
+class GfsGroup(click.Group):
+    """Turns errors into one-line messages and documented exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except GfsError as exc:
+            for line in str(exc).splitlines():
+                click.echo(f"gfs: error: {line}", err=True)
+            ctx.exit(int(exc.exit_code))
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except BrokenPipeError:
+            sys.stderr.close()
+            ctx.exit(int(ExitCode.OK))
+        except Exception as exc:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(
+                f"gfs: internal error: {type(exc).__name__}: {exc} "
+                "(run again with --debug for a traceback)",
+                err=True,
+            )
+            ctx.exit(int(ExitCode.INTERNAL))
+
+
+@click.group(
+    cls=GfsGroup, epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]}
+)
+@click.option("--debug", is_flag=True, help="Show tracebacks of unexpected errors.")
+@click.version_option(__version__, prog_name="gfs")
+def cli(debug: bool) -> None:
+    """gfs-backup: turn snapshots into real, verified grandfather-father-son backups.
+
+    Start with `gfs plan --help`: it previews what a retention policy keeps and prunes,
+    for configured jobs or for any list of timestamps, without touching anything.
+    """
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli.main(prog_name="gfs")
+
+
+cli.add_command(plan.plan_command)
+cli.add_command(check.check_command)

@@ -1,0 +1,247 @@
+"""The main configuration (/etc/gfs/gfs.toml): targets, hosts and jobs, validated at once.
+
+state_dir = "/var/lib/gfs"          # run history and journal (default)
+policy_dir = "/etc/gfs/policies"    # where policy names are looked up first
+[target.nas]
+path = "/mnt/backup"                # must be an NFS mount unless require_nfs = false
+require_nfs = true
+[hosts.kvm2]                        # remote host; "local" needs no entry
+address = "kvm2.example.net"
+user = "backup"
+port = 22
+[[job]]
+name = "web01"
+kind = "libvirt"                    # libvirt | lvm | btrfs | files
+domain = "web01"
+host = "kvm2"
+target = "nas"
+policy = "classic-gfs"              # a policy name, a path, or an inline table
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gfs_backup.errors import InputError
+from gfs_backup.policy import NAME_RE, Policy, find_policy, load_policy_file, policy_from_table
+from gfs_backup.validate import Collector, Table, join_key, read_toml
+
+DEFAULT_CONFIG = Path("/etc/gfs/gfs.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/gfs")
+LOCAL_HOST = "local"
+TOP_KEYS = ("state_dir", "policy_dir", "target", "hosts", "job")
+TARGET_KEYS = ("path", "require_nfs")
+HOST_KEYS = ("address", "user", "port", "identity_file", "known_hosts")
+JOB_COMMON_KEYS = ("name", "kind", "host", "target", "policy")
+# Per kind: (required keys, optional keys).
+KIND_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "libvirt": (("domain",), ("disks", "uri")),
+    "lvm": (("volume_group", "logical_volume"), ("snapshot_size",)),
+    "btrfs": (("subvolume",), ()),
+    "files": (("path",), ()),
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    path: Path
+    require_nfs: bool = True
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str
+    address: str
+    user: str = "root"
+    port: int = 22
+    identity_file: str | None = None
+    known_hosts: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """One thing to protect; `options` holds the kind's own keys (domain, subvolume, ...)."""
+
+    name: str
+    kind: str
+    host: str
+    target: str
+    policy: Policy
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    state_dir: Path
+    policy_dir: Path
+    targets: dict[str, Target]
+    hosts: dict[str, Host]
+    jobs: list[Job]
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate the config and every policy it names; raises InputError with all."""
+    table = read_toml(path)
+    collector = Collector(str(path))
+    collector.unknown_keys(table, TOP_KEYS, "")
+    state_dir = Path(
+        collector.get(table, "state_dir", "", str, str(DEFAULT_STATE_DIR), "a directory path")
+    )
+    policy_dir = Path(
+        collector.get(table, "policy_dir", "", str, "/etc/gfs/policies", "a directory path")
+    )
+    targets = {
+        name: _target(name, value, collector)
+        for name, value in _named_tables(table, "target", collector)
+    }
+    hosts = {
+        name: _host(name, value, collector)
+        for name, value in _named_tables(table, "hosts", collector)
+    }
+    jobs = _jobs(table, collector, targets, hosts, policy_dir)
+    collector.raise_if_any()
+    return Config(str(path), state_dir, policy_dir, targets, hosts, jobs)
+
+
+def _named_tables(table: Table, key: str, collector: Collector) -> list[tuple[str, Table]]:
+    section: Table = collector.get(table, key, "", dict, {}, f"tables [{key}.NAME]")
+    result: list[tuple[str, Table]] = []
+    for name, value in section.items():
+        if not NAME_RE.fullmatch(name):
+            collector.add(join_key(key, name), "invalid name: use letters, digits, '.', '_', '-'")
+        elif not isinstance(value, dict):
+            collector.add(join_key(key, name), f"expected a table [{key}.{name}]")
+        else:
+            result.append((name, value))
+    return result
+
+
+def _target(name: str, table: Table, collector: Collector) -> Target:
+    path = f"target.{name}"
+    collector.unknown_keys(table, TARGET_KEYS, path)
+    where = collector.get(table, "path", path, str, "", "an absolute directory path")
+    if not where.startswith("/"):
+        collector.add(join_key(path, "path"), "required: the absolute path of the mount point")
+    require_nfs = collector.get(table, "require_nfs", path, bool, True, "true or false")
+    return Target(name, Path(where), require_nfs)
+
+
+def _host(name: str, table: Table, collector: Collector) -> Host:
+    path = f"hosts.{name}"
+    collector.unknown_keys(table, HOST_KEYS, path)
+    if name == LOCAL_HOST:
+        collector.add(path, "'local' is the host gfs runs on and needs no entry")
+    address = collector.get(table, "address", path, str, "", "a host name or address")
+    if not address:
+        collector.add(join_key(path, "address"), "required: the host name or IP address")
+    port = collector.get(table, "port", path, int, 22, "a TCP port number")
+    if not 0 < port < 65536:
+        collector.add(join_key(path, "port"), f"{port} is not a TCP port (1..65535)")
+    return Host(
+        name=name,
+        address=address,
+        user=collector.get(table, "user", path, str, "root", "a user name"),
+        port=port,
+        identity_file=collector.get(table, "identity_file", path, str, None, "a file path"),
+        known_hosts=collector.get(table, "known_hosts", path, str, None, "a file path"),
+    )
+
+
+def _jobs(
+    table: Table,
+    collector: Collector,
+    targets: dict[str, Target],
+    hosts: dict[str, Host],
+    policy_dir: Path,
+) -> list[Job]:
+    entries: list[Any] = collector.get(table, "job", "", list, [], "[[job]] tables")
+    jobs: list[Job] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        path = f"job[{index}]"
+        if not isinstance(entry, dict):
+            collector.add(path, "expected a [[job]] table")
+            continue
+        job = _job(entry, path, collector, targets, hosts, policy_dir)
+        if job is None:
+            continue
+        if job.name in seen:
+            collector.add(join_key(path, "name"), f"duplicate job name {job.name!r}")
+        seen.add(job.name)
+        jobs.append(job)
+    return jobs
+
+
+def _job(
+    table: Table,
+    path: str,
+    collector: Collector,
+    targets: dict[str, Target],
+    hosts: dict[str, Host],
+    policy_dir: Path,
+) -> Job | None:
+    name = collector.get(table, "name", path, str, "", "a job name")
+    if not NAME_RE.fullmatch(name):
+        collector.add(
+            join_key(path, "name"),
+            f"invalid job name {name!r}: 1-64 letters, "
+            "digits, '.', '_', '-', starting with a letter or digit",
+        )
+    else:
+        path = f"job[{name}]"
+    kind = collector.get(table, "kind", path, str, "", "a job kind")
+    if kind not in KIND_KEYS:
+        collector.add(
+            join_key(path, "kind"), f"unknown kind {kind!r} (allowed: {', '.join(KIND_KEYS)})"
+        )
+        return None
+    required, optional = KIND_KEYS[kind]
+    collector.unknown_keys(table, (*JOB_COMMON_KEYS, *required, *optional), path)
+    for key in required:
+        if key not in table:
+            collector.add(join_key(path, key), f"required for kind {kind!r}")
+    host = collector.get(table, "host", path, str, LOCAL_HOST, "a host name")
+    if host != LOCAL_HOST and host not in hosts:
+        collector.add(
+            join_key(path, "host"), f"unknown host {host!r}: add [hosts.{host}] or use 'local'"
+        )
+    target = _job_target(table, path, collector, targets)
+    policy = _job_policy(table, path, collector, policy_dir)
+    if policy is None:
+        return None
+    options = {key: table[key] for key in (*required, *optional) if key in table}
+    return Job(name, kind, host, target, policy, options)
+
+
+def _job_target(table: Table, path: str, collector: Collector, targets: dict[str, Target]) -> str:
+    if "target" not in table and len(targets) == 1:
+        return next(iter(targets))
+    target = collector.get(table, "target", path, str, "", "a target name")
+    if target not in targets:
+        known = ", ".join(targets) or "none defined"
+        collector.add(join_key(path, "target"), f"unknown target {target!r} (targets: {known})")
+    return target
+
+
+def _job_policy(
+    table: Table,
+    path: str,
+    collector: Collector,
+    policy_dir: Path,
+) -> Policy | None:
+    value = table.get("policy")
+    key = join_key(path, "policy")
+    if isinstance(value, dict):
+        return policy_from_table(value, f"{path}.policy", collector, key)
+    if not isinstance(value, str):
+        collector.add(key, "required: a policy name (e.g. classic-gfs) or an inline table")
+        return None
+    try:
+        return load_policy_file(find_policy(value, (policy_dir,)), value)
+    except InputError as exc:
+        collector.extend(exc.problems)
+        return None

@@ -1,0 +1,243 @@
+"""Policies: rotation/retention rules, schedules and verify/drill cadence, from TOML.
+
+A policy file (`policies/NAME.toml`, or an inline `policy` table of a job):
+
+    description = "..."
+    semantics = "gfs"            # gfs | pbs | borg | restic
+    timezone = "local"           # IANA name; "local" = the host's zone
+    schedule = "Mon..Sat 01:00"  # when `gfs run` exports a generation
+    [retention]                  # gfs: sons, fathers, grandfathers, yearly, father-weekday
+                                 # pbs/borg/restic: keep-last ... keep-yearly, keep-within
+    [snapshots]                  # optional local snapshots, never counted as backups
+    schedule = "hourly"
+    keep = 24
+    [verify]
+    after_export = true
+    schedule = "Sun 05:00"
+    [drill]
+    schedule = "monthly"
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import tzinfo
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from gfs_backup.errors import InputError, Problem
+from gfs_backup.retention import SEMANTICS, RetentionRules, Semantics, parse_keep_within
+from gfs_backup.retention.model import WEEKDAYS, KeepWithin
+from gfs_backup.schedule import Schedule, parse_schedule
+from gfs_backup.timeutil import resolve_zone
+from gfs_backup.validate import Collector, Table, join_key, read_toml
+
+GFS_KEYS = ("sons", "fathers", "grandfathers", "yearly", "father-weekday")
+KEEP_COUNT_KEYS = (
+    "keep-last",
+    "keep-hourly",
+    "keep-daily",
+    "keep-weekly",
+    "keep-monthly",
+    "keep-yearly",
+)
+KEEP_KEYS = (*KEEP_COUNT_KEYS, "keep-within")
+POLICY_KEYS = (
+    "description",
+    "semantics",
+    "timezone",
+    "schedule",
+    "retention",
+    "snapshots",
+    "verify",
+    "drill",
+)
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+SYSTEM_POLICY_DIR = Path("/etc/gfs/policies")
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy. `zone` is resolved from `timezone`."""
+
+    name: str
+    source: str
+    description: str
+    rules: RetentionRules
+    timezone: str
+    zone: tzinfo
+    schedule: Schedule
+    snapshot_schedule: Schedule | None = None
+    keep_snapshots: int = 0
+    verify_after_export: bool = True
+    verify_schedule: Schedule | None = None
+    drill_schedule: Schedule | None = None
+
+
+def build_rules(
+    semantics: Semantics, values: Mapping[str, Any], collector: Collector, path: str
+) -> RetentionRules:
+    """RetentionRules from `values` keyed like a [retention] table; problems go to collector."""
+    family, other = (GFS_KEYS, KEEP_KEYS) if semantics == "gfs" else (KEEP_KEYS, GFS_KEYS)
+    for key in values:
+        if key in other:
+            collector.add(join_key(path, key), _family_hint(key, semantics))
+        elif key not in family or (semantics == "pbs" and key == "keep-within"):
+            allowed = [k for k in family if not (semantics == "pbs" and k == "keep-within")]
+            collector.add(
+                join_key(path, key),
+                f"unknown rule for {semantics} semantics (allowed: {', '.join(allowed)})",
+            )
+    counts: dict[str, Any] = {
+        key.replace("-", "_"): collector.count(values, key, path)
+        for key in family
+        if key not in ("father-weekday", "keep-within")
+    }
+    weekday = 0
+    within: KeepWithin | None = None
+    if semantics == "gfs":
+        weekday = collector.convert(values, "father-weekday", path, _weekday, 0)
+    elif semantics != "pbs":
+        within = collector.convert(
+            values, "keep-within", path, lambda text: parse_keep_within(text, semantics), None
+        )
+    rules = replace(RetentionRules(semantics, father_weekday=weekday, keep_within=within), **counts)
+    if not rules.keeps_something() and not any(k in other for k in values):
+        collector.add(
+            path or "retention",
+            "keeps nothing: every generation would be pruned; "
+            "set at least one rule above 0 (or -1 for unlimited)",
+        )
+    return rules
+
+
+def _family_hint(key: str, semantics: Semantics) -> str:
+    if semantics == "gfs":
+        return (
+            f"{key} is a rule of pbs, borg and restic semantics; gfs semantics uses "
+            "sons, fathers, grandfathers, yearly (or set semantics)"
+        )
+    return f"{key} is a rule of gfs semantics; {semantics} uses keep-last ... keep-yearly"
+
+
+def _weekday(text: str) -> int:
+    name = text.strip().lower()[:3]
+    if name not in WEEKDAYS or len(text.strip()) < 3:
+        raise ValueError(f"unknown weekday {text!r}: use mon, tue, wed, thu, fri, sat or sun")
+    return WEEKDAYS.index(name)
+
+
+def _semantics(text: str) -> Semantics:
+    for known in SEMANTICS:
+        if text == known:
+            return known
+    raise ValueError(f"unknown semantics {text!r} (allowed: {', '.join(SEMANTICS)})")
+
+
+def policy_from_table(
+    table: Table,
+    name: str,
+    collector: Collector,
+    path: str = "",
+) -> Policy:
+    """Validate a policy table (file or inline); every problem goes to `collector`."""
+    collector.unknown_keys(table, POLICY_KEYS, path)
+    description = collector.get(table, "description", path, str, "", "a string")
+    semantics: Semantics = collector.convert(table, "semantics", path, _semantics, "gfs")
+    tz_name = collector.get(table, "timezone", path, str, "local", "a string")
+    zone = collector.convert(table, "timezone", path, resolve_zone, resolve_zone("UTC"))
+    schedule = collector.convert(table, "schedule", path, parse_schedule, parse_schedule("daily"))
+    retention_path = join_key(path, "retention")
+    retention = collector.get(table, "retention", path, dict, None, "a table")
+    if retention is None:
+        if "retention" not in table:
+            collector.add(retention_path, "missing: a policy needs a [retention] table")
+        rules = RetentionRules(semantics)
+    else:
+        rules = build_rules(semantics, retention, collector, retention_path)
+    snapshots = _sub_table(table, "snapshots", ("schedule", "keep"), collector, path)
+    verify = _sub_table(table, "verify", ("after_export", "schedule"), collector, path)
+    drill = _sub_table(table, "drill", ("schedule",), collector, path)
+    return Policy(
+        name=name,
+        source=collector.source,
+        description=description,
+        rules=rules,
+        timezone=tz_name,
+        zone=zone,
+        schedule=schedule,
+        snapshot_schedule=_optional_schedule(snapshots, collector, join_key(path, "snapshots")),
+        keep_snapshots=collector.count(snapshots, "keep", join_key(path, "snapshots")),
+        verify_after_export=collector.get(
+            verify, "after_export", join_key(path, "verify"), bool, True, "true or false"
+        ),
+        verify_schedule=_optional_schedule(verify, collector, join_key(path, "verify")),
+        drill_schedule=_optional_schedule(drill, collector, join_key(path, "drill")),
+    )
+
+
+def _sub_table(
+    table: Table, key: str, allowed: Iterable[str], collector: Collector, path: str
+) -> Table:
+    sub: Table = collector.get(table, key, path, dict, {}, "a table")
+    collector.unknown_keys(sub, allowed, join_key(path, key))
+    return sub
+
+
+def _optional_schedule(table: Table, collector: Collector, path: str) -> Schedule | None:
+    parse: Callable[[str], Schedule | None] = parse_schedule
+    return collector.convert(table, "schedule", path, parse, None)
+
+
+def load_policy_file(path: Path, name: str | None = None) -> Policy:
+    """Load and validate one policy file. Raises InputError listing every problem."""
+    collector = Collector(str(path))
+    policy = policy_from_table(read_toml(path), name or path.stem, collector)
+    collector.raise_if_any()
+    return policy
+
+
+def shipped_policy_paths() -> dict[str, Path]:
+    """The policies that ship with gfs, by name."""
+    folder = resources.files("gfs_backup.policies")
+    return {
+        Path(item.name).stem: Path(str(item))
+        for item in folder.iterdir()
+        if item.name.endswith(".toml")
+    }
+
+
+def find_policy(name: str, search_dirs: Iterable[Path] = ()) -> Path:
+    """Resolve a policy name (or a path to a .toml file) to its file.
+
+    Looks in `search_dirs`, then /etc/gfs/policies, then the shipped policies.
+    Raises InputError naming the known policies when there is none.
+    """
+    if "/" in name or name.endswith(".toml"):
+        return Path(name)
+    if not NAME_RE.fullmatch(name):
+        raise InputError(
+            Problem(
+                "",
+                f"invalid policy name {name!r}: use letters, digits, "
+                "'.', '_' and '-', or a path to a .toml file",
+            )
+        )
+    for folder in (*search_dirs, SYSTEM_POLICY_DIR):
+        candidate = folder / f"{name}.toml"
+        if candidate.is_file():
+            return candidate
+    shipped = shipped_policy_paths()
+    if name in shipped:
+        return shipped[name]
+    known = ", ".join(sorted(shipped))
+    raise InputError(
+        Problem(
+            "",
+            f"unknown policy {name!r}: put {name}.toml in "
+            f"{SYSTEM_POLICY_DIR} or use a shipped one ({known})",
+        )
+    )

@@ -1,0 +1,1 @@
+"""The policies that ship with gfs-backup (TOML files in this folder)."""
