@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gfs_backup.errors import InputError
+from gfs_backup.errors import InputError, Problem
 from gfs_backup.policy import NAME_RE, Policy, find_policy, load_policy_file, policy_from_table
 from gfs_backup.validate import Collector, Table, join_key, read_toml
 
@@ -243,5 +243,8 @@ def _job_policy(
     try:
         return load_policy_file(find_policy(value, (policy_dir,)), value)
     except InputError as exc:
-        collector.extend(exc.problems)
+        collector.extend(
+            problem if problem.where else Problem(f"{collector.source}: {key}", problem.message)
+            for problem in exc.problems
+        )
         return None

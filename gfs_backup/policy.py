@@ -82,11 +82,18 @@ def build_rules(
 ) -> RetentionRules:
     """RetentionRules from `values` keyed like a [retention] table; problems go to collector."""
     family, other = (GFS_KEYS, KEEP_KEYS) if semantics == "gfs" else (KEEP_KEYS, GFS_KEYS)
+    problems_before = len(collector.problems)
     for key in values:
         if key in other:
             collector.add(join_key(path, key), _family_hint(key, semantics))
-        elif key not in family or (semantics == "pbs" and key == "keep-within"):
-            allowed = [k for k in family if not (semantics == "pbs" and k == "keep-within")]
+        elif semantics == "pbs" and key == "keep-within":
+            collector.add(
+                join_key(path, key),
+                "Proxmox (pbs semantics) has no keep-within; "
+                "use borg or restic semantics, or keep-hourly/keep-daily",
+            )
+        elif key not in family:
+            allowed = [k for k in family if semantics != "pbs" or k != "keep-within"]
             collector.add(
                 join_key(path, key),
                 f"unknown rule for {semantics} semantics (allowed: {', '.join(allowed)})",
@@ -105,7 +112,7 @@ def build_rules(
             values, "keep-within", path, lambda text: parse_keep_within(text, semantics), None
         )
     rules = replace(RetentionRules(semantics, father_weekday=weekday, keep_within=within), **counts)
-    if not rules.keeps_something() and not any(k in other for k in values):
+    if not rules.keeps_something() and len(collector.problems) == problems_before:
         collector.add(
             path or "retention",
             "keeps nothing: every generation would be pruned; "

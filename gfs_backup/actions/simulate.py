@@ -52,10 +52,10 @@ def simulate(
                 )
             )
         held.append(Generation(f"run-{runs}", when))
+        most_held = max(most_held, len(held))  # the new export exists before prune runs
         step = plan(held, rules, when, zone)
         pruned.extend(step.prune)
         held = [kept.generation for kept in step.keep]
-        most_held = max(most_held, len(held))
         when = schedule.next_after(when, zone)
     final = plan(held, rules, end, zone)
     pruned.extend(final.prune)
