@@ -135,7 +135,8 @@ father-weekday = "someday"
             "job[1].name: duplicate job name 'a'",
         ),
         (
-            "[[job]]\nname = 'a'\nkind = 'files'\npath = '/x'\nhost = 'kvm9'\npolicy = 'classic-gfs'\n",
+            "[[job]]\nname = 'a'\nkind = 'files'\npath = '/x'\nhost = 'kvm9'\n"
+            "policy = 'classic-gfs'\n",
             "job[a].host: unknown host 'kvm9'",
         ),
     ],
