@@ -17,12 +17,15 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 from zoneinfo import ZoneInfo
 
 from gfs_backup.actions.plan import read_timestamps
-from gfs_backup.retention import Generation, RetentionRules, parse_keep_within, plan
+from gfs_backup.retention import RetentionRules, Semantics, parse_keep_within, plan
 
+T = TypeVar("T")
 ZONE_NAME = "Europe/Brussels"
 ZONE = ZoneInfo(ZONE_NAME)
 START = datetime(2021, 1, 1, tzinfo=ZONE)
@@ -31,23 +34,32 @@ DUPLICATES = 0.02  # share of timestamps identical to another one
 SEED = 20260101
 LIMIT_SIZE, LIMIT_SECONDS = 100_000, 1.0
 GROWTH_OK = 15.0  # time(n)/time(n/10): ~10-12 for n log n, 100 for n squared
-COUNTS = {"keep_last": 3, "keep_daily": 7, "keep_weekly": 4, "keep_monthly": 12, "keep_yearly": 3}
 CLI_ARGS = ["--semantics", "borg", "--keep-last", "3", "--keep-daily", "7", "--keep-weekly", "4"]
 CLI_ARGS += ["--keep-monthly", "12", "--keep-yearly", "3", "--keep-within", "2w"]
+
+
+def keep_rules(semantics: Semantics, within: str | None = None) -> RetentionRules:
+    """keep-last 3, daily 7, weekly 4, monthly 12, yearly 3 (+ keep-within) for pbs/borg/restic."""
+    keep_within = parse_keep_within(within, semantics) if within else None
+    return RetentionRules(
+        semantics,
+        keep_last=3,
+        keep_daily=7,
+        keep_weekly=4,
+        keep_monthly=12,
+        keep_yearly=3,
+        keep_within=keep_within,
+    )
 
 
 def rule_sets() -> dict[str, RetentionRules]:
     return {
         "gfs": RetentionRules("gfs", sons=7, fathers=4, grandfathers=12, yearly=3),
-        "pbs": RetentionRules("pbs", **COUNTS),
-        "borg": RetentionRules("borg", **COUNTS),
-        "borg+within": RetentionRules(
-            "borg", **COUNTS, keep_within=parse_keep_within("2w", "borg")
-        ),
-        "restic": RetentionRules("restic", **COUNTS),
-        "restic+within": RetentionRules(
-            "restic", **COUNTS, keep_within=parse_keep_within("1m15d", "restic")
-        ),
+        "pbs": keep_rules("pbs"),
+        "borg": keep_rules("borg"),
+        "borg+within": keep_rules("borg", "2w"),
+        "restic": keep_rules("restic"),
+        "restic+within": keep_rules("restic", "1m15d"),
     }
 
 
@@ -62,13 +74,14 @@ def make_lines(n: int) -> list[str]:
     return [(utc_start + timedelta(seconds=s)).astimezone(ZONE).isoformat() for s in seconds]
 
 
-def best_of(runs: int, func: Callable[[], object]) -> float:
+def best_of(runs: int, func: Callable[[], T]) -> tuple[float, T]:
+    """The fastest of `runs` calls of func (seconds) and the last call's result."""
     best = float("inf")
     for _ in range(runs):
         began = time.perf_counter()
-        func()
+        result = func()
         best = min(best, time.perf_counter() - began)
-    return best
+    return best, result
 
 
 def time_cli(lines: list[str], now: datetime) -> tuple[float, int]:
@@ -92,16 +105,15 @@ def bench_size(n: int, cli: bool) -> tuple[dict[str, float], tuple[float, int] |
     runs = 3 if n <= 100_000 else 1
     parsed = [datetime.fromisoformat(line) for line in lines]
     times = {
-        "baseline A": best_of(runs, lambda: sorted(datetime.fromisoformat(x) for x in lines)),
-        "baseline B": best_of(runs, lambda: sorted(parsed)),
-        "read_timestamps": best_of(runs, lambda: read_timestamps(lines, "bench", ZONE)),
+        "baseline A": best_of(runs, lambda: sorted(datetime.fromisoformat(x) for x in lines))[0],
+        "baseline B": best_of(runs, lambda: sorted(parsed))[0],
     }
-    gens: list[Generation] = read_timestamps(lines, "bench", ZONE)
+    times["read_timestamps"], gens = best_of(runs, lambda: read_timestamps(lines, "bench", ZONE))
     now = max(parsed) + timedelta(hours=1)
     for name, rules in rule_sets().items():
-        result = plan(gens, rules, now, ZONE)  # warm-up, and a sanity check
-        assert len(result.keep) + len(result.prune) == n, name
-        times[name] = best_of(runs, lambda rules=rules: plan(gens, rules, now, ZONE))
+        times[name], result = best_of(runs, partial(plan, gens, rules, now, ZONE))
+        if len(result.keep) + len(result.prune) != n or not result.keep:
+            raise SystemExit(f"{name}: the plan does not cover the {n} generations")
     return times, (time_cli(lines, now) if cli else None)
 
 

@@ -35,6 +35,14 @@ def _host_zone() -> tzinfo:
         except (ZoneInfoNotFoundError, ValueError):
             pass
     localtime = Path("/etc/localtime")
+    if localtime.is_symlink():
+        # Debian: /etc/localtime -> /usr/share/zoneinfo/Europe/Brussels; use the IANA key.
+        target = str(localtime.resolve())
+        if "/zoneinfo/" in target:
+            try:
+                return ZoneInfo(target.split("/zoneinfo/", 1)[1])
+            except (ZoneInfoNotFoundError, ValueError):
+                pass
     if localtime.exists():
         with localtime.open("rb") as handle:
             return ZoneInfo.from_file(handle, key="localtime")

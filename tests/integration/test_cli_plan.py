@@ -330,3 +330,20 @@ def test_rule_options_need_the_simulator(run_gfs: RunGfs) -> None:
     result = run_gfs("plan", "--keep-daily", "3")
     assert result.exit_code == 2
     assert "--keep-daily need --timestamps or --simulate" in result.stderr
+
+
+def test_unexpected_error_is_one_line_unless_debug(
+    run_gfs: RunGfs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_args: object) -> None:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr("gfs_backup.cli.plan.read_timestamps", broken)
+    stamps = write_lines(tmp_path / "stamps", STAMPS)
+    result = run_gfs("plan", "--timestamps", str(stamps))
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "gfs: internal error: RuntimeError: disk on fire (run again with --debug for a traceback)\n"
+    )
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        run_gfs("--debug", "plan", "--timestamps", str(stamps))
