@@ -114,7 +114,8 @@ def borg_keep(
     """borg 1.x prune (keep-last is keep-secondly; keep-within counts back from now)."""
     keep: Reasons = {}
     if rules.keep_within is not None:
-        limit = now - timedelta(seconds=rules.keep_within.seconds)
+        # In UTC: on a zoned `now`, Python's aware arithmetic would move the wall clock.
+        limit = now.astimezone(timezone.utc) - timedelta(seconds=rules.keep_within.seconds)
         for index, gen in enumerate(gens):
             if gen.time > limit:
                 keep[index] = ["keep-within"]
@@ -178,28 +179,34 @@ def restic_keep(
 def _restic_within_limit(
     gens: Sequence[Generation], now: datetime, within: KeepWithin | None, zone: tzinfo
 ) -> datetime | None:
-    """latest.AddDate(-y, -m, -d).Add(-h) as Go computes it, in latest's own UTC offset.
+    """latest.AddDate(-y, -m, -d).Add(-h) as Go computes it, with latest in `zone`.
 
-    latest is the newest generation before `now`; with none, everything is within.
+    latest is the newest generation before `now`; with none, everything is within. restic
+    reads a snapshot time into Go's Local zone when its offset matches (time.Parse), so the
+    calendar step keeps the wall clock across a DST change, like restic run in `zone`.
     """
     if within is None:
         return None
     latest = next((gen.time for gen in gens if gen.time < now), None)
     if latest is None:
         return datetime.min.replace(tzinfo=timezone.utc)
-    local = latest.astimezone(zone)
-    fixed = local.astimezone(timezone(local.utcoffset() or timedelta(0)))
     try:
-        return _go_add_date(fixed, -within.years, -within.months, -within.days) - timedelta(
-            hours=within.hours
-        )
-    except OverflowError:
+        shifted = _go_add_date(latest.astimezone(zone), -within.years, -within.months, -within.days)
+        return shifted - timedelta(hours=within.hours)
+    except (OverflowError, ValueError):  # before year 1 (e.g. 9999y): everything is within
         return datetime.min.replace(tzinfo=timezone.utc)
 
 
 def _go_add_date(stamp: datetime, years: int, months: int, days: int) -> datetime:
-    """Go's Time.AddDate: add to the fields, then normalise overflow (Jan 31 + 1m = Mar 3)."""
+    """Go's Time.AddDate in stamp's zone, returned in UTC.
+
+    Add to the fields, normalise overflow (Jan 31 + 1m = Mar 3), then place the wall time
+    in the zone as Go's Date does: offset at (wall - offset at wall-as-UTC).
+    """
+    zone = stamp.tzinfo
     month_index = stamp.year * 12 + (stamp.month - 1) + years * 12 + months
     year, month0 = divmod(month_index, 12)
-    first = stamp.replace(year=year, month=month0 + 1, day=1)
-    return first + timedelta(days=stamp.day - 1 + days)
+    first = stamp.replace(year=year, month=month0 + 1, day=1, tzinfo=timezone.utc)
+    wall = first + timedelta(days=stamp.day - 1 + days)
+    guess = wall.astimezone(zone).utcoffset() or timedelta(0)
+    return wall - ((wall - guess).astimezone(zone).utcoffset() or timedelta(0))
