@@ -126,9 +126,13 @@ def print_table(results: dict[int, dict[str, float]]) -> None:
         for name, seconds in results[n].items():
             growth = ""
             if smaller is not None and smaller[name] > 0:
+                # Judged against sorting the same data in the same run (n log n, with the
+                # same cache effects); n squared would grow x100.
                 ratio = seconds / smaller[name]
-                verdict = "n log n OK" if ratio < GROWTH_OK else "SUPERLINEAR?"
-                growth = f"x{ratio:5.1f} vs n/10  {verdict}"
+                sort_ratio = results[n]["baseline B"] / smaller["baseline B"]
+                ok = ratio < max(GROWTH_OK, 2 * sort_ratio)
+                verdict = "n log n OK" if ok else "SUPERLINEAR?"
+                growth = f"x{ratio:5.1f} vs n/10 (sort x{sort_ratio:4.1f})  {verdict}"
             per_gen = seconds / n * 1e6
             ratio_a = seconds / base_a
             print(f"{n:>9}  {name:<16} {seconds:>9.4f} {per_gen:>8.2f} {ratio_a:>9.2f}  {growth}")

@@ -7,10 +7,38 @@ the repeated hour of a DST fall-back is one hourly period.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, tzinfo
+from operator import methodcaller
 
 PeriodKey = Callable[[datetime], int]
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """The times of the generations to plan, newest first, in UTC.
+
+    UTC datetimes share one tzinfo, so sorting and comparing them is cheap; wall-clock
+    times in `zone` are computed only where a calendar period is asked for.
+    """
+
+    utc: Sequence[datetime]
+    zone: tzinfo
+
+    def __len__(self) -> int:
+        return len(self.utc)
+
+    def local(self, index: int) -> datetime:
+        return self.utc[index].astimezone(self.zone)
+
+    def locals(self) -> Iterator[datetime]:
+        """Wall-clock times in timeline order, computed lazily."""
+        return map(methodcaller("astimezone", self.zone), self.utc)
+
+    def keys(self, key: PeriodKey) -> Iterator[int]:
+        """The period key of every generation in timeline order, computed lazily."""
+        return map(key, self.locals())
 
 
 def second_key(local: datetime) -> int:

@@ -25,68 +25,73 @@ from gfs_backup.retention.model import (
     SON,
     UNLIMITED,
     YEARLY,
-    Generation,
     RetentionRules,
 )
 
 
-def classic_labels(local: Sequence[datetime], father_weekday: int) -> list[list[str]]:
-    """Labels of each generation; `local` is sorted newest first, like the result."""
-    labels: list[list[str]] = [[] for _ in local]
+def classic_roles(local: Sequence[datetime], father_weekday: int) -> dict[int, list[str]]:
+    """{index: roles} of the generations that hold one; `local` is sorted newest first.
+
+    Only the first generation of a day can hold a role, so the dict stays small.
+    """
+    roles: dict[int, list[str]] = {}
     week_key = week_starting_key(father_weekday)
     seen_day: set[int] = set()
     seen_week: set[int] = set()
     seen_month: set[int] = set()
     seen_year: set[int] = set()
+    previous_day = None
     for index in range(len(local) - 1, -1, -1):
         stamp = local[index]
         day = day_key(stamp)
-        if day in seen_day:
+        if day == previous_day:  # fast path: same day as the previous (older) generation
+            continue
+        previous_day = day
+        if day in seen_day:  # a fall-back at midnight repeats the end of the day before
             continue
         seen_day.add(day)
-        labels[index].append(SON)
+        own = roles[index] = [SON]
         week = week_key(stamp)
         if week in seen_week:
             continue
         seen_week.add(week)
-        labels[index].append(FATHER)
+        own.append(FATHER)
         month = month_key(stamp)
         if month in seen_month:
             continue
         seen_month.add(month)
-        labels[index].append(GRANDFATHER)
+        own.append(GRANDFATHER)
         year = year_key(stamp)
         if year not in seen_year:
             seen_year.add(year)
-            labels[index].append(YEARLY)
-    return labels
+            own.append(YEARLY)
+    return roles
 
 
 def classic_keep(
-    gens: Sequence[Generation],
-    local: Sequence[datetime],
-    rules: RetentionRules,
-) -> tuple[dict[int, list[str]], list[list[str]]]:
-    """Return ({index: reasons} of kept generations, labels of every generation)."""
-    roles = classic_labels(local, rules.father_weekday)
+    local: Sequence[datetime], rules: RetentionRules
+) -> tuple[dict[int, list[str]], dict[int, list[str]]]:
+    """Return ({index: reasons}, {index: labels}) of the kept generations."""
+    roles = classic_roles(local, rules.father_weekday)
     tiers = (
         (SON, rules.sons),
         (FATHER, rules.fathers),
         (GRANDFATHER, rules.grandfathers),
         (YEARLY, rules.yearly),
     )
-    used = {tier for tier, count in tiers if count != 0}
-    labels = [[role for role in own if role in used] for own in roles]
     keep: dict[int, list[str]] = {}
+    newest_first = sorted(roles)
     for tier, count in tiers:
         if count == 0:
             continue
         taken = 0
-        for index, own in enumerate(roles):
-            if tier not in own:
+        for index in newest_first:
+            if tier not in roles[index]:
                 continue
             keep.setdefault(index, []).append(tier)
             taken += 1
             if taken == count and count != UNLIMITED:
                 break
+    used = {tier for tier, count in tiers if count != 0}
+    labels = {index: [role for role in roles.get(index, ()) if role in used] for index in keep}
     return keep, labels

@@ -19,11 +19,13 @@ returns {index: reasons} for the kept ones. Differences that matter (see README)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta, timezone, tzinfo
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 
 from gfs_backup.retention.calendar import (
     PeriodKey,
+    Timeline,
     day_key,
     hour_key,
     iso_week_key,
@@ -31,12 +33,30 @@ from gfs_backup.retention.calendar import (
     second_key,
     year_key,
 )
-from gfs_backup.retention.model import UNLIMITED, Generation, KeepWithin, RetentionRules
+from gfs_backup.retention.model import UNLIMITED, KeepWithin, RetentionRules
 
 Reasons = dict[int, list[str]]
-IndexKey = Callable[[int], int]
 
-_PERIOD_RULES: tuple[tuple[str, PeriodKey], ...] = (
+
+@dataclass(frozen=True)
+class Rule:
+    """One keep-* rule; `period` None means every generation is a period of its own."""
+
+    name: str
+    count: int
+    period: PeriodKey | None
+
+    def keys(self, timeline: Timeline) -> Iterator[int]:
+        """The period of each generation, newest first, computed as the loop asks."""
+        if self.period is None:
+            return iter(range(len(timeline)))
+        return timeline.keys(self.period)
+
+    def key_at(self, timeline: Timeline, index: int) -> int:
+        return index if self.period is None else self.period(timeline.local(index))
+
+
+_PERIODS: tuple[tuple[str, PeriodKey], ...] = (
     ("keep-hourly", hour_key),
     ("keep-daily", day_key),
     ("keep-weekly", iso_week_key),
@@ -45,127 +65,90 @@ _PERIOD_RULES: tuple[tuple[str, PeriodKey], ...] = (
 )
 
 
-def _rule_counts(rules: RetentionRules) -> dict[str, int]:
-    return {
-        "keep-last": rules.keep_last,
-        "keep-hourly": rules.keep_hourly,
-        "keep-daily": rules.keep_daily,
-        "keep-weekly": rules.keep_weekly,
-        "keep-monthly": rules.keep_monthly,
-        "keep-yearly": rules.keep_yearly,
-    }
+def _ordered_rules(rules: RetentionRules, last_period: PeriodKey | None) -> list[Rule]:
+    """The rules in use, in the tools' order: last, hourly, daily, ..., yearly."""
+    counts = (
+        rules.keep_hourly,
+        rules.keep_daily,
+        rules.keep_weekly,
+        rules.keep_monthly,
+        rules.keep_yearly,
+    )
+    ordered = [Rule("keep-last", rules.keep_last, last_period)]
+    ordered += [Rule(name, count, key) for (name, key), count in zip(_PERIODS, counts, strict=True)]
+    return [rule for rule in ordered if rule.count != 0]
 
 
-def _index_key(local: Sequence[datetime], key: PeriodKey) -> IndexKey:
-    cache: dict[int, int] = {}
-
-    def by_index(index: int) -> int:
-        value = cache.get(index)
-        if value is None:
-            value = cache[index] = key(local[index])
-        return value
-
-    return by_index
-
-
-def _identity(index: int) -> int:
-    return index
-
-
-def _ordered_rules(
-    rules: RetentionRules, local: Sequence[datetime], last_key: IndexKey
-) -> list[tuple[str, int, IndexKey]]:
-    counts = _rule_counts(rules)
-    ordered = [("keep-last", counts["keep-last"], last_key)]
-    ordered += [(name, counts[name], _index_key(local, key)) for name, key in _PERIOD_RULES]
-    return [(name, count, key) for name, count, key in ordered if count != 0]
-
-
-def pbs_keep(
-    gens: Sequence[Generation],
-    local: Sequence[datetime],
-    rules: RetentionRules,
-) -> Reasons:
+def pbs_keep(timeline: Timeline, rules: RetentionRules) -> Reasons:
     """Proxmox Backup Server / Proxmox VE prune (keep-last is one per backup time)."""
     keep: Reasons = {}
     removed: set[int] = set()
-    for name, count, key in _ordered_rules(rules, local, _identity):
-        already = {key(index) for index in keep}
+    for rule in _ordered_rules(rules, None):
+        already = {rule.key_at(timeline, index) for index in keep}
         included: set[int] = set()
-        for index in range(len(gens)):
-            if index in keep or index in removed:
-                continue
-            period = key(index)
-            if period in already:
+        for index, period in enumerate(rule.keys(timeline)):
+            if index in keep or index in removed or period in already:
                 continue
             if period in included:
                 removed.add(index)
                 continue
-            if count != UNLIMITED and len(included) >= count:
+            if rule.count != UNLIMITED and len(included) >= rule.count:
                 break
             included.add(period)
-            keep[index] = [name]
+            keep[index] = [rule.name]
     return keep
 
 
-def borg_keep(
-    gens: Sequence[Generation], local: Sequence[datetime], rules: RetentionRules, now: datetime
-) -> Reasons:
+def borg_keep(timeline: Timeline, rules: RetentionRules, now: datetime) -> Reasons:
     """borg 1.x prune (keep-last is keep-secondly; keep-within counts back from now)."""
     keep: Reasons = {}
     if rules.keep_within is not None:
         # In UTC: on a zoned `now`, Python's aware arithmetic would move the wall clock.
         limit = now.astimezone(timezone.utc) - timedelta(seconds=rules.keep_within.seconds)
-        for index, gen in enumerate(gens):
-            if gen.time > limit:
-                keep[index] = ["keep-within"]
-    for name, count, key in _ordered_rules(rules, local, _index_key(local, second_key)):
+        for index, stamp in enumerate(timeline.utc):
+            if stamp <= limit:
+                break  # newest first: nothing older is within
+            keep[index] = ["keep-within"]
+    for rule in _ordered_rules(rules, second_key):
         last_period: int | None = None
         kept_here = 0
         index = -1
-        for index in range(len(gens)):
-            period = key(index)
+        for index, period in enumerate(rule.keys(timeline)):
             if period == last_period:
                 continue
             last_period = period
             if index not in keep:
-                keep[index] = [name]
+                keep[index] = [rule.name]
                 kept_here += 1
-                if kept_here == count:
+                if kept_here == rule.count:
                     break
-        if index >= 0 and kept_here < count and index not in keep:
-            keep[index] = [f"{name}[oldest]"]
+        if index >= 0 and kept_here < rule.count and index not in keep:
+            keep[index] = [f"{rule.name}[oldest]"]
     return keep
 
 
-def restic_keep(
-    gens: Sequence[Generation],
-    local: Sequence[datetime],
-    rules: RetentionRules,
-    now: datetime,
-    zone: tzinfo,
-) -> Reasons:
+def restic_keep(timeline: Timeline, rules: RetentionRules, now: datetime) -> Reasons:
     """restic forget (each rule independent; keep-within from the newest generation)."""
     keep: Reasons = {}
-    if not gens:
-        return keep
-    buckets = _ordered_rules(rules, local, _identity)
-    remaining = [count for _, count, _ in buckets]
+    buckets = _ordered_rules(rules, None)
+    periods = [rule.keys(timeline) for rule in buckets]
+    remaining = [rule.count for rule in buckets]
     last_period: list[int | None] = [None] * len(buckets)
-    limit = _restic_within_limit(gens, now, rules.keep_within, zone)
-    oldest = len(gens) - 1
-    for index, gen in enumerate(gens):
-        reasons: list[str] = []
-        if limit is not None and gen.time > limit:
-            reasons.append("keep-within")
-        for slot, (name, _, key) in enumerate(buckets):
+    limit = _restic_within_limit(timeline, now, rules.keep_within)
+    oldest = len(timeline) - 1
+    for index, stamp in enumerate(timeline.utc):
+        within = limit is not None and stamp > limit
+        if not within and not any(remaining):
+            break  # no rule can keep anything older
+        reasons = ["keep-within"] if within else []
+        for slot, rule in enumerate(buckets):
             if remaining[slot] == 0:
-                continue
-            period = key(index)
+                continue  # an exhausted rule never needs another period key
+            period = next(periods[slot])
             if period != last_period[slot]:
-                reasons.append(name)
+                reasons.append(rule.name)
             elif index == oldest:
-                reasons.append(f"{name}[oldest]")
+                reasons.append(f"{rule.name}[oldest]")
             else:
                 continue
             last_period[slot] = period
@@ -177,21 +160,23 @@ def restic_keep(
 
 
 def _restic_within_limit(
-    gens: Sequence[Generation], now: datetime, within: KeepWithin | None, zone: tzinfo
+    timeline: Timeline,
+    now: datetime,
+    within: KeepWithin | None,
 ) -> datetime | None:
-    """latest.AddDate(-y, -m, -d).Add(-h) as Go computes it, with latest in `zone`.
+    """latest.AddDate(-y, -m, -d).Add(-h) as Go computes it, with latest in the zone.
 
     latest is the newest generation before `now`; with none, everything is within. restic
     reads a snapshot time into Go's Local zone when its offset matches (time.Parse), so the
-    calendar step keeps the wall clock across a DST change, like restic run in `zone`.
+    calendar step keeps the wall clock across a DST change, like restic run in that zone.
     """
     if within is None:
         return None
-    latest = next((gen.time for gen in gens if gen.time < now), None)
+    latest = next((index for index, stamp in enumerate(timeline.utc) if stamp < now), None)
     if latest is None:
         return datetime.min.replace(tzinfo=timezone.utc)
     try:
-        shifted = _go_add_date(latest.astimezone(zone), -within.years, -within.months, -within.days)
+        shifted = _go_add_date(timeline.local(latest), -within.years, -within.months, -within.days)
         return shifted - timedelta(hours=within.hours)
     except (OverflowError, ValueError):  # before year 1 (e.g. 9999y): everything is within
         return datetime.min.replace(tzinfo=timezone.utc)

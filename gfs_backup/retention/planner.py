@@ -1,15 +1,17 @@
 """plan(generations, rules, now, zone) -> Plan: pure, no clock, no I/O.
 
 Common to every semantics: protected generations are kept and never counted, and the
-newest unprotected generation is never pruned (reason `newest` when no rule keeps it; only
-borg's keep-within alone can leave it unkept).
+newest unprotected generation is never pruned (reason `newest` when no rule keeps it, e.g.
+borg's keep-within alone, or gfs fathers only while the newest is not a father).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime, tzinfo
+from datetime import datetime, timezone, tzinfo
+from operator import itemgetter
 
+from gfs_backup.retention.calendar import Timeline
 from gfs_backup.retention.classic import classic_keep
 from gfs_backup.retention.keep_rules import borg_keep, pbs_keep, restic_keep
 from gfs_backup.retention.model import (
@@ -47,52 +49,51 @@ def plan(
     """
     if now.tzinfo is None:
         raise ValueError("plan() needs an aware `now`")
-    ordered = sorted(generations, key=_time_of, reverse=True)
-    protected = [gen for gen in ordered if gen.protected]
-    gens = [gen for gen in ordered if not gen.protected]
-    local = [gen.time.astimezone(zone) for gen in gens]
-    labels: list[list[str]] | None = None
+    items = [(_utc_of(gen), gen) for gen in generations]
+    # Sorting on UTC times is several times faster than on datetimes with mixed tzinfos.
+    items.sort(key=itemgetter(0), reverse=True)
+    ordered = [gen for _, gen in items]
+    utc = [stamp for stamp, gen in items if not gen.protected]
+    timeline = Timeline(utc, zone)
+    labels: dict[int, list[str]] | None = None
     if rules.semantics == "gfs":
-        reasons, labels = classic_keep(gens, local, rules)
+        reasons, labels = classic_keep(list(timeline.locals()), rules)
     elif rules.semantics == "pbs":
-        reasons = pbs_keep(gens, local, rules)
+        reasons = pbs_keep(timeline, rules)
     elif rules.semantics == "borg":
-        reasons = borg_keep(gens, local, rules, now)
+        reasons = borg_keep(timeline, rules, now)
     else:
-        reasons = restic_keep(gens, local, rules, now, zone)
-    if gens and 0 not in reasons:
+        reasons = restic_keep(timeline, rules, now)
+    if utc and 0 not in reasons:
         reasons[0] = [REASON_NEWEST]
-    return _assemble(ordered, protected, gens, reasons, labels)
+    return _assemble(ordered, reasons, labels)
 
 
-def _time_of(gen: Generation) -> datetime:
+def _utc_of(gen: Generation) -> datetime:
     if gen.time.tzinfo is None:
         raise ValueError(f"generation {gen.id!r} has a naive time")
-    return gen.time
+    return gen.time.astimezone(timezone.utc)
 
 
 def _assemble(
     ordered: list[Generation],
-    protected: list[Generation],
-    gens: list[Generation],
     reasons: dict[int, list[str]],
-    labels: list[list[str]] | None,
+    labels: dict[int, list[str]] | None,
 ) -> Plan:
-    decided: dict[int, Kept] = {id(gen): Kept(gen, (REASON_PROTECTED,)) for gen in protected}
-    prune_ids: set[int] = set()
-    for index, gen in enumerate(gens):
+    """Split `ordered` into keep/prune; `reasons`/`labels` index the unprotected ones."""
+    result = Plan()
+    index = 0
+    for gen in ordered:
+        if gen.protected:
+            result.keep.append(Kept(gen, (REASON_PROTECTED,)))
+            continue
         why = reasons.get(index)
         if why is None:
-            prune_ids.add(id(gen))
-            continue
-        own = labels[index] if labels is not None else _labels_from_reasons(why)
-        decided[id(gen)] = Kept(gen, tuple(why), _ordered_labels(own))
-    result = Plan()
-    for gen in ordered:
-        if id(gen) in prune_ids:
             result.prune.append(gen)
         else:
-            result.keep.append(decided[id(gen)])
+            own = labels.get(index, ()) if labels is not None else _labels_from_reasons(why)
+            result.keep.append(Kept(gen, tuple(why), _ordered_labels(own)))
+        index += 1
     return result
 
 
