@@ -35,7 +35,8 @@ from gfs_backup.schedule import Schedule, parse_schedule
 from gfs_backup.timeutil import resolve_zone
 from gfs_backup.validate import Collector, Table, join_key, read_toml
 
-GFS_KEYS = ("sons", "fathers", "grandfathers", "yearly", "father-weekday")
+GFS_COUNT_KEYS = ("sons", "fathers", "grandfathers", "yearly")
+GFS_KEYS = (*GFS_COUNT_KEYS, "father-weekday")
 KEEP_COUNT_KEYS = (
     "keep-last",
     "keep-hourly",

@@ -29,24 +29,19 @@ from gfs_backup.cli.render import (
 )
 from gfs_backup.config import load_config
 from gfs_backup.errors import InputError, Problem
-from gfs_backup.policy import Policy, find_policy, load_policy_file
+from gfs_backup.policy import (
+    GFS_COUNT_KEYS,
+    KEEP_COUNT_KEYS,
+    Policy,
+    find_policy,
+    load_policy_file,
+)
 from gfs_backup.retention import SEMANTICS, Generation, Plan, RetentionRules, Semantics
 from gfs_backup.schedule import parse_schedule
 from gfs_backup.timeutil import format_timestamp, parse_timestamp, resolve_zone
 
 DEFAULT_POLICY = "classic-gfs"
-COUNT_OPTIONS = (
-    "keep-last",
-    "keep-hourly",
-    "keep-daily",
-    "keep-weekly",
-    "keep-monthly",
-    "keep-yearly",
-    "sons",
-    "fathers",
-    "grandfathers",
-    "yearly",
-)
+COUNT_OPTIONS = (*KEEP_COUNT_KEYS, *GFS_COUNT_KEYS)
 
 PLAN_HELP = """Preview retention: what is kept (with labels and reasons) and what is pruned.
 

@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from gfs_backup.retention import Generation, Plan, RetentionRules, plan
+from tests.unit.plan_results import kept_ids, pruned_ids, reasons
 
 pytestmark = pytest.mark.unit
 
@@ -82,18 +83,6 @@ def grid(result: Plan, first_day: date, weeks: int, width: int = 6) -> list[list
         ]
         for w in range(weeks)
     ]
-
-
-def reasons(result: Plan) -> dict[str, tuple[str, ...]]:
-    return {kept.generation.id: kept.reasons for kept in result.keep}
-
-
-def kept_ids(result: Plan) -> list[str]:
-    return [kept.generation.id for kept in result.keep]
-
-
-def pruned_ids(result: Plan) -> list[str]:
-    return [gen.id for gen in result.prune]
 
 
 # --------------------------------------------------------------------------------------

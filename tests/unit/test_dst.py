@@ -24,6 +24,7 @@ from gfs_backup.retention import (
     parse_keep_within,
     plan,
 )
+from tests.unit.plan_results import kept_ids, pruned_ids, reasons
 
 pytestmark = pytest.mark.unit
 
@@ -63,18 +64,6 @@ def run(
 ) -> Plan:
     rules = RetentionRules(semantics=semantics, keep_within=within, **counts)
     return plan(generations, rules, now, zone)
-
-
-def kept_ids(result: Plan) -> list[str]:
-    return [kept.generation.id for kept in result.keep]
-
-
-def pruned_ids(result: Plan) -> list[str]:
-    return [gen.id for gen in result.prune]
-
-
-def reasons(result: Plan) -> dict[str, tuple[str, ...]]:
-    return {kept.generation.id: kept.reasons for kept in result.keep}
 
 
 HOUR = timedelta(hours=1)
@@ -348,21 +337,41 @@ def test_restic_days_are_calendar_days_across_spring_forward() -> None:
 
 
 @pytest.mark.parametrize(
-    ("zone", "latest", "inside", "outside"),
+    ("zone", "days", "latest", "inside", "outside"),
     [
         # Brussels fall-back: Oct 28 12:00 CET - 2 days = Oct 26 12:00 CEST (10:00Z), 49 h.
-        (BRUSSELS, "2024-10-28 11:00", "2024-10-26 10:30", "2024-10-26 09:30"),
+        (BRUSSELS, 2, "2024-10-28 11:00", "2024-10-26 10:30", "2024-10-26 09:30"),
         # New York fall-back: Nov 4 12:00 EST - 2 days = Nov 2 12:00 EDT (16:00Z), 49 h.
-        (NEW_YORK, "2024-11-04 17:00", "2024-11-02 16:30", "2024-11-02 15:30"),
+        (NEW_YORK, 2, "2024-11-04 17:00", "2024-11-02 16:30", "2024-11-02 15:30"),
         # New York spring: Mar 11 12:00 EDT - 2 days = Mar 9 12:00 EST (17:00Z), 47 h.
-        (NEW_YORK, "2024-03-11 16:00", "2024-03-09 17:30", "2024-03-09 16:30"),
+        (NEW_YORK, 2, "2024-03-11 16:00", "2024-03-09 17:30", "2024-03-09 16:30"),
         # Brussels spring: Apr 1 12:00 CEST - 2 days = Mar 30 12:00 CET (11:00Z), 47 h.
-        (BRUSSELS, "2024-04-01 10:00", "2024-03-30 11:30", "2024-03-30 10:30"),
+        (BRUSSELS, 2, "2024-04-01 10:00", "2024-03-30 11:30", "2024-03-30 10:30"),
+        # A calendar step that lands in a skipped or repeated hour, resolved as Go's Date does.
+        # Brussels: Mar 31 02:30 never happens; Go's Date reads it with the CET offset,
+        # giving 01:30Z (03:30 CEST).
+        (BRUSSELS, 1, "2024-04-01 00:30", "2024-03-31 01:45", "2024-03-31 01:15"),
+        # New York: Mar 10 02:30 never happens; Go's Date reads it with the EDT offset,
+        # giving 06:30Z (01:30 EST).
+        (NEW_YORK, 1, "2024-03-11 06:30", "2024-03-10 06:45", "2024-03-10 06:15"),
+        # Brussels: Oct 27 02:30 happens twice; Go's Date takes the CET one (01:30Z).
+        (BRUSSELS, 1, "2024-10-28 01:30", "2024-10-27 01:45", "2024-10-27 01:15"),
+        # New York: Nov 3 01:30 happens twice; Go's Date takes the EDT one (05:30Z).
+        (NEW_YORK, 1, "2024-11-04 06:30", "2024-11-03 05:45", "2024-11-03 05:15"),
     ],
-    ids=["Brussels-fall", "NewYork-fall", "NewYork-spring", "Brussels-spring"],
+    ids=[
+        "Brussels-fall",
+        "NewYork-fall",
+        "NewYork-spring",
+        "Brussels-spring",
+        "Brussels-gap",
+        "NewYork-gap",
+        "Brussels-fold",
+        "NewYork-fold",
+    ],
 )
 def test_restic_within_keeps_the_wall_clock(
-    zone: tzinfo, latest: str, inside: str, outside: str
+    zone: tzinfo, days: int, latest: str, inside: str, outside: str
 ) -> None:
     generations = [
         Generation("latest", z(latest)),
@@ -370,7 +379,8 @@ def test_restic_within_keeps_the_wall_clock(
         Generation("outside", z(outside)),
     ]
     now = z(latest) + timedelta(minutes=1)
-    result = run(generations, "restic", zone, now=now, within=KeepWithin("2d", days=2))
+    within = KeepWithin(f"{days}d", days=days)
+    result = run(generations, "restic", zone, now=now, within=within)
     assert kept_ids(result) == ["latest", "inside"]
     # Hours are hours: 48h keeps what is less than 48 real hours older than the newest,
     # which is 1 hour more or less than the 2 calendar days.
@@ -427,32 +437,3 @@ def test_restic_day_before_a_fall_back_is_25_hours() -> None:
     # borg 1d from now is Nov 3 05:31Z: neither older run is within.
     borg = run(generations, "borg", NEW_YORK, now=now, within=parse_keep_within("1d", "borg"))
     assert kept_ids(borg) == ["Nov 4 00:30"]
-
-
-@pytest.mark.parametrize(
-    ("zone", "latest", "inside", "outside"),
-    [
-        # Brussels: Mar 31 02:30 never happens; Go's Date reads it with the CET offset,
-        # giving 01:30Z (03:30 CEST).
-        (BRUSSELS, "2024-04-01 00:30", "2024-03-31 01:45", "2024-03-31 01:15"),
-        # New York: Mar 10 02:30 never happens; Go's Date reads it with the EDT offset,
-        # giving 06:30Z (01:30 EST).
-        (NEW_YORK, "2024-03-11 06:30", "2024-03-10 06:45", "2024-03-10 06:15"),
-        # Brussels: Oct 27 02:30 happens twice; Go's Date takes the CET one (01:30Z).
-        (BRUSSELS, "2024-10-28 01:30", "2024-10-27 01:45", "2024-10-27 01:15"),
-        # New York: Nov 3 01:30 happens twice; Go's Date takes the EDT one (05:30Z).
-        (NEW_YORK, "2024-11-04 06:30", "2024-11-03 05:45", "2024-11-03 05:15"),
-    ],
-    ids=["Brussels-gap", "NewYork-gap", "Brussels-fold", "NewYork-fold"],
-)
-def test_restic_within_lands_in_a_gap_or_fold_as_go_resolves_it(
-    zone: tzinfo, latest: str, inside: str, outside: str
-) -> None:
-    generations = [
-        Generation("latest", z(latest)),
-        Generation("inside", z(inside)),
-        Generation("outside", z(outside)),
-    ]
-    now = z(latest) + timedelta(minutes=1)
-    result = run(generations, "restic", zone, now=now, within=KeepWithin("1d", days=1))
-    assert kept_ids(result) == ["latest", "inside"]

@@ -21,6 +21,7 @@ from gfs_backup.retention import (
     parse_keep_within,
     plan,
 )
+from tests.unit.plan_results import kept_ids, pruned_ids, reasons
 
 pytestmark = pytest.mark.unit
 
@@ -53,18 +54,6 @@ def run(
 ) -> Plan:
     rules = RetentionRules(semantics=semantics, keep_within=within, **counts)
     return plan(generations, rules, now, UTC)
-
-
-def reasons(result: Plan) -> dict[str, tuple[str, ...]]:
-    return {kept.generation.id: kept.reasons for kept in result.keep}
-
-
-def kept_ids(result: Plan) -> list[str]:
-    return [kept.generation.id for kept in result.keep]
-
-
-def pruned_ids(result: Plan) -> list[str]:
-    return [gen.id for gen in result.prune]
 
 
 def single(expected: dict[str, str]) -> dict[str, tuple[str, ...]]:
