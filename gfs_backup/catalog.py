@@ -1,58 +1,69 @@
 """The generations on a target: `<target>/<job>/<generation-id>/manifest.json`.
 
-The target alone is the catalog. A directory without a readable manifest is not a
-generation (partial exports are named `.partial-*` and never listed).
+The target alone is the catalog. Names starting with a dot (`.partial-*` exports in
+progress, `.pruning-*` deletions in progress) are never listed; a directory without a
+valid manifest is not a generation and is reported, never planned, pruned or restored.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from gfs_backup.errors import Problem
+from gfs_backup.manifest import MANIFEST, Manifest, ManifestError, read_manifest
 from gfs_backup.retention import Generation
 
-MANIFEST = "manifest.json"
 PARTIAL_PREFIX = ".partial-"
+PRUNING_PREFIX = ".pruning-"
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A published generation: its directory and manifest."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    def as_generation(self) -> Generation:
+        return Generation(self.id, self.manifest.created_at, self.manifest.protected)
 
 
 @dataclass(frozen=True)
 class Listing:
-    generations: list[Generation]
+    stored: list[Stored]
     problems: list[Problem]
+
+    @property
+    def generations(self) -> list[Generation]:
+        return [item.as_generation() for item in self.stored]
+
+    def by_id(self) -> dict[str, Stored]:
+        return {item.id: item for item in self.stored}
 
 
 def list_generations(job_dir: Path) -> Listing:
-    """Generations of one job, and one problem per unreadable manifest (left out, not pruned).
+    """Generations of one job, oldest first, and a problem per unreadable manifest.
 
     A missing `job_dir` is an empty listing: no export has happened yet.
     """
-    generations: list[Generation] = []
+    stored: list[Stored] = []
     problems: list[Problem] = []
     if not job_dir.is_dir():
-        return Listing(generations, problems)
+        return Listing(stored, problems)
     for entry in sorted(job_dir.iterdir()):
-        if entry.name.startswith(".") or not entry.is_dir():
+        if entry.name.startswith(".") or not entry.is_dir() or entry.is_symlink():
             continue
-        manifest = entry / MANIFEST
-        if not manifest.is_file():
+        if not (entry / MANIFEST).exists():
+            problems.append(Problem(str(entry), "no manifest: not a generation, left alone"))
             continue
         try:
-            generations.append(_read_manifest(manifest, entry.name))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            problems.append(
-                Problem(
-                    str(manifest), f"unreadable manifest, generation left out of planning ({exc})"
-                )
-            )
-    return Listing(generations, problems)
-
-
-def _read_manifest(path: Path, generation_id: str) -> Generation:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    created = datetime.fromisoformat(str(data["created_at"]).replace("Z", "+00:00"))
-    if created.tzinfo is None:
-        raise ValueError("created_at has no UTC offset")
-    return Generation(generation_id, created, bool(data.get("protected", False)))
+            stored.append(Stored(entry, read_manifest(entry)))
+        except ManifestError as exc:
+            problems.append(Problem("", f"{exc}; generation left out of planning and pruning"))
+    stored.sort(key=lambda item: item.manifest.created_at)
+    return Listing(stored, problems)

@@ -12,7 +12,8 @@ from typing import Any
 import click
 
 from gfs_backup import __version__
-from gfs_backup.cli import check, plan
+from gfs_backup.cli import check, data, inspect, jobs, plan
+from gfs_backup.cli.progress import setup_logging
 from gfs_backup.errors import ExitCode, GfsError
 
 EXIT_CODES_HELP = """\b
@@ -64,6 +65,7 @@ def cli(debug: bool) -> None:
     Start with `gfs plan --help`: it previews what a retention policy keeps and prunes,
     for configured jobs or for any list of timestamps, without touching anything.
     """
+    setup_logging(debug)
 
 
 def main() -> None:
@@ -71,5 +73,18 @@ def main() -> None:
     cli.main(prog_name="gfs")
 
 
-cli.add_command(plan.plan_command)
-cli.add_command(check.check_command)
+for command in (
+    plan.plan_command,
+    check.check_command,
+    jobs.run_command,
+    jobs.export_command,
+    jobs.snapshot_command,
+    jobs.prune_command,
+    inspect.list_command,
+    inspect.status_command,
+    data.verify_command,
+    data.restore_command,
+    data.protect_command,
+    data.unprotect_command,
+):
+    cli.add_command(command)

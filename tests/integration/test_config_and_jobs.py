@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from gfs_backup.manifest import Manifest, write_manifest
 from gfs_backup.policy import load_policy_file, shipped_policy_paths
 from tests.conftest import RunGfs
 
@@ -28,8 +30,16 @@ def write_config(tmp_path: Path, body: str) -> Path:
 def add_generation(job_dir: Path, name: str, created_at: str, protected: bool = False) -> None:
     folder = job_dir / name
     folder.mkdir(parents=True)
-    manifest = {"job": job_dir.name, "created_at": created_at, "protected": protected}
-    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    created = datetime.fromisoformat(created_at.replace("Z", "+00:00"))
+    manifest = Manifest(
+        job=job_dir.name,
+        kind="files",
+        host="local",
+        generation=name,
+        created_at=created,
+        protected=protected,
+    )
+    write_manifest(folder, manifest)
 
 
 JOB = """
@@ -187,7 +197,9 @@ def test_plan_job_from_manifests(run_gfs: RunGfs, tmp_path: Path) -> None:
         ("g1", ["protected"]),
     ]
     assert [p["id"] for p in job["prune"]] == ["g2"]
-    assert "g7/manifest.json: unreadable manifest, generation left out" in result.stderr
+    assert "g7/manifest.json: not valid JSON" in result.stderr
+    assert "left out of planning and pruning" in result.stderr
+    assert "g6: no manifest: not a generation, left alone" in result.stderr
     text = run_gfs("plan", "--config", str(config))
     assert "keep 3, prune 1" in text.stdout
 

@@ -1,0 +1,39 @@
+"""Finish or undo what an interrupted run left behind, before a job runs again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gfs_backup.backends.base import Backend, JobContext
+from gfs_backup.catalog import PARTIAL_PREFIX, PRUNING_PREFIX
+from gfs_backup.generation import remove_tree
+
+
+def reconcile(ctx: JobContext, backend: Backend, job_dir: Path) -> list[str]:
+    """Undo open journal entries of earlier runs and sweep dot-named leftovers.
+
+    Returns one line per thing cleaned up. Snapshots are deleted only when the journal
+    says gfs made them and they carry gfs's name.
+    """
+    done: list[str] = []
+    interrupted = ctx.state.mark_interrupted(ctx.job.name, except_run=ctx.run_id)
+    if interrupted:
+        done.append(f"{interrupted} interrupted run(s) recorded")
+    for entry in ctx.state.open_entries(ctx.job.name):
+        if entry.run_id == ctx.run_id:
+            continue
+        if entry.action == "snapshot":
+            backend.undo_snapshot(ctx, entry)
+            done.append(f"removed leftover snapshot {entry.path}")
+        else:  # partial export or half-done prune: both only ever lived under dot-names
+            remove_tree(Path(entry.path))
+            ctx.state.done(entry.id)
+            done.append(f"removed leftover {entry.action} {entry.path}")
+    if job_dir.is_dir():
+        for path in sorted(job_dir.iterdir()):
+            if path.name.startswith((PARTIAL_PREFIX, PRUNING_PREFIX)):
+                remove_tree(path)
+                done.append(f"removed unjournaled leftover {path}")
+    for line in done:
+        ctx.log.info("job %s: reconcile: %s", ctx.job.name, line)
+    return done

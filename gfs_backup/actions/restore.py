@@ -1,0 +1,107 @@
+"""`gfs restore`, `gfs verify` over jobs, and `gfs protect`: acting on stored generations."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+
+from gfs_backup.actions.verify import Verified, check_data, verify_stored
+from gfs_backup.backends import backend_for
+from gfs_backup.backends.base import JobContext, Progress
+from gfs_backup.catalog import Stored, list_generations
+from gfs_backup.config import Config, Job
+from gfs_backup.errors import ExitCode, GfsError, InputError, Problem
+from gfs_backup.manifest import write_manifest
+from gfs_backup.runner import LocalRunner
+from gfs_backup.state import State
+
+log = logging.getLogger("gfs")
+
+
+class RestoreError(GfsError):
+    exit_code = ExitCode.FAILED
+
+
+def find_generation(config: Config, job: Job, generation: str | None) -> Stored:
+    """The named generation of `job`, or its newest. InputError if there is none."""
+    job_dir = config.targets[job.target].path / job.name
+    listing = list_generations(job_dir)
+    if not listing.stored:
+        raise InputError(Problem(str(job_dir), f"job {job.name} has no generation to use"))
+    if generation is None:
+        return listing.stored[-1]
+    found = listing.by_id().get(generation)
+    if found is None:
+        known = ", ".join(item.id for item in listing.stored[-5:])
+        raise InputError(
+            Problem(
+                str(job_dir), f"no generation {generation!r} of job {job.name} (newest: {known})"
+            )
+        )
+    return found
+
+
+def restore(
+    config: Config,
+    job: Job,
+    generation: str | None,
+    to: Path,
+    now: datetime,
+    progress: Progress | None = None,
+) -> Stored:
+    """Check the generation's checksums, then restore it to `to` (which must not exist)."""
+    if to.exists() or to.is_symlink():
+        raise InputError(Problem(str(to), "already exists: restore into a new path"))
+    if not to.parent.is_dir():
+        raise InputError(Problem(str(to), "its parent directory does not exist"))
+    stored = find_generation(config, job, generation)
+    problems = check_data(stored, progress) if stored.manifest.files else []
+    if problems:
+        raise RestoreError(
+            f"generation {stored.id} of job {job.name} is damaged, not "
+            f"restored: {'; '.join(problems[:3])}"
+        )
+    state = State(config.state_dir)
+    try:
+        ctx = JobContext(job, LocalRunner(), state, state.start_run(job.name), now, log)
+        try:
+            backend_for(stored.manifest.kind).restore(ctx, stored, to, progress)
+        except ValueError as exc:
+            raise RestoreError(
+                f"restore of {stored.id} to {to} does not match its manifest: {exc}"
+            ) from None
+        state.finish_run(ctx.run_id, "restored", stored.id, message=str(to))
+    finally:
+        state.close()
+    log.info("job %s: restored generation %s to %s", job.name, stored.id, to)
+    return stored
+
+
+def verify_jobs(
+    config: Config,
+    jobs: list[Job],
+    generation: str | None,
+    now: datetime,
+) -> list[Verified]:
+    """Verify one named generation, or every generation of each job; record results."""
+    results = []
+    for job in jobs:
+        if generation is not None:
+            targets = [find_generation(config, job, generation)]
+        else:
+            targets = list_generations(config.targets[job.target].path / job.name).stored
+        for stored in targets:
+            result = verify_stored(stored, now)
+            verdict = "ok" if result.ok else f"FAILED: {'; '.join(result.problems[:5])}"
+            log.info("job %s: verify %s: %s", job.name, stored.id, verdict)
+            results.append(result)
+    return results
+
+
+def set_protected(config: Config, job: Job, generation: str, protected: bool) -> Stored:
+    stored = find_generation(config, job, generation)
+    manifest = replace(stored.manifest, protected=protected)
+    write_manifest(stored.path, manifest)
+    return replace(stored, manifest=manifest)

@@ -1,0 +1,279 @@
+"""`gfs run`: for each due job, lock, reconcile, snapshot, export, verify, publish,
+retire the snapshot, record the run, plan retention, prune."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from gfs_backup.actions.prune import journaled_delete, prune_job
+from gfs_backup.actions.reconcile import reconcile
+from gfs_backup.actions.verify import check_data
+from gfs_backup.backends import backend_for
+from gfs_backup.backends.base import Backend, Exported, JobContext, Progress, Snapshot
+from gfs_backup.catalog import Stored, list_generations
+from gfs_backup.config import Config, Job
+from gfs_backup.errors import ExitCode, GfsError
+from gfs_backup.generation import PartialGeneration, generation_id
+from gfs_backup.lock import LockHeld, job_lock
+from gfs_backup.manifest import Manifest
+from gfs_backup.retention import Generation, plan
+from gfs_backup.runner import LocalRunner
+from gfs_backup.state import State
+from gfs_backup.target import check_target
+
+log = logging.getLogger("gfs")
+Clock = Callable[[], datetime]
+ProgressFactory = Callable[[Job], Progress | None]
+
+
+class ExportError(GfsError):
+    exit_code = ExitCode.FAILED
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    force: bool = False  # run even when the schedule says the job is not due
+    wait: bool = False  # wait for a held lock instead of giving up
+    dry_run: bool = False
+    prune: bool = True
+    progress: ProgressFactory | None = None
+
+
+@dataclass
+class JobOutcome:
+    job: str
+    status: str  # ok | failed | locked | not-due | dry-run
+    generation: str | None = None
+    bytes: int = 0
+    seconds: float = 0.0
+    message: str = ""
+    warnings: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def exit_code(outcomes: list[JobOutcome]) -> ExitCode:
+    """0 all good; 5 every job that ran failed; 4 some failed; 6 a lock was held."""
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        worked = [o for o in outcomes if o.status in ("ok", "not-due", "dry-run")]
+        return ExitCode.PARTIAL if worked else ExitCode.FAILED
+    if any(o.status == "locked" for o in outcomes):
+        return ExitCode.LOCKED
+    return ExitCode.OK
+
+
+def next_due(job: Job, state: State | None, job_dir: Path, now: datetime) -> datetime | None:
+    """When the job is due next: after its last success (or newest generation on the
+    target, for a fresh machine); `now` if it never ran. A missed run is caught up once."""
+    last = state.last_success(job.name) if state is not None else None
+    reference = last.started_at if last is not None else None
+    if reference is None:
+        stored = list_generations(job_dir).stored
+        reference = stored[-1].manifest.created_at if stored else None
+    if reference is None:
+        return now
+    return job.policy.schedule.next_after(reference, job.policy.zone)
+
+
+def run_jobs(
+    config: Config,
+    jobs: list[Job],
+    clock: Clock,
+    options: RunOptions,
+) -> list[JobOutcome]:
+    """Run each job; one failing job never stops the others."""
+    state = State.read_only(config.state_dir) if options.dry_run else State(config.state_dir)
+    try:
+        return [_run_one(config, job, state, clock, options) for job in jobs]
+    finally:
+        if state is not None:
+            state.close()
+
+
+def _run_one(
+    config: Config, job: Job, state: State | None, clock: Clock, options: RunOptions
+) -> JobOutcome:
+    job_dir = config.targets[job.target].path / job.name
+    if options.dry_run:
+        return _preview(config, job, state, job_dir, clock())
+    assert state is not None
+    try:
+        with job_lock(config.state_dir, job.name, options.wait):
+            now = clock()
+            due = next_due(job, state, job_dir, now)
+            if not options.force and (due is None or due > now):
+                when = due.isoformat() if due else "never (the schedule does not fire)"
+                return JobOutcome(job.name, "not-due", message=f"next due {when}")
+            return _run_locked(config, job, state, job_dir, now, options)
+    except LockHeld as exc:
+        log.warning("%s", exc)
+        return JobOutcome(job.name, "locked", message=str(exc))
+
+
+def _run_locked(
+    config: Config, job: Job, state: State, job_dir: Path, now: datetime, options: RunOptions
+) -> JobOutcome:
+    run_id = state.start_run(job.name)
+    ctx = JobContext(job, LocalRunner(), state, run_id, now, log)
+    backend = backend_for(job.kind)
+    started = time.monotonic()
+    try:
+        outcome = _pipeline(ctx, backend, config, job_dir, options)
+    except Exception as exc:  # one job's failure, whatever it is, is recorded and reported
+        message = describe_failure(exc, config, job)
+        seconds = time.monotonic() - started
+        state.finish_run(run_id, "failed", seconds=seconds, message=message)
+        log.error("job %s: failed: %s", job.name, message)
+        log.debug("job %s: failure details", job.name, exc_info=True)
+        return JobOutcome(job.name, "failed", seconds=seconds, message=message)
+    outcome.seconds = time.monotonic() - started
+    state.finish_run(
+        run_id,
+        "ok",
+        outcome.generation,
+        outcome.bytes,
+        outcome.seconds,
+        "; ".join(outcome.warnings) or None,
+    )
+    log.info(
+        "job %s: done: generation %s, %d bytes in %.1f s, pruned %d",
+        job.name,
+        outcome.generation,
+        outcome.bytes,
+        outcome.seconds,
+        len(outcome.pruned),
+    )
+    return outcome
+
+
+def describe_failure(exc: Exception, config: Config, job: Job) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        target = config.targets[job.target]
+        return (
+            f"target {target.name} ({target.path}) is full (no space left on device) "
+            "while exporting: the partial export was removed, earlier generations are "
+            "untouched; free space or prune, then run again"
+        )
+    if isinstance(exc, GfsError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
+def _pipeline(
+    ctx: JobContext, backend: Backend, config: Config, job_dir: Path, options: RunOptions
+) -> JobOutcome:
+    job = ctx.job
+    reconcile(ctx, backend, job_dir)
+    backend.check_source(ctx)
+    target = check_target(config.targets[job.target], backend.sources(job))
+    warnings = list(target.warnings)
+    progress = options.progress(job) if options.progress else None
+    snapshot = backend.snapshot(ctx)
+    try:
+        listing = list_generations(job_dir)
+        previous = listing.stored[-1] if listing.stored else None
+        partial = PartialGeneration(
+            job_dir, generation_id(ctx.now, job_dir), ctx.state, ctx.run_id, job.name
+        )
+        ctx.log.info("job %s: exporting to %s", job.name, partial.path)
+        try:
+            exported = backend.export(ctx, snapshot, partial.path, previous, progress)
+            manifest = _manifest(ctx, partial, exported, listing.generations)
+            partial.publish(manifest)
+        except BaseException:
+            partial.abort()
+            raise
+    finally:
+        if snapshot is not None:
+            _retire(ctx, backend, snapshot)
+    warnings += exported.warnings
+    for warning in warnings:
+        ctx.log.warning("job %s: %s", job.name, warning)
+    pruned: list[str] = []
+    if options.prune:
+        pruned = prune_job(job, job_dir, ctx.now, journaled_delete(ctx)).deleted
+    return JobOutcome(
+        job.name, "ok", partial.generation, exported.bytes_written, warnings=warnings, pruned=pruned
+    )
+
+
+def _manifest(
+    ctx: JobContext, partial: PartialGeneration, exported: Exported, existing: list[Generation]
+) -> Manifest:
+    """The new generation's manifest: verified (if the policy says so) and labelled."""
+    job = ctx.job
+    manifest = Manifest(
+        job=job.name,
+        kind=job.kind,
+        host=job.host,
+        generation=partial.generation,
+        created_at=ctx.now,
+        files=exported.files,
+        tree=exported.tree,
+        point_in_time=exported.point_in_time,
+        source=exported.source,
+    )
+    if job.policy.verify_after_export:
+        problems = check_data(Stored(partial.path, manifest))
+        if problems:
+            raise ExportError(
+                f"job {job.name}: the export does not read back as written: "
+                f"{'; '.join(problems[:3])}"
+            )
+        stamp = ctx.now.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+        manifest = manifest.with_verify({"time": stamp, "result": "ok", "problems": []})
+    new = Generation(partial.generation, ctx.now)
+    result = plan([*existing, new], job.policy.rules, ctx.now, job.policy.zone)
+    labels = next((kept.labels for kept in result.keep if kept.generation is new), ())
+    return replace(manifest, labels=labels)
+
+
+def _retire(ctx: JobContext, backend: Backend, snapshot: Snapshot) -> None:
+    try:
+        backend.retire_snapshot(ctx, snapshot, ctx.job.policy.keep_snapshots)
+    except GfsError as exc:  # the journal keeps it open: the next run removes it
+        ctx.log.warning(
+            "job %s: could not remove snapshot %s now: %s", ctx.job.name, snapshot.subvolume, exc
+        )
+
+
+def _preview(
+    config: Config,
+    job: Job,
+    state: State | None,
+    job_dir: Path,
+    now: datetime,
+) -> JobOutcome:
+    """--dry-run: say what a run would do; write nothing, not even the state database."""
+    backend = backend_for(job.kind)
+    warnings: list[str] = []
+    due = next_due(job, state, job_dir, now)
+    if due is not None and due > now:
+        warnings.append(f"not due until {due.isoformat()} (a real run needs --force)")
+    target = check_target(config.targets[job.target], backend.sources(job))
+    warnings += target.warnings
+    listing = list_generations(job_dir)
+    new = Generation("(new)", now)
+    result = plan([*listing.generations, new], job.policy.rules, now, job.policy.zone)
+    pruned = [gen.id for gen in result.prune]
+    log.info(
+        "job %s: dry-run: would snapshot %s and export it to %s/.partial-*",
+        job.name,
+        ", ".join(str(p) for p in backend.sources(job)),
+        job_dir,
+    )
+    for generation in pruned:
+        log.info("job %s: dry-run: would prune %s", job.name, generation)
+    return JobOutcome(job.name, "dry-run", warnings=warnings, pruned=pruned)

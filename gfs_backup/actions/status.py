@@ -1,0 +1,87 @@
+"""`gfs list`, `gfs status`, and the health warnings of `gfs check`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from gfs_backup.actions.run import next_due
+from gfs_backup.actions.verify import last_verified_ok
+from gfs_backup.backends import backend_for
+from gfs_backup.catalog import Listing, Stored, list_generations
+from gfs_backup.config import Config, Job
+from gfs_backup.errors import GfsError
+from gfs_backup.state import RunRecord, State
+from gfs_backup.target import check_target
+
+
+def generation_size(stored: Stored) -> int:
+    """Logical bytes of a generation's data (files and file tree)."""
+    size = sum(data.size for data in stored.manifest.files)
+    return size + sum(int(item.get("size", 0)) for item in stored.manifest.tree)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    job: Job
+    job_dir: Path
+    listing: Listing
+    last_run: RunRecord | None
+    last_success: RunRecord | None
+    next_due: datetime | None
+    warnings: list[str] = field(default_factory=list)
+
+
+def job_status(config: Config, job: Job, state: State | None, now: datetime) -> JobStatus:
+    job_dir = config.targets[job.target].path / job.name
+    listing = list_generations(job_dir)
+    runs = state.runs(job.name, 1) if state is not None else []
+    last_success = state.last_success(job.name) if state is not None else None
+    warnings = [str(problem) for problem in listing.problems]
+    warnings += health_warnings(config, job, listing, state, now)
+    return JobStatus(
+        job,
+        job_dir,
+        listing,
+        runs[0] if runs else None,
+        last_success,
+        next_due(job, state, job_dir, now),
+        warnings,
+    )
+
+
+def health_warnings(
+    config: Config, job: Job, listing: Listing, state: State | None, now: datetime
+) -> list[str]:
+    """What monitoring should hear about: stale backups, unverified data, targets that
+    are not NFS or not mounted, gfs snapshots left without an export."""
+    warnings = []
+    target = config.targets[job.target]
+    try:
+        check = check_target(target, backend_for(job.kind).sources(job))
+        warnings += check.warnings
+    except GfsError as exc:
+        warnings.append(str(exc))
+    schedule = job.policy.schedule
+    if not listing.stored:
+        warnings.append(f"job {job.name}: no generation on target {target.name} yet")
+    else:
+        newest = listing.stored[-1]
+        due = schedule.next_after(newest.manifest.created_at, job.policy.zone)
+        overdue = schedule.next_after(due, job.policy.zone) if due else None
+        if overdue is not None and overdue <= now:
+            warnings.append(
+                f"job {job.name}: newest generation {newest.id} is older than "
+                f"its schedule {schedule.text!r} allows (missed runs)"
+            )
+        if not last_verified_ok(newest):
+            warnings.append(f"job {job.name}: newest generation {newest.id} is not verified")
+    if state is not None:
+        for entry in state.open_entries(job.name):
+            if entry.action == "snapshot" and Path(entry.path).exists():
+                warnings.append(
+                    f"job {job.name}: gfs snapshot {entry.path} has no export "
+                    "(an interrupted run; the next run removes it)"
+                )
+    return warnings

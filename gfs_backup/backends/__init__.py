@@ -1,0 +1,24 @@
+"""The job kinds gfs can back up: one registry, one contract (base.Backend)."""
+
+from __future__ import annotations
+
+from gfs_backup.backends.base import Backend
+from gfs_backup.backends.btrfs import BtrfsBackend
+from gfs_backup.backends.files import FilesBackend
+from gfs_backup.errors import GfsError
+
+BACKENDS: dict[str, Backend] = {
+    "btrfs": BtrfsBackend(),
+    "files": FilesBackend(),
+}
+
+
+def backend_for(kind: str) -> Backend:
+    """The backend of a job kind; GfsError for kinds configured but not built yet."""
+    try:
+        return BACKENDS[kind]
+    except KeyError:
+        raise GfsError(
+            f"job kind {kind!r} cannot run on this version of gfs yet "
+            f"(available: {', '.join(BACKENDS)})"
+        ) from None

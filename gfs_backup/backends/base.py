@@ -1,0 +1,114 @@
+"""What every backend implements, and what the pipeline hands to it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from gfs_backup.catalog import Stored
+from gfs_backup.config import Job
+from gfs_backup.errors import ExitCode, GfsError
+from gfs_backup.manifest import DataFile
+from gfs_backup.runner import Runner
+from gfs_backup.state import JournalEntry, State
+
+Progress = Callable[[int], None]
+SNAPSHOT_PREFIX = "gfs-"
+
+
+class SourceError(GfsError):
+    """The source cannot be backed up (missing, not a subvolume, ...)."""
+
+    exit_code = ExitCode.FAILED
+
+
+@dataclass
+class JobContext:
+    """One job's run: who runs commands, where the journal goes, when it is."""
+
+    job: Job
+    runner: Runner
+    state: State
+    run_id: int
+    now: datetime
+    log: logging.Logger
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A read-only snapshot gfs made; `path` is what the export reads."""
+
+    path: Path
+    subvolume: Path  # the snapshot subvolume itself (to delete)
+    journal_id: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What an export wrote into the partial generation directory."""
+
+    files: tuple[DataFile, ...] = ()
+    tree: tuple[dict[str, Any], ...] = ()
+    source: dict[str, Any] = field(default_factory=dict)
+    point_in_time: bool = True
+    bytes_written: int = 0
+    warnings: tuple[str, ...] = ()
+
+
+def snapshot_name(job: str, when: datetime, run_id: int) -> str:
+    """gfs-owned snapshot names: gfs-<job>-<UTC time>-r<run id>."""
+    return f"{SNAPSHOT_PREFIX}{job}-{when.strftime('%Y%m%dT%H%M%SZ')}-r{run_id}"
+
+
+def is_own_snapshot(path: Path, job: str) -> bool:
+    return path.name.startswith(f"{SNAPSHOT_PREFIX}{job}-")
+
+
+class Backend(Protocol):
+    """A kind of job. One registry (backends/__init__.py), one contract test suite."""
+
+    kind: str
+
+    def sources(self, job: Job) -> list[Path]:
+        """Paths whose filesystem a target must not share."""
+        ...
+
+    def check_source(self, ctx: JobContext) -> None:
+        """Raise SourceError when the source cannot be backed up."""
+        ...
+
+    def snapshot(self, ctx: JobContext) -> Snapshot | None:
+        """Make a journaled point-in-time snapshot, or None when the kind cannot."""
+        ...
+
+    def export(
+        self,
+        ctx: JobContext,
+        snapshot: Snapshot | None,
+        into: Path,
+        previous: Stored | None,
+        progress: Progress | None,
+    ) -> Exported:
+        """Write the generation's data into `into` (a new, empty directory)."""
+        ...
+
+    def retire_snapshot(self, ctx: JobContext, snapshot: Snapshot, keep: int) -> None:
+        """After the export: delete the snapshot, or keep the newest `keep` of gfs's own."""
+        ...
+
+    def undo_snapshot(self, ctx: JobContext, entry: JournalEntry) -> None:
+        """Remove a snapshot left by an interrupted run (only gfs's own)."""
+        ...
+
+    def verify_data(self, stored: Stored, progress: Progress | None) -> list[str]:
+        """Problems of the generation's data beyond file checksums (empty = fine)."""
+        ...
+
+    def restore(
+        self, ctx: JobContext, stored: Stored, to: Path, progress: Progress | None
+    ) -> None: ...

@@ -1,0 +1,82 @@
+"""btrfs snapshots as gfs makes them: journaled first, gfs-named, deleted only if ours."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gfs_backup.backends.base import JobContext, Snapshot, is_own_snapshot, snapshot_name
+from gfs_backup.btrfs import (
+    make_delete_command,
+    make_show_command,
+    make_snapshot_command,
+    parse_subvolume_show,
+)
+from gfs_backup.state import JournalEntry
+
+SNAPSHOT_DIR = ".gfs-snapshots"
+
+
+def snapshot_dir(ctx: JobContext, subvolume: Path) -> Path:
+    configured = ctx.job.options.get("snapshot_dir")
+    return Path(configured) if configured else subvolume / SNAPSHOT_DIR
+
+
+def take_snapshot(ctx: JobContext, subvolume: Path, inside: Path | None = None) -> Snapshot:
+    """Read-only snapshot of `subvolume`; `inside` is the path to export within it."""
+    folder = snapshot_dir(ctx, subvolume)
+    path = folder / snapshot_name(ctx.job.name, ctx.now, ctx.run_id)
+    entry = ctx.state.journal(ctx.run_id, ctx.job.name, "snapshot", str(path))
+    if not ctx.runner.dry_run:
+        folder.mkdir(mode=0o700, exist_ok=True)
+    ctx.runner.run(make_snapshot_command(subvolume, path))
+    ctx.log.info("snapshot %s of %s", path, subvolume)
+    metadata: dict[str, object] = {"snapshot": path.name}
+    if not ctx.runner.dry_run:
+        source = parse_subvolume_show(ctx.runner.run(make_show_command(subvolume)).stdout)
+        taken = parse_subvolume_show(ctx.runner.run(make_show_command(path)).stdout)
+        metadata.update(subvolume_uuid=source.uuid, snapshot_uuid=taken.uuid)
+    relative = inside.relative_to(subvolume) if inside is not None else Path()
+    return Snapshot(path / relative, path, entry, metadata)
+
+
+def retire(ctx: JobContext, snapshot: Snapshot, keep: int) -> None:
+    """Delete the snapshot, or keep it and delete gfs's own older ones beyond `keep`."""
+    if keep <= 0:
+        delete_snapshot(ctx, snapshot.subvolume)
+        ctx.state.done(snapshot.journal_id)
+        return
+    ctx.state.done(snapshot.journal_id)  # kept on purpose: a local snapshot, not a backup
+    for old in _own_snapshots(ctx, snapshot.subvolume.parent)[:-keep]:
+        delete_snapshot(ctx, old)
+
+
+def undo(ctx: JobContext, entry: JournalEntry) -> None:
+    """Remove a snapshot an interrupted run journaled, if it exists and is gfs's."""
+    path = Path(entry.path)
+    if path.exists() and is_own_snapshot(path, ctx.job.name):
+        delete_snapshot(ctx, path)
+    ctx.state.done(entry.id)
+
+
+def delete_snapshot(ctx: JobContext, path: Path) -> None:
+    if not is_own_snapshot(path, ctx.job.name):  # never anything gfs did not name
+        raise ValueError(f"refusing to delete {path}: not a gfs snapshot of {ctx.job.name}")
+    ctx.runner.run(make_delete_command(path))
+    ctx.log.info("deleted snapshot %s", path)
+
+
+def local_snapshots(ctx: JobContext, subvolume: Path) -> list[Path]:
+    """gfs's own snapshots of this job that exist now (not backups)."""
+    return _own_snapshots(ctx, snapshot_dir(ctx, subvolume))
+
+
+def _own_snapshots(ctx: JobContext, folder: Path) -> list[Path]:
+    """Snapshots in `folder` that carry gfs's name for this job *and* are in its journal."""
+    if not folder.is_dir():
+        return []
+    ours = ctx.state.snapshot_paths(ctx.job.name)
+    return sorted(
+        path
+        for path in folder.iterdir()
+        if str(path) in ours and is_own_snapshot(path, ctx.job.name)
+    )

@@ -1,0 +1,123 @@
+"""`gfs verify`, `gfs restore`, `gfs protect`, `gfs unprotect`."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+
+from gfs_backup.actions.plan import select_jobs
+from gfs_backup.actions.restore import restore, set_protected, verify_jobs
+from gfs_backup.cli.options import config_option, json_option
+from gfs_backup.cli.progress import progress_for
+from gfs_backup.config import load_config
+from gfs_backup.errors import ExitCode
+
+generation_option = click.option(
+    "--generation",
+    "generation",
+    metavar="ID",
+    default=None,
+    help="A generation id (see `gfs list`); default: the newest.",
+)
+
+
+@click.command("verify")
+@click.argument("jobs", nargs=-1)
+@config_option
+@click.option(
+    "--generation",
+    "generation",
+    metavar="ID",
+    default=None,
+    help="Verify only this generation (default: every generation).",
+)
+@json_option
+def verify_command(
+    jobs: tuple[str, ...], config_path: Path, generation: str | None, as_json: bool
+) -> None:
+    """Re-read generations and check every checksum; record the result in each manifest.
+
+    Exits 5 when any generation is damaged.
+    """
+    config = load_config(config_path)
+    results = verify_jobs(config, select_jobs(config, jobs), generation, datetime.now(timezone.utc))
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "generations": [
+                        {
+                            "job": r.stored.manifest.job,
+                            "id": r.stored.id,
+                            "ok": r.ok,
+                            "problems": r.problems,
+                        }
+                        for r in results
+                    ]
+                },
+                indent=2,
+            )
+        )
+    else:
+        for result in results:
+            verdict = "ok" if result.ok else "FAILED"
+            click.echo(f"{result.stored.manifest.job} {result.stored.id}: {verdict}")
+            for problem in result.problems:
+                click.echo(f"  {problem}")
+    if any(not result.ok for result in results):
+        raise SystemExit(int(ExitCode.FAILED))
+
+
+@click.command("restore")
+@click.argument("job")
+@config_option
+@generation_option
+@click.option(
+    "--to",
+    "to",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Where to restore: a new directory (files) or subvolume path (btrfs).",
+)
+def restore_command(job: str, config_path: Path, generation: str | None, to: Path) -> None:
+    """Restore a generation of JOB to a new path, checked against its manifest.
+
+    \b
+    btrfs jobs: `btrfs receive` of the stored stream, made a writable subvolume at --to
+                (on a btrfs filesystem).
+    files jobs: the file tree with owners, modes, times, symlinks and xattrs.
+    """
+    config = load_config(config_path)
+    (selected,) = select_jobs(config, [job])
+    progress = progress_for(f"{job}: restore")
+    stored = restore(config, selected, generation, to, datetime.now(timezone.utc), progress)
+    click.echo(f"{job}: restored generation {stored.id} to {to}")
+
+
+def _protect(job: str, generation: str, config_path: Path, protected: bool) -> None:
+    config = load_config(config_path)
+    (selected,) = select_jobs(config, [job])
+    stored = set_protected(config, selected, generation, protected)
+    state = "protected: never pruned" if protected else "no longer protected"
+    click.echo(f"{job} {stored.id}: {state}")
+
+
+@click.command("protect")
+@click.argument("job")
+@click.argument("generation")
+@config_option
+def protect_command(job: str, generation: str, config_path: Path) -> None:
+    """Protect a generation: always kept, never pruned, never counted by the rotation."""
+    _protect(job, generation, config_path, True)
+
+
+@click.command("unprotect")
+@click.argument("job")
+@click.argument("generation")
+@config_option
+def unprotect_command(job: str, generation: str, config_path: Path) -> None:
+    """Remove the protection of a generation; the rotation decides about it again."""
+    _protect(job, generation, config_path, False)

@@ -1,0 +1,129 @@
+"""`gfs list` and `gfs status`: what exists and how the jobs are doing (read-only)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gfs_backup.actions.plan import select_jobs
+from gfs_backup.actions.status import generation_size, job_status
+from gfs_backup.actions.verify import last_verified_ok
+from gfs_backup.catalog import Stored
+from gfs_backup.cli.options import config_option, json_option
+from gfs_backup.config import load_config
+from gfs_backup.state import State
+
+
+def _stored_json(stored: Stored) -> dict[str, Any]:
+    manifest = stored.manifest
+    return {
+        "id": stored.id,
+        "created_at": manifest.created_at.isoformat(),
+        "labels": list(manifest.labels),
+        "protected": manifest.protected,
+        "point_in_time": manifest.point_in_time,
+        "size": generation_size(stored),
+        "verified": manifest.verify[-1] if manifest.verify else None,
+        "path": str(stored.path),
+    }
+
+
+@click.command("list")
+@click.argument("jobs", nargs=-1)
+@config_option
+@json_option
+def list_command(jobs: tuple[str, ...], config_path: Path, as_json: bool) -> None:
+    """List the generations of each job, read from the target alone (its manifests).
+
+    Works on a fresh machine that only mounts the share and has the config.
+    """
+    config = load_config(config_path)
+    now = datetime.now(timezone.utc)
+    statuses = [job_status(config, job, None, now) for job in select_jobs(config, jobs)]
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "jobs": [
+                        {
+                            "job": s.job.name,
+                            "path": str(s.job_dir),
+                            "generations": [_stored_json(g) for g in s.listing.stored],
+                        }
+                        for s in statuses
+                    ]
+                },
+                indent=2,
+            )
+        )
+        return
+    for status in statuses:
+        click.echo(
+            f"{status.job.name} ({status.job_dir}): {len(status.listing.stored)} generation(s)"
+        )
+        zone = status.job.policy.zone
+        for stored in reversed(status.listing.stored):
+            manifest = stored.manifest
+            flags = [",".join(manifest.labels) or "-"]
+            flags.append("verified" if last_verified_ok(stored) else "unverified")
+            if manifest.protected:
+                flags.append("protected")
+            if not manifest.point_in_time:
+                flags.append("not point-in-time")
+            created = manifest.created_at.astimezone(zone)
+            click.echo(
+                f"  {stored.id:<20} {created:%Y-%m-%d %H:%M %Z}  "
+                f"{generation_size(stored):>14,d} B  {'  '.join(flags)}"
+            )
+        for problem in status.listing.problems:
+            click.echo(f"  ! {problem}")
+
+
+@click.command("status")
+@click.argument("jobs", nargs=-1)
+@config_option
+@json_option
+def status_command(jobs: tuple[str, ...], config_path: Path, as_json: bool) -> None:
+    """Last result of each job: last success, its age and size, next due, warnings."""
+    config = load_config(config_path)
+    now = datetime.now(timezone.utc)
+    state = State.read_only(config.state_dir)
+    try:
+        statuses = [job_status(config, job, state, now) for job in select_jobs(config, jobs)]
+    finally:
+        if state is not None:
+            state.close()
+    rows: list[dict[str, Any]] = []
+    for status in statuses:
+        success = status.last_success
+        rows.append(
+            {
+                "job": status.job.name,
+                "last_run": status.last_run.status if status.last_run else None,
+                "last_message": status.last_run.message if status.last_run else None,
+                "last_success": success.started_at.isoformat() if success else None,
+                "age_hours": round((now - success.started_at).total_seconds() / 3600, 1)
+                if success
+                else None,
+                "bytes": success.bytes if success else None,
+                "generations": len(status.listing.stored),
+                "next_due": status.next_due.isoformat() if status.next_due else None,
+                "warnings": status.warnings,
+            }
+        )
+    if as_json:
+        click.echo(json.dumps({"jobs": rows}, indent=2))
+        return
+    for row in rows:
+        click.echo(
+            f"{row['job']}: last run {row['last_run'] or 'never'}, last success "
+            f"{row['last_success'] or 'never'}"
+            + (f" ({row['age_hours']} h ago, {row['bytes']:,d} B)" if row["last_success"] else "")
+            + f", {row['generations']} generation(s), next due {row['next_due']}"
+        )
+        for warning in row["warnings"]:
+            click.echo(f"  warning: {warning}")

@@ -1,0 +1,168 @@
+"""manifest.json: what a generation is, written last; the target alone is the catalog."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from gfs_backup import __version__
+from gfs_backup.digest import ALGORITHM
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+MAX_HISTORY = 20
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, truncated or edited into something invalid."""
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One data file of the generation, relative to its directory."""
+
+    path: str
+    size: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    job: str
+    kind: str
+    host: str
+    generation: str
+    created_at: datetime
+    files: tuple[DataFile, ...] = ()
+    tree: tuple[dict[str, Any], ...] = ()  # file-tree entries (files jobs), see filetree
+    labels: tuple[str, ...] = ()
+    protected: bool = False
+    point_in_time: bool = True
+    source: dict[str, Any] = field(default_factory=dict)
+    verify: tuple[dict[str, Any], ...] = ()
+    drills: tuple[dict[str, Any], ...] = ()
+    tool: str = f"gfs-backup {__version__}"
+    digest_algorithm: str = ALGORITHM
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "job": self.job,
+            "kind": self.kind,
+            "host": self.host,
+            "generation": self.generation,
+            "created_at": self.created_at.astimezone(timezone.utc)
+            .isoformat()
+            .replace("+00:00", "Z"),
+            "labels": list(self.labels),
+            "protected": self.protected,
+            "point_in_time": self.point_in_time,
+            "tool": self.tool,
+            "digest_algorithm": self.digest_algorithm,
+            "source": self.source,
+            "files": [{"path": f.path, "size": f.size, "digest": f.digest} for f in self.files],
+            "tree": list(self.tree),
+            "verify": list(self.verify),
+            "drills": list(self.drills),
+        }
+
+    def with_verify(self, record: dict[str, Any]) -> Manifest:
+        return replace(self, verify=(*self.verify, record)[-MAX_HISTORY:])
+
+
+def _field(data: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    if key not in data:
+        raise ManifestError(f"{where}: missing {key!r}")
+    value = data[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ManifestError(f"{where}: {key!r} has the wrong type")
+    return value
+
+
+def parse_manifest(text: str, where: str) -> Manifest:
+    """Validate a manifest's JSON. Raises ManifestError naming `where` and the bad field."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(
+            f"{where}: not valid JSON ({exc.msg} at line {exc.lineno}): truncated or edited by hand"
+        ) from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: not a JSON object")
+    if data.get("format") != FORMAT:
+        raise ManifestError(f"{where}: unknown manifest format {data.get('format')!r}")
+    try:
+        created = datetime.fromisoformat(
+            _field(data, "created_at", str, where).replace("Z", "+00:00")
+        )
+    except ValueError:
+        raise ManifestError(f"{where}: 'created_at' is not an ISO-8601 time") from None
+    if created.tzinfo is None:
+        raise ManifestError(f"{where}: 'created_at' has no UTC offset")
+    files = []
+    for index, item in enumerate(_field(data, "files", list, where)):
+        spot = f"{where}: files[{index}]"
+        if not isinstance(item, dict):
+            raise ManifestError(f"{spot}: not an object")
+        path = _field(item, "path", str, spot)
+        if path.startswith("/") or ".." in path.split("/") or not path:
+            raise ManifestError(f"{spot}: unsafe path {path!r}")
+        size = _field(item, "size", int, spot)
+        if size < 0:
+            raise ManifestError(f"{spot}: negative size")
+        files.append(DataFile(path, size, _field(item, "digest", str, spot)))
+    return Manifest(
+        job=_field(data, "job", str, where),
+        kind=_field(data, "kind", str, where),
+        host=_field(data, "host", str, where),
+        generation=_field(data, "generation", str, where),
+        created_at=created,
+        files=tuple(files),
+        tree=tuple(_field(data, "tree", list, where)),
+        labels=tuple(str(label) for label in _field(data, "labels", list, where)),
+        protected=_field(data, "protected", bool, where),
+        point_in_time=_field(data, "point_in_time", bool, where),
+        source=_field(data, "source", dict, where),
+        verify=tuple(data.get("verify", [])),
+        drills=tuple(data.get("drills", [])),
+        tool=str(data.get("tool", "")),
+        digest_algorithm=_field(data, "digest_algorithm", str, where),
+    )
+
+
+def read_manifest(generation_dir: Path) -> Manifest:
+    path = generation_dir / MANIFEST
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path}: unreadable ({exc})") from None
+    return parse_manifest(text, str(path))
+
+
+def write_manifest(generation_dir: Path, manifest: Manifest) -> None:
+    """Write atomically: a temporary file, fsynced, renamed over, directory fsynced."""
+    path = generation_dir / MANIFEST
+    temporary = generation_dir / f".{MANIFEST}.tmp"
+    data = json.dumps(manifest.to_json(), indent=2, sort_keys=False).encode() + b"\n"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(temporary, path)
+    fsync_dir(generation_dir)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

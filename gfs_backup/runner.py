@@ -1,0 +1,156 @@
+"""The one place that runs external commands (argv lists only, never a shell).
+
+Commands that change something are marked `mutating`; in dry-run the runner does not run
+them, it logs what it would run. Failures become typed errors with the command, exit status
+and the end of its stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import subprocess
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import IO, Protocol
+
+from gfs_backup.errors import ExitCode, GfsError
+
+log = logging.getLogger("gfs.runner")
+DEFAULT_TIMEOUT = 600.0
+STDERR_TAIL = 400
+
+
+@dataclass(frozen=True)
+class Command:
+    """An argv list and what it does; `timeout` in seconds (None = no limit)."""
+
+    argv: tuple[str, ...]
+    mutating: bool = False
+    timeout: float | None = DEFAULT_TIMEOUT
+
+    def __str__(self) -> str:
+        return shlex.join(self.argv)
+
+
+@dataclass(frozen=True)
+class Completed:
+    command: Command
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class CommandError(GfsError):
+    """A command failed, timed out or could not be started."""
+
+    exit_code = ExitCode.FAILED
+
+    def __init__(self, command: Command, message: str) -> None:
+        self.command = command
+        super().__init__(f"{command.argv[0]}: {message} (command: {command})")
+
+
+class Runner(Protocol):
+    """Runs commands on one host (local here; SSH later) with one contract."""
+
+    host: str
+    dry_run: bool
+
+    def run(self, command: Command, check: bool = True) -> Completed: ...
+
+    def reading(self, command: Command) -> AbstractContextManager[IO[bytes]]: ...
+
+    def writing(self, command: Command) -> AbstractContextManager[IO[bytes]]: ...
+
+
+def _tail(data: bytes | str | None) -> str:
+    text = data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+    text = " ".join(text.split())
+    return text[-STDERR_TAIL:]
+
+
+class LocalRunner:
+    """Runs commands on this host with subprocess."""
+
+    host = "local"
+
+    def __init__(self, dry_run: bool = False) -> None:
+        self.dry_run = dry_run
+
+    def run(self, command: Command, check: bool = True) -> Completed:
+        """Run to completion and capture output; raise CommandError if it fails and `check`."""
+        if self.dry_run and command.mutating:
+            log.info("dry-run: would run %s", command)
+            return Completed(command, 0, "", "")
+        log.debug("running %s", command)
+        try:
+            done = subprocess.run(
+                command.argv,
+                capture_output=True,
+                text=True,
+                timeout=command.timeout,
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
+        except FileNotFoundError:
+            raise CommandError(command, "not installed (command not found)") from None
+        except subprocess.TimeoutExpired:
+            raise CommandError(command, f"timed out after {command.timeout:.0f} s") from None
+        result = Completed(command, done.returncode, done.stdout, done.stderr)
+        if check and done.returncode != 0:
+            raise CommandError(command, f"exit status {done.returncode}: {_tail(done.stderr)}")
+        return result
+
+    @contextmanager
+    def reading(self, command: Command) -> Iterator[IO[bytes]]:
+        """Run `command` and yield its stdout as a binary stream (e.g. `btrfs send`)."""
+        with self._streaming(command, stdout=True) as (process, stream):
+            yield stream
+        del process
+
+    @contextmanager
+    def writing(self, command: Command) -> Iterator[IO[bytes]]:
+        """Run `command` and yield its stdin as a binary stream (e.g. `btrfs receive`)."""
+        with self._streaming(command, stdout=False) as (process, stream):
+            yield stream
+        del process
+
+    @contextmanager
+    def _streaming(
+        self,
+        command: Command,
+        stdout: bool,
+    ) -> Iterator[tuple[subprocess.Popen[bytes], IO[bytes]]]:
+        if self.dry_run and command.mutating:
+            raise GfsError(f"internal: streaming {command} in dry-run")
+        log.debug("streaming %s", command)
+        try:
+            process = subprocess.Popen(
+                command.argv,
+                stdin=subprocess.DEVNULL if stdout else subprocess.PIPE,
+                stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        except FileNotFoundError:
+            raise CommandError(command, "not installed (command not found)") from None
+        stream = process.stdout if stdout else process.stdin
+        assert stream is not None
+        try:
+            yield process, stream
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        finally:
+            if not stream.closed:
+                stream.close()
+        try:
+            _, err = process.communicate(timeout=command.timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise CommandError(command, f"timed out after {command.timeout:.0f} s") from None
+        if process.returncode != 0:
+            raise CommandError(command, f"exit status {process.returncode}: {_tail(err)}")

@@ -1,0 +1,62 @@
+"""Export targets: refuse to write anywhere that would not make a real backup.
+
+A target must be a mounted filesystem (never an empty mount-point directory on the root
+disk), must not be the filesystem of any source, and must be NFS unless the target says
+`require_nfs = false`, which is reported as a warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gfs_backup.config import Target
+from gfs_backup.errors import ExitCode, GfsError
+from gfs_backup.mounts import NFS_TYPES, Mount, is_mount_point, mount_of, read_mounts
+
+
+class TargetError(GfsError):
+    """The target cannot take a backup now (unmounted, same filesystem, not NFS, ...)."""
+
+    exit_code = ExitCode.FAILED
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    target: Target
+    mount: Mount
+    warnings: list[str] = field(default_factory=list)
+
+
+def check_target(
+    target: Target, sources: Sequence[Path], mounts: list[Mount] | None = None
+) -> TargetCheck:
+    """Check `target` against the invariants; raise TargetError naming what to fix."""
+    mounts = read_mounts() if mounts is None else mounts
+    where = f"target {target.name} ({target.path})"
+    if not target.path.is_dir():
+        raise TargetError(f"{where} does not exist: create the mount point and mount the share")
+    if not is_mount_point(target.path, mounts):
+        raise TargetError(
+            f"{where} is not a mounted filesystem (is the share mounted? gfs "
+            "never writes into an unmounted mount point on the root disk)"
+        )
+    mount = mount_of(target.path, mounts)
+    for source in sources:
+        if mount_of(source, mounts).device == mount.device:
+            raise TargetError(
+                f"{where} is on the same filesystem as the source {source} "
+                f"({mount.fstype} {mount.source}): a copy there is not a backup; "
+                "use an NFS share or another disk"
+            )
+    warnings = []
+    if mount.fstype not in NFS_TYPES:
+        if target.require_nfs:
+            raise TargetError(
+                f"{where} is {mount.fstype}, not NFS: mount the NFS share there, "
+                f"or set require_nfs = false in [target.{target.name}] for a "
+                "local disk"
+            )
+        warnings.append(f"{where} is {mount.fstype}, not NFS (require_nfs = false)")
+    return TargetCheck(target, mount, warnings)
