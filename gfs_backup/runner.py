@@ -146,6 +146,11 @@ class LocalRunner:
         finally:
             if not stream.closed:
                 stream.close()
+            # communicate() must not touch the stream we closed.
+            if stdout:
+                process.stdout = None
+            else:
+                process.stdin = None
         try:
             _, err = process.communicate(timeout=command.timeout)
         except subprocess.TimeoutExpired:

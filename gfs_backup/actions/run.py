@@ -19,6 +19,7 @@ from gfs_backup.backends.base import Backend, Exported, JobContext, Progress, Sn
 from gfs_backup.catalog import Stored, list_generations
 from gfs_backup.config import Config, Job
 from gfs_backup.errors import ExitCode, GfsError
+from gfs_backup.faults import crash_point
 from gfs_backup.generation import PartialGeneration, generation_id
 from gfs_backup.lock import LockHeld, job_lock
 from gfs_backup.manifest import Manifest
@@ -181,6 +182,7 @@ def _pipeline(
     warnings = list(target.warnings)
     progress = options.progress(job) if options.progress else None
     snapshot = backend.snapshot(ctx)
+    crash_point("after-snapshot")
     try:
         listing = list_generations(job_dir)
         previous = listing.stored[-1] if listing.stored else None
@@ -189,8 +191,11 @@ def _pipeline(
         )
         ctx.log.info("job %s: exporting to %s", job.name, partial.path)
         try:
-            exported = backend.export(ctx, snapshot, partial.path, previous, progress)
+            exported = backend.export(
+                ctx, snapshot, partial.path, previous, _with_crash_point(progress)
+            )
             manifest = _manifest(ctx, partial, exported, listing.generations)
+            crash_point("before-publish")
             partial.publish(manifest)
         except BaseException:
             partial.abort()
@@ -207,6 +212,17 @@ def _pipeline(
     return JobOutcome(
         job.name, "ok", partial.generation, exported.bytes_written, warnings=warnings, pruned=pruned
     )
+
+
+def _with_crash_point(progress: Progress | None) -> Progress:
+    """Progress that passes the `mid-export` crash point with every chunk of data."""
+
+    def step(count: int) -> None:
+        crash_point("mid-export")
+        if progress is not None:
+            progress(count)
+
+    return step
 
 
 def _manifest(

@@ -1,0 +1,96 @@
+"""Config files and tree comparisons for the system tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from click.testing import Result
+
+CLASSIC_UTC = """
+[job.policy]
+semantics = "gfs"
+timezone = "UTC"
+schedule = "Mon..Sat 01:00"
+[job.policy.retention]
+sons = 6
+fathers = 4
+grandfathers = 12
+"""
+
+KEEP_LAST_ONE = """
+[job.policy]
+semantics = "pbs"
+timezone = "UTC"
+schedule = "daily"
+[job.policy.retention]
+keep-last = 1
+"""
+
+
+def write_config(
+    tmp_path: Path,
+    target: Path,
+    job: str,
+    kind: str,
+    source_key: str,
+    source: Path,
+    policy: str = CLASSIC_UTC,
+    extra: str = "",
+) -> Path:
+    config = tmp_path / "gfs.toml"
+    config.write_text(
+        f"state_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+        f"[target.usb]\npath = {json.dumps(str(target))}\nrequire_nfs = false\n"
+        f'[[job]]\nname = {json.dumps(job)}\nkind = "{kind}"\n'
+        f"{source_key} = {json.dumps(str(source))}\n{extra}{policy}",
+        encoding="utf-8",
+    )
+    return config
+
+
+def gfs_subprocess(
+    *args: str,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gfs_backup", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def listing(result: Result) -> list[dict[str, Any]]:
+    assert result.exit_code == 0, result.output
+    (job,) = json.loads(result.stdout)["jobs"]
+    generations: list[dict[str, Any]] = job["generations"]
+    return generations
+
+
+def tree_state(root: Path, skip: tuple[str, ...] = (".gfs-snapshots",)) -> dict[str, Any]:
+    """Everything a restore must reproduce: kinds, bytes, modes, owners, times, links."""
+    state: dict[str, Any] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            info = path.lstat()
+            key = str(path.relative_to(root))
+            entry: dict[str, Any] = {
+                "mode": stat.S_IMODE(info.st_mode),
+                "owner": (info.st_uid, info.st_gid),
+            }
+            if stat.S_ISLNK(info.st_mode):
+                entry["link"] = os.readlink(path)
+            elif stat.S_ISREG(info.st_mode):
+                entry["data"] = path.read_bytes()
+                entry["mtime"] = info.st_mtime_ns
+            state[key] = entry
+    return state
