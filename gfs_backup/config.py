@@ -35,12 +35,13 @@ TOP_KEYS = ("state_dir", "policy_dir", "target", "hosts", "job")
 TARGET_KEYS = ("path", "require_nfs")
 HOST_KEYS = ("address", "user", "port", "identity_file", "known_hosts")
 JOB_COMMON_KEYS = ("name", "kind", "host", "target", "policy")
+PATH_KEYS = ("path", "subvolume", "snapshot_dir")
 # Per kind: (required keys, optional keys).
 KIND_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "libvirt": (("domain",), ("disks", "uri")),
     "lvm": (("volume_group", "logical_volume"), ("snapshot_size",)),
-    "btrfs": (("subvolume",), ()),
-    "files": (("path",), ()),
+    "btrfs": (("subvolume",), ("snapshot_dir",)),
+    "files": (("path",), ("snapshot_dir",)),
 }
 
 
@@ -214,7 +215,18 @@ def _job(
     if policy is None:
         return None
     options = {key: table[key] for key in (*required, *optional) if key in table}
+    for key in PATH_KEYS:
+        if key in options:
+            _check_path(options[key], join_key(path, key), collector)
     return Job(name, kind, host, target, policy, options)
+
+
+def _check_path(value: object, key: str, collector: Collector) -> None:
+    """Source paths: absolute, no `..` (what is backed up must be plain to see)."""
+    if not isinstance(value, str):
+        collector.add(key, f"expected an absolute path, got {type(value).__name__}")
+    elif not value.startswith("/") or ".." in value.split("/") or "\0" in value:
+        collector.add(key, f"{value!r} must be an absolute path without '..'")
 
 
 def _job_target(table: Table, path: str, collector: Collector, targets: dict[str, Target]) -> str:

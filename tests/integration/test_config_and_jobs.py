@@ -145,6 +145,14 @@ father-weekday = "someday"
             "job[1].name: duplicate job name 'a'",
         ),
         (
+            "[[job]]\nname = 'a'\nkind = 'files'\npath = '/srv/../etc'\npolicy = 'classic-gfs'\n",
+            "job[a].path: '/srv/../etc' must be an absolute path without '..'",
+        ),
+        (
+            "[[job]]\nname = 'a'\nkind = 'btrfs'\nsubvolume = 'data'\npolicy = 'classic-gfs'\n",
+            "job[a].subvolume: 'data' must be an absolute path without '..'",
+        ),
+        (
             "[[job]]\nname = 'a'\nkind = 'files'\npath = '/x'\nhost = 'kvm9'\n"
             "policy = 'classic-gfs'\n",
             "job[a].host: unknown host 'kvm9'",
