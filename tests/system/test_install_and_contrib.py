@@ -1,0 +1,77 @@
+"""The README's install command and the shipped timer/cron files."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_install_script_installs_a_working_gfs(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "GFS_PREFIX": str(tmp_path / "opt"),
+        "GFS_BIN_DIR": str(tmp_path / "bin"),
+        "GFS_ETC_DIR": str(tmp_path / "etc"),
+    }
+    done = subprocess.run(
+        [str(REPO / "scripts" / "install")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    gfs = tmp_path / "bin" / "gfs"
+    plan = subprocess.run(
+        [str(gfs), "plan", "--policy", "classic-gfs", "--simulate", "35", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert plan.returncode == 0, plan.stderr
+    assert '"grandfather"' in plan.stdout
+    assert (tmp_path / "etc" / "gfs.toml.example").is_file()
+    check = subprocess.run(
+        [str(gfs), "check", "--config", str(tmp_path / "etc" / "gfs.toml.example")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr
+
+
+def unit(name: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(REPO / "contrib" / "systemd" / name)
+    return parser
+
+
+def test_systemd_units_run_gfs_from_a_persistent_timer() -> None:
+    service = unit("gfs-run.service")
+    assert service["Service"]["Type"] == "oneshot"
+    assert service["Service"]["ExecStart"] == "/usr/local/bin/gfs run"
+    timer = unit("gfs-run.timer")
+    assert timer["Timer"]["Persistent"] == "true"
+    assert timer["Timer"]["RandomizedDelaySec"]
+    assert timer["Install"]["WantedBy"] == "timers.target"
+
+
+def test_cron_file_runs_gfs_as_root() -> None:
+    lines = [
+        line
+        for line in (REPO / "contrib" / "cron" / "gfs").read_text().splitlines()
+        if line and not line.startswith("#") and "=" not in line.split()[0]
+    ]
+    (entry,) = lines
+    fields = entry.split(None, 6)
+    assert fields[5] == "root" and fields[6].startswith("gfs run")
