@@ -25,9 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_package_is_installed() -> None:
-    declared = set(
-        tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    )
+    declared = set(read_toml(REPO / "pyproject.toml")["tool"]["setuptools"]["packages"])
     found = {
         ".".join(init.parent.relative_to(REPO).parts)
         for init in (REPO / "gfs_backup").rglob("__init__.py")
