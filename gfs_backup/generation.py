@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from gfs_backup.catalog import PARTIAL_PREFIX, PRUNING_PREFIX
+from gfs_backup.faults import crash_point
 from gfs_backup.manifest import Manifest, fsync_dir, write_manifest
 from gfs_backup.state import State
 
@@ -63,6 +64,7 @@ def delete_generation(path: Path, state: State, run_id: int, job: str) -> None:
     entry = state.journal(run_id, job, "prune", str(hidden), detail=path.name)
     os.rename(path, hidden)
     fsync_dir(path.parent)
+    crash_point("mid-prune")
     remove_tree(hidden)
     state.done(entry)
 
