@@ -153,7 +153,7 @@ def restore_tree(
                 _make_symlink(out, entry, xattrs_optional=False)
             else:
                 problems += _restore_file(source, out, entry, progress)
-        for entry in reversed(ordered):  # children first: their creation changes the mtime
+        for entry in ordered:  # after all contents: creating them changes the mtime
             if entry.kind == "dir":
                 _apply_metadata(out, entry, xattrs_optional=False)
     problems += verify_tree(dest, ordered, full=True)
@@ -175,8 +175,8 @@ def verify_tree(
     and symlinks (as `restore_tree` does). Unsafe entries are reported, never opened.
     """
     problems = _entry_list_problems(entries)
-    if problems:
-        return problems
+    if problems or not tree.is_dir():
+        return problems or [f"{tree}: the tree directory is missing"]
     on_disk = _lstat_tree(tree)
     with _Dirs(tree) as dirs:
         for entry in sorted(entries, key=lambda entry: entry.path):
@@ -266,7 +266,7 @@ class _Exporter:
                 _make_symlink(self.out, entry, xattrs_optional=True)
             if entry is not None:
                 entries.append(entry)
-        for entry in reversed(entries):  # children first: their creation changes the mtime
+        for entry in entries:  # after all contents: creating them changes the mtime
             if entry.kind == "dir":
                 _apply_metadata(self.out, entry, xattrs_optional=True)
         return entries
@@ -531,10 +531,9 @@ def _entry_from_stat(
     target: str | None = None,
     xattrs: dict[str, str] | None = None,
 ) -> TreeEntry:
-    size = st.st_size if kind == "file" else 0
-    mode, xattrs = st.st_mode & 0o7777, xattrs or {}
-    return TreeEntry(path, kind, mode, st.st_uid, st.st_gid, st.st_mtime_ns, size, None, target,
-                     xattrs)  # fmt: skip
+    mode, size = st.st_mode & 0o7777, st.st_size if kind == "file" else 0
+    owner, xattrs = (st.st_uid, st.st_gid), xattrs or {}
+    return TreeEntry(path, kind, mode, *owner, st.st_mtime_ns, size, target=target, xattrs=xattrs)
 
 
 def _matches(st: os.stat_result, entry: TreeEntry) -> bool:
@@ -604,9 +603,9 @@ def _entry_list_problems(entries: Sequence[TreeEntry]) -> list[str]:
         problems += [
             f"entry {index} ({_short(entry.path)}): {problem}" for problem in _entry_problems(entry)
         ]
-        if entry.path in kinds:
+        if isinstance(entry.path, str) and entry.path in kinds:
             problems.append(f"entry {index} ({_short(entry.path)}): listed twice")
-        kinds[entry.path] = entry.kind
+        kinds[str(entry.path)] = entry.kind
     if problems:
         return problems
     for entry in entries:

@@ -1,27 +1,50 @@
-"""`gfs check`: lint the configuration and every policy it uses."""
+"""`gfs check`: lint the configuration and its policies, then the health of every job."""
 
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 
+from gfs_backup.actions.status import job_status
 from gfs_backup.cli.options import config_option, json_option
 from gfs_backup.cli.render import describe_rules
 from gfs_backup.config import load_config
+from gfs_backup.errors import ExitCode
+from gfs_backup.state import State
 
 
 @click.command("check")
 @config_option
+@click.option(
+    "--lint-only",
+    is_flag=True,
+    help="Only validate the files; do not look at targets, generations, state.",
+)
 @json_option
-def check_command(config_path: Path, as_json: bool) -> None:
-    """Validate the configuration and the policies its jobs use.
+def check_command(config_path: Path, lint_only: bool, as_json: bool) -> None:
+    """Validate the configuration and its policies, then check each job's health.
 
+    \b
     Every problem is reported at once, one line each, with the file and the dotted key
-    path (e.g. `job[web01].policy.retention.sons`). Exits 3 when anything is invalid.
+    path (e.g. `job[web01].policy.retention.sons`). Health warnings, for monitoring:
+    targets that are not mounted or not NFS, newest generations older than the schedule
+    allows or not verified, gfs snapshots left without an export.
+    Exit 0 all good, 3 invalid configuration, 7 valid but with warnings.
     """
     config = load_config(config_path)
+    warnings: dict[str, list[str]] = {}
+    if not lint_only:
+        now = datetime.now(timezone.utc)
+        state = State.read_only(config.state_dir)
+        try:
+            for job in config.jobs:
+                warnings[job.name] = job_status(config, job, state, now).warnings
+        finally:
+            if state is not None:
+                state.close()
     if as_json:
         click.echo(
             json.dumps(
@@ -34,20 +57,24 @@ def check_command(config_path: Path, as_json: bool) -> None:
                             "host": job.host,
                             "target": job.target,
                             "policy": job.policy.name,
+                            "warnings": warnings.get(job.name, []),
                         }
                         for job in config.jobs
                     ],
-                    "problems": [],
                 },
                 indent=2,
             )
         )
-        return
-    click.echo(
-        f"{config.source}: valid, {len(config.jobs)} job(s), {len(config.targets)} target(s)"
-    )
-    for job in config.jobs:
+    else:
         click.echo(
-            f"  {job.name}: {job.kind} on {job.host} -> {job.target}, policy "
-            f"{job.policy.name} ({describe_rules(job.policy.rules)})"
+            f"{config.source}: valid, {len(config.jobs)} job(s), {len(config.targets)} target(s)"
         )
+        for job in config.jobs:
+            click.echo(
+                f"  {job.name}: {job.kind} on {job.host} -> {job.target}, policy "
+                f"{job.policy.name} ({describe_rules(job.policy.rules)})"
+            )
+            for warning in warnings.get(job.name, []):
+                click.echo(f"    warning: {warning}")
+    if any(warnings.values()):
+        raise SystemExit(int(ExitCode.WARNINGS))
