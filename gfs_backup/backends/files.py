@@ -62,9 +62,7 @@ class FilesBackend:
                 {entry.path: entry for entry in tree_entries(previous)},
             )
         result = export_tree(source, into / TREE, linked_from, progress)
-        warnings = [
-            f"not exported (not a file, directory or symlink): {path}" for path in result.skipped
-        ]
+        warnings = [f"not exported: {line}" for line in result.skipped]
         if snapshot is None:
             warnings.append(
                 f"{ctx.job.options['path']} is not on btrfs: copied live, not point-in-time"
