@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gfs_backup.actions.prune import journaled_delete, prune_job
 from gfs_backup.actions.reconcile import reconcile
-from gfs_backup.actions.verify import check_data
+from gfs_backup.actions.verify import check_data, last_check_time, verify_stored
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import Backend, Exported, JobContext, Progress, Snapshot
 from gfs_backup.catalog import Stored, list_generations
@@ -209,9 +209,32 @@ def _pipeline(
     pruned: list[str] = []
     if options.prune:
         pruned = prune_job(job, job_dir, ctx.now, journaled_delete(ctx)).deleted
+    warnings += periodic_verify(job, job_dir, ctx.now)
     return JobOutcome(
         job.name, "ok", partial.generation, exported.bytes_written, warnings=warnings, pruned=pruned
     )
+
+
+def periodic_verify(job: Job, job_dir: Path, now: datetime) -> list[str]:
+    """Re-verify each generation whose policy verify schedule fired since its last check.
+
+    Returns a warning per damaged generation (it stays; a human decides).
+    """
+    schedule = job.policy.verify_schedule
+    if schedule is None:
+        return []
+    warnings = []
+    for stored in list_generations(job_dir).stored:
+        due = schedule.next_after(last_check_time(stored), job.policy.zone)
+        if due is None or due > now:
+            continue
+        result = verify_stored(stored, now)
+        if not result.ok:
+            warnings.append(
+                f"generation {stored.id} failed verification: {'; '.join(result.problems[:3])}"
+            )
+            log.error("job %s: %s", job.name, warnings[-1])
+    return warnings
 
 
 def _with_crash_point(progress: Progress | None) -> Progress:

@@ -77,6 +77,15 @@ def health_warnings(
             )
         if not last_verified_ok(newest):
             warnings.append(f"job {job.name}: newest generation {newest.id} is not verified")
+        damaged = [
+            item.id
+            for item in listing.stored
+            if item.manifest.verify and item.manifest.verify[-1].get("result") != "ok"
+        ]
+        if damaged:
+            warnings.append(
+                f"job {job.name}: generation(s) {', '.join(damaged)} failed verification"
+            )
     if state is not None:
         for entry in state.open_entries(job.name):
             if entry.action == "snapshot" and Path(entry.path).exists():

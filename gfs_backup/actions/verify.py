@@ -62,3 +62,13 @@ def verify_stored(
 
 def last_verified_ok(stored: Stored) -> bool:
     return bool(stored.manifest.verify) and stored.manifest.verify[-1].get("result") == "ok"
+
+
+def last_check_time(stored: Stored) -> datetime:
+    """When the generation was last verified (its creation time if never)."""
+    for record in reversed(stored.manifest.verify):
+        try:
+            return datetime.fromisoformat(str(record.get("time", "")).replace("Z", "+00:00"))
+        except ValueError:
+            continue
+    return stored.manifest.created_at

@@ -143,3 +143,38 @@ keep = 2
             assert run_gfs("run", "--config", str(config)).exit_code == 0
     assert len(subvolumes_below(volume)) == 2  # the two newest local snapshots
     assert len(listing(run_gfs("list", "--config", str(config), "--json"))) == 2
+
+
+def test_periodic_verify_reports_damage_found_later(
+    mounts: Mounter, tmp_path: Path, run_gfs: RunGfs
+) -> None:
+    source = mounts("src")
+    target = mounts("tgt", kind="tmpfs", size_mb=64)
+    volume = make_subvolume(source / "vol")
+    (volume / "f").write_bytes(os.urandom(2 << 20))
+    policy = """
+[job.policy]
+semantics = "restic"
+timezone = "UTC"
+schedule = "daily"
+[job.policy.retention]
+keep-daily = 7
+[job.policy.verify]
+schedule = "Sun 05:00"
+"""
+    config = write_config(tmp_path, target, "vol", "btrfs", "subvolume", volume, policy)
+    with freeze_time("2026-11-20T00:00:00Z"):  # a Friday
+        assert run_gfs("run", "--config", str(config)).exit_code == 0
+    (first,) = listing(run_gfs("list", "--config", str(config), "--json"))
+    with (Path(first["path"]) / "subvolume.btrfs").open("r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\xff\xff")
+    with freeze_time("2026-11-21T00:00:00Z"):  # Saturday: no periodic verify due yet
+        quiet = run_gfs("run", "--config", str(config))
+    assert "failed verification" not in quiet.stderr
+    with freeze_time("2026-11-23T00:00:00Z"):  # Monday: Sunday 05:00 has passed
+        loud = run_gfs("run", "--config", str(config))
+        check = run_gfs("check", "--config", str(config))
+    assert loud.exit_code == 0
+    assert f"generation {first['id']} failed verification" in loud.stderr
+    assert check.exit_code == 7 and "failed verification" in check.stdout
