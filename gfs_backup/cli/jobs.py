@@ -13,8 +13,9 @@ import click
 from gfs_backup.actions.plan import select_jobs
 from gfs_backup.actions.run import JobOutcome, RunOptions, exit_code, now_utc, run_jobs
 from gfs_backup.actions.steps import prune_jobs, snapshot_jobs
+from gfs_backup.backends import backend_for
 from gfs_backup.cli.options import config_option, json_option
-from gfs_backup.cli.progress import progress_for
+from gfs_backup.cli.progress import allocated_bytes, progress_for
 from gfs_backup.config import load_config
 from gfs_backup.errors import ExitCode
 
@@ -95,7 +96,10 @@ def _run(names: tuple[str, ...], config_path: Path, options: RunOptions, as_json
             options.wait,
             options.dry_run,
             options.prune,
-            progress=lambda job: progress_for(f"{job.name}: export"),
+            progress=lambda job: progress_for(
+                f"{job.name}: export",
+                lambda: allocated_bytes(backend_for(job.kind).sources(job)),
+            ),
         )
         outcomes = run_jobs(config, selected, now_utc, options)
     finally:

@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import click
+
+_active: list[TerminalProgress] = []  # the bar on screen, ended before a log line
+
+
+class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """stderr log lines that never run into a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for bar in _active:
+            bar.finish()
+        super().emit(record)
 
 
 def setup_logging(debug: bool) -> None:
     """One line per step on stderr, journald-friendly (no timestamps: journald adds them)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _LineHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("gfs: %(message)s"))
     root = logging.getLogger("gfs")
     root.handlers[:] = [handler]
@@ -56,10 +71,37 @@ class TerminalProgress:
         click.echo(f"\r{line}\033[K", nl=False, err=True)
 
     def finish(self) -> None:
+        """End the bar's line (it is drawn anew on the next update)."""
         if self._drawn:
             click.echo("", err=True)
+            self._drawn = 0.0
 
 
-def progress_for(label: str, total: int | None = None) -> TerminalProgress | None:
-    """A progress bar when stderr is a terminal, else None (logs only)."""
-    return TerminalProgress(label, total) if sys.stderr.isatty() else None
+def progress_for(
+    label: str,
+    total: Callable[[], int | None] | None = None,
+) -> TerminalProgress | None:
+    """A progress bar when stderr is a terminal, else None (logs only).
+
+    `total` estimates the bytes to come (for the ETA); it is called only on a terminal.
+    """
+    if not sys.stderr.isatty():
+        return None
+    bar = TerminalProgress(label, total() if total is not None else None)
+    _active[:] = [bar]
+    return bar
+
+
+def allocated_bytes(roots: list[Path]) -> int:
+    """Bytes allocated by the regular files below `roots` (holes excluded): an estimate of
+    what an export reads, for the ETA."""
+    total = 0
+    for root in roots:
+        device = root.stat().st_dev
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if os.lstat(os.path.join(folder, d)).st_dev == device]
+            for name in files:
+                info = os.lstat(os.path.join(folder, name))
+                if stat.S_ISREG(info.st_mode):
+                    total += info.st_blocks * 512
+    return total
