@@ -25,20 +25,16 @@ from gfs_backup.btrfs import (
     parse_subvolume_show,
 )
 from gfs_backup.catalog import Stored
-from gfs_backup.config import Job
 from gfs_backup.copy import copy_stream
 from gfs_backup.errors import GfsError
 from gfs_backup.manifest import DataFile
-from gfs_backup.state import JournalEntry
 
 STREAM = "subvolume.btrfs"
 
 
-class BtrfsBackend:
+class BtrfsBackend(snapshots.SnapshottingBackend):
     kind = "btrfs"
-
-    def sources(self, job: Job) -> list[Path]:
-        return [Path(job.options["subvolume"])]
+    source_key = "subvolume"
 
     def check_source(self, ctx: JobContext) -> None:
         path = Path(ctx.job.options["subvolume"])
@@ -70,12 +66,6 @@ class BtrfsBackend:
             source=source,
             bytes_written=result.data_bytes,
         )
-
-    def retire_snapshot(self, ctx: JobContext, snapshot: Snapshot, keep: int) -> None:
-        snapshots.retire(ctx, snapshot, keep)
-
-    def undo_snapshot(self, ctx: JobContext, entry: JournalEntry) -> None:
-        snapshots.undo(ctx, entry)
 
     def verify_data(self, stored: Stored, progress: Progress | None) -> list[str]:
         return []

@@ -12,10 +12,8 @@ from gfs_backup.backends import snapshots
 from gfs_backup.backends.base import Exported, JobContext, Progress, Snapshot, SourceError
 from gfs_backup.btrfs import containing_subvolume
 from gfs_backup.catalog import Stored
-from gfs_backup.config import Job
 from gfs_backup.filetree import TreeEntry, export_tree, restore_tree, verify_tree
 from gfs_backup.mounts import mount_of, read_mounts
-from gfs_backup.state import JournalEntry
 
 TREE = "data"
 
@@ -29,11 +27,9 @@ def tree_entries(stored: Stored) -> list[TreeEntry]:
     ]
 
 
-class FilesBackend:
+class FilesBackend(snapshots.SnapshottingBackend):
     kind = "files"
-
-    def sources(self, job: Job) -> list[Path]:
-        return [Path(job.options["path"])]
+    source_key = "path"
 
     def check_source(self, ctx: JobContext) -> None:
         path = Path(ctx.job.options["path"])
@@ -81,12 +77,6 @@ class FilesBackend:
             bytes_written=result.copied_bytes,
             warnings=tuple(warnings),
         )
-
-    def retire_snapshot(self, ctx: JobContext, snapshot: Snapshot, keep: int) -> None:
-        snapshots.retire(ctx, snapshot, keep)
-
-    def undo_snapshot(self, ctx: JobContext, entry: JournalEntry) -> None:
-        snapshots.undo(ctx, entry)
 
     def verify_data(self, stored: Stored, progress: Progress | None) -> list[str]:
         try:

@@ -11,6 +11,7 @@ from gfs_backup.btrfs import (
     make_snapshot_command,
     parse_subvolume_show,
 )
+from gfs_backup.config import Job
 from gfs_backup.state import JournalEntry
 
 SNAPSHOT_DIR = ".gfs-snapshots"
@@ -80,3 +81,18 @@ def _own_snapshots(ctx: JobContext, folder: Path) -> list[Path]:
         for path in folder.iterdir()
         if str(path) in ours and is_own_snapshot(path, ctx.job.name)
     )
+
+
+class SnapshottingBackend:
+    """What the btrfs-snapshotting kinds share: the source path key and snapshot upkeep."""
+
+    source_key = ""
+
+    def sources(self, job: Job) -> list[Path]:
+        return [Path(job.options[self.source_key])]
+
+    def retire_snapshot(self, ctx: JobContext, snapshot: Snapshot, keep: int) -> None:
+        retire(ctx, snapshot, keep)
+
+    def undo_snapshot(self, ctx: JobContext, entry: JournalEntry) -> None:
+        undo(ctx, entry)
