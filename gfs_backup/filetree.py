@@ -14,21 +14,17 @@ so nothing is read or written outside the tree. Linux only (uses /proc/self/fd).
 from __future__ import annotations
 
 import base64
-import binascii
 import contextlib
 import errno
-import math
 import os
-import re
 import stat
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from gfs_backup.copy import Progress, copy_file, digest_file
+from gfs_backup.treeentry import KINDS, TreeEntry, entry_list_problems
 
-KINDS = ("file", "dir", "symlink")
-_FIELDS = ("path", "kind", "mode", "uid", "gid", "mtime_ns", "size", "digest", "target", "xattrs")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a file replaced by a fifo meanwhile must not hang the open
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -44,52 +40,6 @@ _KIND_OF = {
     stat.S_IFCHR: "character device",
     stat.S_IFBLK: "block device",
 }
-_DIGEST = re.compile(r"[0-9a-f]{64}")
-
-
-@dataclass(frozen=True)
-class TreeEntry:
-    """One object of a tree: `path` relative POSIX, `kind` one of KINDS, `mode` & 0o7777;
-    `size` and `digest` (sha256-1m) for files, `target` for symlinks, xattr values base64."""
-
-    path: str
-    kind: str
-    mode: int
-    uid: int
-    gid: int
-    mtime_ns: int
-    size: int = 0
-    digest: str | None = None
-    target: str | None = None
-    xattrs: dict[str, str] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, object]:
-        """The manifest form: only fields that differ from their defaults."""
-        data: dict[str, object] = {name: getattr(self, name) for name in _FIELDS[:6]}
-        for name in ("size", "digest", "target"):
-            if getattr(self, name):
-                data[name] = getattr(self, name)
-        if self.xattrs:
-            data["xattrs"] = dict(self.xattrs)
-        return data
-
-    @classmethod
-    def from_json(cls, data: object, where: str) -> TreeEntry:
-        """Parse a manifest entry; ValueError naming `where` and every bad field."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
-        problems = [f"unknown field {key!r}" for key in data if key not in _FIELDS]
-        problems += [f"field {key!r} is missing" for key in _FIELDS[:6] if key not in data]
-        if problems:
-            raise ValueError(f"{where}: {'; '.join(problems)}")
-        fields = {key: data[key] for key in _FIELDS if key in data}
-        if isinstance(fields.get("xattrs"), dict):
-            fields["xattrs"] = dict(fields["xattrs"])
-        entry = cls(**fields)  # types are checked just below
-        problems = _entry_problems(entry)
-        if problems:
-            raise ValueError(f"{where}: {'; '.join(problems)}")
-        return entry
 
 
 @dataclass(frozen=True)
@@ -138,7 +88,7 @@ def restore_tree(
     restored tree differs from `entries`; FileExistsError if `dest` is not empty.
     """
     ordered = sorted(entries, key=lambda entry: entry.path)
-    problems = _entry_list_problems(ordered)
+    problems = entry_list_problems(ordered)
     if problems:
         raise ValueError("unsafe or invalid manifest entries:\n" + "\n".join(problems))
     if dest.exists() and any(dest.iterdir()):
@@ -174,7 +124,7 @@ def verify_tree(
     on disk or not in `entries`. `full` also compares xattrs and the mtimes of directories
     and symlinks (as `restore_tree` does). Unsafe entries are reported, never opened.
     """
-    problems = _entry_list_problems(entries)
+    problems = entry_list_problems(entries)
     if problems or not tree.is_dir():
         return problems or [f"{tree}: the tree directory is missing"]
     on_disk = _lstat_tree(tree)
@@ -540,81 +490,3 @@ def _matches(st: os.stat_result, entry: TreeEntry) -> bool:
     """Whether a previous tree's file still has its entry's metadata (xattrs not re-read)."""
     now = _entry_from_stat(entry.path, "file", st, xattrs=entry.xattrs)
     return stat.S_ISREG(st.st_mode) and replace(now, digest=entry.digest) == entry
-
-
-def _path_problem(path: object) -> str | None:
-    if not isinstance(path, str) or not path:
-        return "must be a non-empty relative path"
-    if "\0" in path:
-        return "must not contain NUL"
-    if path.startswith("/"):
-        return "must be relative, not absolute"
-    if any(part in ("", ".", "..") for part in path.split("/")):
-        return "must not contain '.', '..' or empty components"
-    return None
-
-
-def _is_int(value: object, low: float = -math.inf, high: float = math.inf) -> bool:
-    return type(value) is int and low <= value <= high  # a bool is no int here
-
-
-def _xattrs_problem(xattrs: object) -> str | None:
-    if not isinstance(xattrs, dict):
-        return "must be an object of name: base64 value"
-    for name, value in xattrs.items():
-        if not isinstance(name, str) or not name or "\0" in name:
-            return "names must be non-empty strings without NUL"
-        try:
-            base64.b64decode(value, validate=True)
-        except (TypeError, ValueError, binascii.Error):
-            return f"value of {name!r} must be base64"
-    return None
-
-
-def _entry_problems(entry: TreeEntry) -> list[str]:
-    """Everything wrong with one entry's fields, as "field 'x' must ..., got value" lines."""
-    kind, digest, target = entry.kind, entry.digest, entry.target
-    bad = [("path", _path_problem(entry.path)), ("xattrs", _xattrs_problem(entry.xattrs))]
-    if kind not in KINDS:
-        bad.append(("kind", f"must be one of {', '.join(KINDS)}"))
-    for name, high in (("mode", 0o7777), ("uid", 2**32 - 2), ("gid", 2**32 - 2)):
-        if not _is_int(getattr(entry, name), 0, high):
-            bad.append((name, f"must be an integer 0..{high:#o}"))
-    if not _is_int(entry.mtime_ns):
-        bad.append(("mtime_ns", "must be an integer"))
-    if not _is_int(entry.size, 0) or (kind != "file" and entry.size != 0):
-        bad.append(("size", "must be an integer >= 0, for files only"))
-    if (digest is not None or kind == "file") and not (
-        kind == "file" and isinstance(digest, str) and _DIGEST.fullmatch(digest)
-    ):
-        bad.append(("digest", "must be 64 lowercase hex digits, for files only"))
-    if (target is not None or kind == "symlink") and not (
-        kind == "symlink" and isinstance(target, str) and target and "\0" not in target
-    ):
-        bad.append(("target", "must be a non-empty string without NUL, for symlinks only"))
-    return [f"field {name!r} {why}, got {_short(getattr(entry, name))}" for name, why in bad if why]
-
-
-def _entry_list_problems(entries: Sequence[TreeEntry]) -> list[str]:
-    """Invalid or unsafe entries, duplicates, and parents that are not directory entries."""
-    problems: list[str] = []
-    kinds: dict[str, str] = {}
-    for index, entry in enumerate(entries):
-        problems += [
-            f"entry {index} ({_short(entry.path)}): {problem}" for problem in _entry_problems(entry)
-        ]
-        if isinstance(entry.path, str) and entry.path in kinds:
-            problems.append(f"entry {index} ({_short(entry.path)}): listed twice")
-        kinds[str(entry.path)] = entry.kind
-    if problems:
-        return problems
-    for entry in entries:
-        head = entry.path.rpartition("/")[0]
-        if head and kinds.get(head) != "dir":
-            problems.append(f"{entry.path}: parent {head!r} is not a directory entry")
-    return problems
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."

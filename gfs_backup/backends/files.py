@@ -12,8 +12,9 @@ from gfs_backup.backends import snapshots
 from gfs_backup.backends.base import Exported, JobContext, Progress, Snapshot, SourceError
 from gfs_backup.btrfs import containing_subvolume
 from gfs_backup.catalog import Stored
-from gfs_backup.filetree import TreeEntry, export_tree, restore_tree, verify_tree
+from gfs_backup.filetree import export_tree, restore_tree, verify_tree
 from gfs_backup.mounts import mount_of, read_mounts
+from gfs_backup.treeentry import TreeEntry
 
 TREE = "data"
 

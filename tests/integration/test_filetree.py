@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from gfs_backup.copy import digest_file
-from gfs_backup.filetree import TreeEntry, TreeExport, export_tree, restore_tree, verify_tree
+from gfs_backup.filetree import TreeExport, export_tree, restore_tree, verify_tree
+from gfs_backup.treeentry import TreeEntry
 
 pytestmark = pytest.mark.integration
 
