@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import io
 import os
 import queue
@@ -32,8 +33,8 @@ from gfs_backup.digest import BLOCK, BlockDigest, is_zero
 
 Progress = Callable[[int], None]  # called with the number of bytes just processed
 CHUNK = 8 * BLOCK  # bytes per read; a multiple of BLOCK
-BUFFERS = 3  # chunks in flight: one being hashed and written, the others being read
-WRITEBACK = 4 * CHUNK  # start writeback of the target every this many bytes
+BUFFERS = 4  # chunks in flight: being read, hashed, written, and a spare
+WRITEBACK = 128 * BLOCK  # start writeback of the target every this many bytes
 PIPE_SIZE = BLOCK  # pipe capacity asked for when copying from a pipe
 
 
@@ -97,11 +98,12 @@ def copy_stream(
         position += count
         return position - count, count
 
-    with _Writer(destination) as writer, _ReadAhead(fill) as chunks:
-        for offset, chunk in chunks:
-            writer.write_nonzero(chunk, offset, _hash_blocks(digest, chunk), [(0, len(chunk))])
-            if progress is not None:
-                progress(len(chunk))
+    with _Writer(destination) as writer:
+        with _ReadAhead(fill) as chunks, writer.background() as write:
+            for chunk in chunks:
+                write(chunk, _hash_blocks(digest, chunk.data), [(0, len(chunk.data))])
+                if progress is not None:
+                    progress(len(chunk.data))
         writer.finish(position)
     return CopyResult(position, position, digest.hexdigest())
 
@@ -142,17 +144,16 @@ def _copy_extents(
         _pread_all(reader, buffer[:length], offset)
         return job
 
-    with _ReadAhead(fill) as chunks:
-        for offset, chunk in chunks:
-            if offset > hashed:
-                digest.update_zeros(offset - hashed)
-            zero = _hash_blocks(digest, chunk)
-            hashed = offset + len(chunk)
-            ranges, next_extent = _ranges_in(extents, next_extent, offset, hashed)
+    with _ReadAhead(fill) as chunks, _background(writer) as write:
+        for chunk in chunks:
+            if chunk.offset > hashed:
+                digest.update_zeros(chunk.offset - hashed)
+            zero = _hash_blocks(digest, chunk.data)
+            hashed = chunk.offset + len(chunk.data)
+            ranges, next_extent = _ranges_in(extents, next_extent, chunk.offset, hashed)
             count = sum(end - start for start, end in ranges)
             data += count
-            if writer is not None:
-                writer.write_nonzero(chunk, offset, zero, ranges)
+            write(chunk, zero, ranges)
             if progress is not None and count:
                 progress(count)
     if size > hashed:
@@ -205,25 +206,34 @@ def _ranges_in(
     return ranges, index
 
 
+@dataclass
+class _Chunk:
+    """Data read at `offset` into a pooled buffer; `release` hands the buffer back."""
+
+    offset: int
+    data: memoryview
+    release: Callable[[], None]
+
+
 class _ReadAhead:
-    """(offset, data) of the chunks `fill` reads in a background thread, in order.
+    """The chunks `fill` reads in a background thread, in order, in BUFFERS pooled buffers.
 
     `fill(buffer)` fills the start of a free CHUNK buffer and returns (offset, length), or
-    None at the end. A yielded view is valid until the next one is asked for. Errors in
-    `fill` are raised to the consumer; leaving the `with` block stops and joins the thread.
+    None at the end. Each chunk must be released once used; the reader waits for a free
+    buffer. Errors in `fill` are raised to the consumer; leaving the `with` block stops and
+    joins the thread.
     """
 
     def __init__(self, fill: Callable[[memoryview], tuple[int, int] | None]) -> None:
         self._fill = fill
         self._free: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
-        self._filled: queue.SimpleQueue[tuple[int, int, memoryview] | BaseException | None]
-        self._filled = queue.SimpleQueue()
+        self._filled: queue.SimpleQueue[_Chunk | BaseException | None] = queue.SimpleQueue()
         self._stop = False
         for _ in range(BUFFERS):
             self._free.put(memoryview(bytearray(CHUNK)))
-        self._thread = threading.Thread(target=self._run, name="gfs-read-ahead", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="gfs-read", daemon=True)
 
-    def __enter__(self) -> Iterator[tuple[int, memoryview]]:
+    def __enter__(self) -> Iterator[_Chunk]:
         self._thread.start()
         return self._chunks()
 
@@ -232,13 +242,11 @@ class _ReadAhead:
         self._free.put(None)  # wakes the reader if it waits for a buffer
         self._thread.join()
 
-    def _chunks(self) -> Iterator[tuple[int, memoryview]]:
+    def _chunks(self) -> Iterator[_Chunk]:
         while (item := self._filled.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
-            offset, length, buffer = item
-            yield offset, buffer[:length]
-            self._free.put(buffer)
+            yield item
 
     def _run(self) -> None:
         try:
@@ -246,10 +254,57 @@ class _ReadAhead:
                 job = self._fill(buffer)
                 if job is None:
                     break
-                self._filled.put((*job, buffer))
+                offset, length = job
+                release = functools.partial(self._free.put, buffer)
+                self._filled.put(_Chunk(offset, buffer[:length], release))
             self._filled.put(None)
         except BaseException as exc:  # handed over to the consuming thread
             self._filled.put(exc)
+
+
+WriteJob = Callable[[_Chunk, list[bool], list[tuple[int, int]]], None]
+
+
+@contextlib.contextmanager
+def _background(writer: _Writer | None) -> Iterator[WriteJob]:
+    """`write(chunk, zero, ranges)`: `writer.write_nonzero` in a thread, then chunk.release().
+
+    Writing overlaps hashing the next chunk. The first write error is raised by the next
+    `write` call or on leaving the `with` block; later chunks are released unwritten.
+    """
+    if writer is None:
+        yield lambda chunk, zero, ranges: chunk.release()
+        return
+    jobs: queue.SimpleQueue[tuple[_Chunk, list[bool], list[tuple[int, int]]] | None]
+    jobs = queue.SimpleQueue()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        while (job := jobs.get()) is not None:
+            chunk, zero, ranges = job
+            try:
+                if not errors:
+                    writer.write_nonzero(chunk.data, chunk.offset, zero, ranges)
+            except BaseException as exc:  # raised in the submitting thread
+                errors.append(exc)
+            finally:
+                chunk.release()
+
+    def write(chunk: _Chunk, zero: list[bool], ranges: list[tuple[int, int]]) -> None:
+        if errors:
+            chunk.release()
+            raise errors[0]
+        jobs.put((chunk, zero, ranges))
+
+    thread = threading.Thread(target=run, name="gfs-write", daemon=True)
+    thread.start()
+    try:
+        yield write
+    finally:
+        jobs.put(None)
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
 class _Writer:
@@ -289,6 +344,9 @@ class _Writer:
                 self.fd, self._flushed, self._written - self._flushed, os.POSIX_FADV_DONTNEED
             )
             self._flushed = self._written
+
+    def background(self) -> contextlib.AbstractContextManager[WriteJob]:
+        return _background(self)
 
     def finish(self, size: int) -> None:
         os.ftruncate(self.fd, size)

@@ -22,13 +22,13 @@ def reconcile(ctx: JobContext, backend: Backend, job_dir: Path) -> list[str]:
     for entry in ctx.state.open_entries(ctx.job.name):
         if entry.run_id == ctx.run_id:
             continue
-        if entry.action == "snapshot":
-            backend.undo_snapshot(ctx, entry)
-            done.append(f"removed leftover snapshot {entry.path}")
-        else:  # partial export or half-done prune: both only ever lived under dot-names
+        if entry.action in ("partial", "prune"):  # both only ever lived under dot-names
             remove_tree(Path(entry.path))
             ctx.state.done(entry.id)
             done.append(f"removed leftover {entry.action} {entry.path}")
+        else:  # the backend's own: a snapshot, a hypervisor backup job, ...
+            backend.undo_entry(ctx, entry)
+            done.append(f"undid leftover {entry.action} {entry.path}")
     if job_dir.is_dir():
         for path in sorted(job_dir.iterdir()):
             if path.name.startswith((PARTIAL_PREFIX, PRUNING_PREFIX)):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gfs_backup.actions.verify import Verified, check_data, verify_stored
 from gfs_backup.backends import backend_for
-from gfs_backup.backends.base import JobContext, Progress
+from gfs_backup.backends.base import JobContext, Progress, RestoreOptions
 from gfs_backup.catalog import Stored, list_generations
 from gfs_backup.config import Config, Job
 from gfs_backup.errors import ExitCode, GfsError, InputError, Problem
@@ -50,6 +50,7 @@ def restore(
     to: Path,
     now: datetime,
     progress: Progress | None = None,
+    options: RestoreOptions | None = None,
 ) -> Stored:
     """Check the generation's checksums, then restore it to `to` (which must not exist)."""
     if to.exists() or to.is_symlink():
@@ -67,7 +68,9 @@ def restore(
     try:
         ctx = JobContext(job, LocalRunner(), state, state.start_run(job.name), now, log)
         try:
-            backend_for(stored.manifest.kind).restore(ctx, stored, to, progress)
+            backend_for(stored.manifest.kind).restore(
+                ctx, stored, to, progress, options or RestoreOptions()
+            )
         except ValueError as exc:
             raise RestoreError(
                 f"restore of {stored.id} to {to} does not match its manifest: {exc}"

@@ -60,6 +60,14 @@ class Exported:
     warnings: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class RestoreOptions:
+    """Restore choices that only some kinds use (libvirt: the new domain)."""
+
+    domain_name: str | None = None
+    keep_interfaces: bool = False
+
+
 def snapshot_name(job: str, when: datetime, run_id: int) -> str:
     """gfs-owned snapshot names: gfs-<job>-<UTC time>-r<run id>."""
     return f"{SNAPSHOT_PREFIX}{job}-{when.strftime('%Y%m%dT%H%M%SZ')}-r{run_id}"
@@ -101,8 +109,8 @@ class Backend(Protocol):
         """After the export: delete the snapshot, or keep the newest `keep` of gfs's own."""
         ...
 
-    def undo_snapshot(self, ctx: JobContext, entry: JournalEntry) -> None:
-        """Remove a snapshot left by an interrupted run (only gfs's own)."""
+    def undo_entry(self, ctx: JobContext, entry: JournalEntry) -> None:
+        """Undo what an interrupted run journaled (a snapshot, a backup job): gfs's own only."""
         ...
 
     def verify_data(self, stored: Stored, progress: Progress | None) -> list[str]:
@@ -110,5 +118,10 @@ class Backend(Protocol):
         ...
 
     def restore(
-        self, ctx: JobContext, stored: Stored, to: Path, progress: Progress | None
+        self,
+        ctx: JobContext,
+        stored: Stored,
+        to: Path,
+        progress: Progress | None,
+        options: RestoreOptions,
     ) -> None: ...

@@ -12,6 +12,7 @@ from gfs_backup.backends.base import (
     Exported,
     JobContext,
     Progress,
+    RestoreOptions,
     Snapshot,
     SourceError,
 )
@@ -70,7 +71,14 @@ class BtrfsBackend(snapshots.SnapshottingBackend):
     def verify_data(self, stored: Stored, progress: Progress | None) -> list[str]:
         return []
 
-    def restore(self, ctx: JobContext, stored: Stored, to: Path, progress: Progress | None) -> None:
+    def restore(
+        self,
+        ctx: JobContext,
+        stored: Stored,
+        to: Path,
+        progress: Progress | None,
+        options: RestoreOptions,
+    ) -> None:
         """`btrfs receive` the stream, check it is the snapshot that was sent, make it
         a writable subvolume at `to`."""
         name = str(stored.manifest.source.get("snapshot", ""))

@@ -9,7 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from gfs_backup.backends import snapshots
-from gfs_backup.backends.base import Exported, JobContext, Progress, Snapshot, SourceError
+from gfs_backup.backends.base import (
+    Exported,
+    JobContext,
+    Progress,
+    RestoreOptions,
+    Snapshot,
+    SourceError,
+)
 from gfs_backup.btrfs import containing_subvolume
 from gfs_backup.catalog import Stored
 from gfs_backup.filetree import export_tree, restore_tree, verify_tree
@@ -86,5 +93,12 @@ class FilesBackend(snapshots.SnapshottingBackend):
             return [str(exc)]
         return verify_tree(stored.path / TREE, entries, progress)
 
-    def restore(self, ctx: JobContext, stored: Stored, to: Path, progress: Progress | None) -> None:
+    def restore(
+        self,
+        ctx: JobContext,
+        stored: Stored,
+        to: Path,
+        progress: Progress | None,
+        options: RestoreOptions,
+    ) -> None:
         restore_tree(stored.path / TREE, tree_entries(stored), to, progress)

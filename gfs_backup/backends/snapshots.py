@@ -94,5 +94,5 @@ class SnapshottingBackend:
     def retire_snapshot(self, ctx: JobContext, snapshot: Snapshot, keep: int) -> None:
         retire(ctx, snapshot, keep)
 
-    def undo_snapshot(self, ctx: JobContext, entry: JournalEntry) -> None:
+    def undo_entry(self, ctx: JobContext, entry: JournalEntry) -> None:
         undo(ctx, entry)

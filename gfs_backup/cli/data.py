@@ -10,6 +10,7 @@ import click
 
 from gfs_backup.actions.plan import select_jobs
 from gfs_backup.actions.restore import restore, set_protected, verify_jobs
+from gfs_backup.backends.base import RestoreOptions
 from gfs_backup.cli.options import config_option, json_option
 from gfs_backup.cli.progress import progress_for
 from gfs_backup.config import load_config
@@ -76,24 +77,49 @@ def verify_command(
 @config_option
 @generation_option
 @click.option(
+    "--as-domain",
+    "domain_name",
+    metavar="NAME",
+    default=None,
+    help="libvirt: the new domain's name (default: <domain>-restored-<generation>).",
+)
+@click.option(
+    "--keep-interfaces",
+    is_flag=True,
+    help="libvirt: keep the network interfaces (default: removed, so the copy stays offline).",
+)
+@click.option(
     "--to",
     "to",
     required=True,
     type=click.Path(path_type=Path),
     help="Where to restore: a new directory (files) or subvolume path (btrfs).",
 )
-def restore_command(job: str, config_path: Path, generation: str | None, to: Path) -> None:
+def restore_command(
+    job: str,
+    config_path: Path,
+    generation: str | None,
+    domain_name: str | None,
+    keep_interfaces: bool,
+    to: Path,
+) -> None:
     """Restore a generation of JOB to a new path, checked against its manifest.
 
     \b
-    btrfs jobs: `btrfs receive` of the stored stream, made a writable subvolume at --to
-                (on a btrfs filesystem).
-    files jobs: the file tree with owners, modes, times, symlinks and xattrs.
+    btrfs jobs:   `btrfs receive` of the stored stream, made a writable subvolume at --to
+                  (on a btrfs filesystem).
+    files jobs:   the file tree with owners, modes, times, symlinks and xattrs.
+    libvirt jobs: the disks copied into the new directory --to, checked with qemu-img
+                  check, and a new domain defined on them (new name and UUID, network
+                  interfaces removed unless --keep-interfaces); it is not started.
     """
     config = load_config(config_path)
     (selected,) = select_jobs(config, [job])
     progress = progress_for(f"{job}: restore")
-    stored = restore(config, selected, generation, to, datetime.now(timezone.utc), progress)
+    options = RestoreOptions(domain_name, keep_interfaces)
+    stored = restore(
+        config, selected, generation, to, datetime.now(timezone.utc), progress, options
+    )
     click.echo(f"{job}: restored generation {stored.id} to {to}")
 
 
