@@ -1,0 +1,142 @@
+"""libvirt jobs against a real libvirtd with TCG domains booted from the lab guest."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from tests.conftest import RunGfs
+from tests.lab.domains import LabDomain, remove_domain
+from tests.lab.fixtures import guest_image, libvirt_conn, libvirt_daemon, make_domain
+from tests.system.conftest import Mounter
+from tests.system.helpers import listing, write_config
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+__all__ = ["guest_image", "libvirt_conn", "libvirt_daemon", "make_domain"]
+
+DAILY = """
+[job.policy]
+semantics = "restic"
+timezone = "UTC"
+schedule = "daily"
+[job.policy.retention]
+keep-last = 3
+"""
+
+
+@pytest.fixture
+def restored_domains(libvirt_conn: libvirt.virConnect) -> Iterator[list[str]]:
+    """Names of domains a test restored; destroyed and undefined at the end."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        with contextlib.suppress(libvirt.libvirtError):
+            remove_domain(libvirt_conn.lookupByName(name))
+
+
+def boot_restored(conn: libvirt.virConnect, name: str, tmp_path: Path, tag: str) -> str:
+    """Start the restored domain as a pattern checker with its own console log; return it."""
+    domain = conn.lookupByName(name)
+    xml = domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    log = tmp_path / f"{name}.console.log"
+    xml = re.sub(r"gfs\.action=[^\s<]+", "gfs.action=check-pattern", xml)
+    xml = re.sub(r"gfs\.tag=[^\s<]+", f"gfs.tag={tag}", xml)
+    xml = re.sub(r"(<log file=|<source path=)'[^']*console[^']*'", rf"\1'{log}'", xml)
+    xml = re.sub(r'(<log file=|<source path=)"[^"]*console[^"]*"', rf'\1"{log}"', xml)
+    conn.defineXML(xml).create()
+    for _ in range(600):
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if "GFS-PATTERN-OK" in text or "GFS-PATTERN-BAD" in text:
+            return text
+        time.sleep(0.2)
+    raise AssertionError(f"restored domain {name} printed no pattern result")
+
+
+def test_running_domain_is_backed_up_while_it_writes_and_restores_to_a_new_domain(
+    make_domain: object,
+    mounts: Mounter,
+    tmp_path: Path,
+    run_gfs: RunGfs,
+    libvirt_conn: libvirt.virConnect,
+    restored_domains: list[str],
+) -> None:
+    target = mounts("tgt", kind="tmpfs", size_mb=512)  # mounted before QEMU starts, as NFS is
+    vm: LabDomain = make_domain(action="churn", tag="live1")  # type: ignore[operator]
+    vm.wait_for("GFS-PATTERN-WRITTEN tag=live1")
+    vm.wait_for("GFS-CHURN 100")  # the guest is rewriting its disk right now
+    config = write_config(tmp_path, target, "vm", "libvirt", "domain", Path(vm.name), DAILY)
+    result = run_gfs("run", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert vm.is_active()
+    (generation,) = listing(run_gfs("list", "--config", str(config), "--json"))
+    manifest = json.loads((Path(generation["path"]) / "manifest.json").read_text())
+    assert manifest["source"]["state"] == "running"
+    assert manifest["source"]["consistency"] == "crash-consistent"
+    assert f"<name>{vm.name}</name>" in manifest["source"]["xml"]
+    assert [f["path"] for f in manifest["files"]] == ["disks/vda.qcow2"]
+    assert not libvirt_conn.lookupByName(vm.name).jobStats().get("type")  # no job left
+    new_name = f"{vm.name}-r"
+    restored_domains.append(new_name)
+    disks = tmp_path / "restored-disks"
+    result = run_gfs(
+        "restore", "vm", "--config", str(config), "--to", str(disks), "--as-domain", new_name
+    )
+    assert result.exit_code == 0, result.output
+    new = libvirt_conn.lookupByName(new_name)
+    assert new.UUIDString() != libvirt_conn.lookupByName(vm.name).UUIDString()
+    assert str(disks / f"{new_name}-vda.qcow2") in new.XMLDesc(0)
+    assert "<interface" not in new.XMLDesc(0)
+    console = boot_restored(libvirt_conn, new_name, tmp_path, "live1")
+    assert "GFS-PATTERN-OK tag=live1" in console
+
+
+def test_shut_off_domain_is_copied_and_restores(
+    make_domain: object,
+    mounts: Mounter,
+    tmp_path: Path,
+    run_gfs: RunGfs,
+    libvirt_conn: libvirt.virConnect,
+    restored_domains: list[str],
+) -> None:
+    vm: LabDomain = make_domain(action="write-pattern", tag="off1")  # type: ignore[operator]
+    vm.wait_for("GFS-PATTERN-WRITTEN tag=off1")
+    vm.wait_shutoff()
+    target = mounts("tgt", kind="tmpfs", size_mb=512)
+    config = write_config(tmp_path, target, "vm", "libvirt", "domain", Path(vm.name), DAILY)
+    result = run_gfs("run", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    (generation,) = listing(run_gfs("list", "--config", str(config), "--json"))
+    manifest = json.loads((Path(generation["path"]) / "manifest.json").read_text())
+    assert manifest["source"]["state"] == "shut off"
+    assert run_gfs("verify", "--config", str(config)).exit_code == 0
+    new_name = f"{vm.name}-r"
+    restored_domains.append(new_name)
+    result = run_gfs(
+        "restore",
+        "vm",
+        "--config",
+        str(config),
+        "--to",
+        str(tmp_path / "restored"),
+        "--as-domain",
+        new_name,
+    )
+    assert result.exit_code == 0, result.output
+    assert "GFS-PATTERN-OK tag=off1" in boot_restored(libvirt_conn, new_name, tmp_path, "off1")
+
+
+def test_missing_domain_fails_clearly(
+    mounts: Mounter, tmp_path: Path, run_gfs: RunGfs, libvirt_daemon: object
+) -> None:
+    target = mounts("tgt", kind="tmpfs", size_mb=32)
+    config = write_config(tmp_path, target, "vm", "libvirt", "domain", Path("gfs-test-nope"), DAILY)
+    result = run_gfs("run", "--config", str(config))
+    assert result.exit_code == 5
+    assert "domain 'gfs-test-nope' does not exist" in result.stderr
