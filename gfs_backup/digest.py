@@ -26,12 +26,17 @@ _ZERO_DIGESTS_RUN = 4096  # zero-block digests fed to the outer hash in one upda
 
 
 def is_zero(data: bytes | bytearray | memoryview) -> bool:
-    """Whether `data` (at most BLOCK bytes) is all zero bytes."""
-    zeros = _ZEROS if len(data) == BLOCK else _ZEROS[: len(data)]
-    return zeros == data  # the bytearray on the left: memcmp, not item by item
+    """Whether `data` is all zero bytes."""
+    view = memoryview(data).cast("B")
+    for start in range(0, len(view), BLOCK):
+        part = view[start : start + BLOCK]
+        zeros = _ZEROS if len(part) == BLOCK else _ZEROS[: len(part)]
+        if zeros != part:  # the bytearray on the left: memcmp, not item by item
+            return False
+    return True
 
 
-def block_digest(block: bytes | bytearray | memoryview) -> bytes:
+def _block_digest(block: bytes | bytearray | memoryview) -> bytes:
     """sha256 of one block (at most BLOCK bytes); a constant for an all-zero full block."""
     if len(block) == BLOCK and is_zero(block):
         return ZERO_BLOCK_DIGEST
@@ -62,20 +67,10 @@ class BlockDigest:
             self._partial_len = 0
         whole = len(view) - len(view) % BLOCK
         for start in range(0, whole, BLOCK):
-            self._outer.update(block_digest(view[start : start + BLOCK]))
+            self._outer.update(_block_digest(view[start : start + BLOCK]))
         if whole < len(view):
             self._partial.update(view[whole:])
             self._partial_len = len(view) - whole
-
-    def update_digest(self, digest: bytes, length: int = BLOCK) -> None:
-        """Account for one block of `length` bytes whose `block_digest` is `digest`.
-
-        Only at a block boundary; a block shorter than BLOCK must be the last one.
-        """
-        if self._partial_len:
-            raise ValueError("update_digest in the middle of a block")
-        self._outer.update(digest)
-        self.size += length
 
     def update_zeros(self, count: int) -> None:
         """Account for `count` zero bytes (a hole) without hashing whole zero blocks."""

@@ -164,19 +164,22 @@ class Connection:
         except self.lib.libvirtError as exc:
             raise VirtError(f"cannot abort the backup job of {domain.name()}: {exc}") from None
 
-    def backup(
-        self, domain: Any, xml: str, progress: Callable[[int], None] | None, timeout: float
-    ) -> dict[str, Any]:
-        """Run a push-mode backup to completion; the completed job's statistics.
-
-        Raises VirtError when libvirt refuses it, it fails, the domain stops, or it times out
-        (then the job is aborted).
-        """
-        name = domain.name()
+    def begin_backup(self, domain: Any, xml: str) -> None:
+        """Start a push-mode backup job. Raises VirtError when libvirt refuses it."""
         try:
             domain.backupBegin(xml, None, 0)
         except self.lib.libvirtError as exc:
-            raise VirtError(f"domain {name}: backup could not start: {exc}") from None
+            raise VirtError(f"domain {domain.name()}: backup could not start: {exc}") from None
+
+    def wait_backup(
+        self, domain: Any, progress: Callable[[int], None] | None, timeout: float
+    ) -> dict[str, Any]:
+        """Wait for the backup job; the completed job's statistics.
+
+        Raises VirtError when it fails, the domain stops, libvirtd goes away, or it times
+        out (then the job is aborted).
+        """
+        name = domain.name()
         deadline = time.monotonic() + timeout
         done = 0
         while True:

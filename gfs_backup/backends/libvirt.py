@@ -20,6 +20,7 @@ from gfs_backup.catalog import Stored
 from gfs_backup.config import Job
 from gfs_backup.copy import digest_file
 from gfs_backup.errors import GfsError
+from gfs_backup.faults import crash_point
 from gfs_backup.manifest import DataFile
 from gfs_backup.runner import Command, LocalRunner, Runner
 from gfs_backup.state import JournalEntry
@@ -165,7 +166,9 @@ class LibvirtBackend:
             ", ".join(d.target for d in disks),
         )
         try:
-            connection.backup(domain, backup_xml(disks, folder), progress, BACKUP_TIMEOUT)
+            connection.begin_backup(domain, backup_xml(disks, folder))
+            crash_point("mid-export")
+            connection.wait_backup(domain, progress, BACKUP_TIMEOUT)
         finally:
             if connection.has_backup_job(domain):
                 connection.abort_job(domain)

@@ -16,7 +16,7 @@ from tests.conftest import RunGfs
 from tests.lab.domains import LabDomain, remove_domain
 from tests.lab.fixtures import guest_image, libvirt_conn, libvirt_daemon, make_domain
 from tests.system.conftest import Mounter
-from tests.system.helpers import listing, write_config
+from tests.system.helpers import gfs_subprocess, listing, write_config
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 __all__ = ["guest_image", "libvirt_conn", "libvirt_daemon", "make_domain"]
@@ -140,3 +140,23 @@ def test_missing_domain_fails_clearly(
     result = run_gfs("run", "--config", str(config))
     assert result.exit_code == 5
     assert "domain 'gfs-test-nope' does not exist" in result.stderr
+
+
+def test_run_killed_during_a_backup_is_cleaned_up_by_the_next(
+    make_domain: object, mounts: Mounter, tmp_path: Path, libvirt_conn: libvirt.virConnect
+) -> None:
+    target = mounts("tgt", kind="tmpfs", size_mb=512)
+    vm: LabDomain = make_domain(action="churn", tag="k1")  # type: ignore[operator]
+    vm.wait_for("GFS-CHURN 100")
+    config = write_config(tmp_path, target, "vm", "libvirt", "domain", Path(vm.name), DAILY)
+    args = ("run", "--force", "--config", str(config))
+    killed = gfs_subprocess(*args, env={"GFS_CRASH_AT": "mid-export"})
+    assert killed.returncode == -9, killed.stderr
+    assert any(p.name.startswith(".partial-") for p in (target / "vm").iterdir())
+    healed = gfs_subprocess(*args)
+    assert healed.returncode == 0, healed.stderr
+    assert "reconcile" in healed.stderr
+    assert [p.name for p in (target / "vm").iterdir() if p.name.startswith(".")] == []
+    assert not libvirt_conn.lookupByName(vm.name).jobStats().get("type")
+    assert vm.is_active()
+    assert gfs_subprocess("verify", "--config", str(config)).returncode == 0
