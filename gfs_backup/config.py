@@ -31,7 +31,7 @@ from gfs_backup.validate import Collector, Table, join_key, read_toml
 DEFAULT_CONFIG = Path("/etc/gfs/gfs.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/gfs")
 LOCAL_HOST = "local"
-TOP_KEYS = ("state_dir", "policy_dir", "target", "hosts", "job")
+TOP_KEYS = ("state_dir", "policy_dir", "concurrency", "target", "hosts", "job")
 TARGET_KEYS = ("path", "require_nfs")
 HOST_KEYS = ("address", "user", "port", "identity_file", "known_hosts")
 JOB_COMMON_KEYS = ("name", "kind", "host", "target", "policy")
@@ -82,6 +82,7 @@ class Config:
     targets: dict[str, Target]
     hosts: dict[str, Host]
     jobs: list[Job]
+    concurrency: int = 1  # jobs `gfs run` runs at once
 
 
 def load_config(path: Path) -> Config:
@@ -104,8 +105,11 @@ def load_config(path: Path) -> Config:
         for name, value in _named_tables(table, "hosts", collector)
     }
     jobs = _jobs(table, collector, targets, hosts, policy_dir)
+    concurrency = collector.get(table, "concurrency", "", int, 1, "a number of jobs")
+    if not 1 <= concurrency <= 64:
+        collector.add("concurrency", f"{concurrency} is not allowed: run 1 to 64 jobs at once")
     collector.raise_if_any()
-    return Config(str(path), state_dir, policy_dir, targets, hosts, jobs)
+    return Config(str(path), state_dir, policy_dir, targets, hosts, jobs, concurrency)
 
 
 def _named_tables(table: Table, key: str, collector: Collector) -> list[tuple[str, Table]]:

@@ -7,6 +7,7 @@ import errno
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -92,13 +93,21 @@ def run_jobs(
     clock: Clock,
     options: RunOptions,
 ) -> list[JobOutcome]:
-    """Run each job; one failing job never stops the others."""
-    state = State.read_only(config.state_dir) if options.dry_run else State(config.state_dir)
-    try:
-        return [_run_one(config, job, state, clock, options) for job in jobs]
-    finally:
-        if state is not None:
-            state.close()
+    """Run each job, up to `config.concurrency` at once; one failing job never stops the
+    others. Results come in the order of `jobs`."""
+
+    def one(job: Job) -> JobOutcome:
+        state = State.read_only(config.state_dir) if options.dry_run else State(config.state_dir)
+        try:
+            return _run_one(config, job, state, clock, options)
+        finally:
+            if state is not None:
+                state.close()
+
+    if config.concurrency <= 1 or len(jobs) <= 1:
+        return [one(job) for job in jobs]
+    with ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="gfs") as pool:
+        return list(pool.map(one, jobs))
 
 
 def _run_one(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import FrameType
 
@@ -91,16 +91,14 @@ def _run(names: tuple[str, ...], config_path: Path, options: RunOptions, as_json
     selected = select_jobs(config, names)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        options = RunOptions(
-            options.force,
-            options.wait,
-            options.dry_run,
-            options.prune,
-            progress=lambda job: progress_for(
-                f"{job.name}: export",
-                lambda: allocated_bytes(backend_for(job.kind).sources(job)),
-            ),
-        )
+        if config.concurrency == 1:  # one progress bar at a time
+            options = replace(
+                options,
+                progress=lambda job: progress_for(
+                    f"{job.name}: export",
+                    lambda: allocated_bytes(backend_for(job.kind).sources(job)),
+                ),
+            )
         outcomes = run_jobs(config, selected, now_utc, options)
     finally:
         signal.signal(signal.SIGTERM, previous)

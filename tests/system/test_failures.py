@@ -184,3 +184,24 @@ def test_killed_run_is_cleaned_up_by_the_next(mounts: Mounter, tmp_path: Path, p
     generations = [p for p in job_dir.iterdir()]
     assert len(generations) == 1  # keep-last 1: nothing half-pruned, nothing extra
     assert gfs_subprocess("verify", "--config", str(config)).returncode == 0
+
+
+def test_one_failing_job_does_not_stop_the_others(
+    mounts: Mounter, tmp_path: Path, run_gfs: RunGfs
+) -> None:
+    target = mounts("tgt", kind="tmpfs", size_mb=32)
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "file").write_text("kept\n")
+    config = write_config(tmp_path, target, "good", "files", "path", good)
+    text = config.read_text()
+    job = text[text.index("[[job]]") :]
+    bad = job.replace('name = "good"', 'name = "bad"').replace(str(good), str(tmp_path / "gone"))
+    config.write_text("concurrency = 2\n" + text + "\n" + bad)
+    result = run_gfs("run", "--config", str(config))
+    assert result.exit_code == 4, result.output
+    assert "good: ok" in result.stdout
+    assert f"bad: failed: job bad: source directory {tmp_path / 'gone'} does not exist" in (
+        result.stdout
+    )
+    assert len(listing(run_gfs("list", "good", "--config", str(config), "--json"))) == 1
