@@ -38,7 +38,7 @@ JOB_COMMON_KEYS = ("name", "kind", "host", "target", "policy")
 PATH_KEYS = ("path", "subvolume", "snapshot_dir")
 # Per kind: (required keys, optional keys).
 KIND_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "libvirt": (("domain",), ("disks", "uri")),
+    "libvirt": (("domain",), ("disks", "uri", "quiesce")),
     "lvm": (("volume_group", "logical_volume"), ("snapshot_size",)),
     "btrfs": (("subvolume",), ("snapshot_dir",)),
     "files": (("path",), ("snapshot_dir",)),
@@ -222,6 +222,11 @@ def _job(
     for key in PATH_KEYS:
         if key in options:
             _check_path(options[key], join_key(path, key), collector)
+    if options.get("quiesce", "auto") not in ("auto", "required", "off"):
+        collector.add(join_key(path, "quiesce"), "must be auto, required or off")
+    disks = options.get("disks", [])
+    if not isinstance(disks, list) or not all(isinstance(d, str) and d for d in disks):
+        collector.add(join_key(path, "disks"), 'must be a list of disk targets, e.g. ["vda"]')
     return Job(name, kind, host, target, policy, options)
 
 

@@ -24,6 +24,7 @@ import errno
 import fcntl
 import functools
 import io
+import mmap
 import os
 import queue
 import stat
@@ -37,7 +38,7 @@ from gfs_backup.digest import BLOCK, BlockDigest, is_zero
 
 Progress = Callable[[int], None]  # called with the number of bytes just processed
 CHUNK = 8 * BLOCK  # bytes per read; a multiple of BLOCK
-BUFFERS = 4  # chunks in flight: being read, hashed, written, and a spare
+BUFFERS = 8  # chunks in flight at most: being read, hashed, written, and slack
 WRITEBACK = 128 * BLOCK  # start writeback of the target every this many bytes
 PIPE_SIZE = BLOCK  # pipe capacity asked for when copying from a pipe
 
@@ -103,7 +104,7 @@ def copy_stream(
         return position - count, count
 
     with _Writer(destination) as writer:
-        with _ReadAhead(fill) as chunks, _background(writer) as write:
+        with _ReadAhead(fill, CHUNK) as chunks, _background(writer) as write:
             for chunk in chunks:
                 write(chunk, _hash_blocks(digest, chunk.data), [(0, len(chunk.data))])
                 if progress is not None:
@@ -131,24 +132,31 @@ def _copy_extents(
     """Read the blocks holding data, hash every block, write the non-zero data."""
     digest = BlockDigest()
     spans = _block_spans(extents, size)
-    jobs = iter(
+    jobs = [
         (start, min(CHUNK, end - start))
         for span_start, end in spans
         for start in range(span_start, end, CHUNK)
-    )
+    ]
+    pending = iter(jobs)
+    # One chunk (a small file) is read, hashed and written in the calling thread.
+    threaded = len(jobs) > 1
+    buffer_size = max((length for _start, length in jobs), default=0)
     hashed = 0  # digest covers [0, hashed)
     data = 0
     next_extent = 0  # first extent that may overlap the chunk being processed
 
     def fill(buffer: memoryview) -> tuple[int, int] | None:
-        job = next(jobs, None)
+        job = next(pending, None)
         if job is None:
             return None
         offset, length = job
         _pread_all(reader, buffer[:length], offset)
         return job
 
-    with _ReadAhead(fill) as chunks, _background(writer) as write:
+    with (
+        _ReadAhead(fill, buffer_size, threaded) as chunks,
+        _background(writer, threaded) as write,
+    ):
         for chunk in chunks:
             if chunk.offset > hashed:
                 digest.update_zeros(chunk.offset - hashed)
@@ -162,6 +170,9 @@ def _copy_extents(
                 progress(count)
     if size > hashed:
         digest.update_zeros(size - hashed)
+    # Reading ahead may have read all before a truncation: check the size once more.
+    if os.fstat(reader).st_size < size:
+        raise OSError(errno.EIO, "file shrank while being read")
     return digest, data
 
 
@@ -220,31 +231,47 @@ class _Chunk:
 
 
 class _ReadAhead:
-    """The chunks `fill` reads in a background thread, in order, in BUFFERS pooled buffers.
+    """The chunks `fill` reads, in order, in up to BUFFERS pooled buffers of `size` bytes.
 
-    `fill(buffer)` fills the start of a free CHUNK buffer and returns (offset, length), or
-    None at the end. Each chunk must be released once used; the reader waits for a free
-    buffer. Errors in `fill` are raised to the consumer; leaving the `with` block stops and
-    joins the thread.
+    `fill(buffer)` fills the start of a free buffer and returns (offset, length), or None
+    at the end. Each chunk must be released once used. If `threaded`, a background thread
+    reads ahead, waiting for a released buffer when all are in use; errors in `fill` are
+    raised to the consumer; leaving the `with` block stops and joins the thread. Otherwise
+    `fill` runs when the next chunk is asked for, into a single buffer.
     """
 
-    def __init__(self, fill: Callable[[memoryview], tuple[int, int] | None]) -> None:
+    def __init__(
+        self,
+        fill: Callable[[memoryview], tuple[int, int] | None],
+        size: int,
+        threaded: bool = True,
+    ) -> None:
         self._fill = fill
+        self._size = size
+        self._threaded = threaded
+        self._allocated = 0
         self._free: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
         self._filled: queue.SimpleQueue[_Chunk | BaseException | None] = queue.SimpleQueue()
         self._stop = False
-        for _ in range(BUFFERS):
-            self._free.put(memoryview(bytearray(CHUNK)))
         self._thread = threading.Thread(target=self._run, name="gfs-read", daemon=True)
 
     def __enter__(self) -> Iterator[_Chunk]:
+        if not self._threaded:
+            return self._inline()
         self._thread.start()
         return self._chunks()
 
     def __exit__(self, *exc: object) -> None:
-        self._stop = True
-        self._free.put(None)  # wakes the reader if it waits for a buffer
-        self._thread.join()
+        if self._threaded:
+            self._stop = True
+            self._free.put(None)  # wakes the reader if it waits for a buffer
+            self._thread.join()
+
+    def _inline(self) -> Iterator[_Chunk]:
+        buffer = _new_buffer(self._size)
+        while (job := self._fill(buffer)) is not None:
+            offset, length = job
+            yield _Chunk(offset, buffer[:length], _nothing)
 
     def _chunks(self) -> Iterator[_Chunk]:
         while (item := self._filled.get()) is not None:
@@ -254,7 +281,7 @@ class _ReadAhead:
 
     def _run(self) -> None:
         try:
-            while not self._stop and (buffer := self._free.get()) is not None:
+            while not self._stop and (buffer := self._take()) is not None:
                 job = self._fill(buffer)
                 if job is None:
                     break
@@ -265,19 +292,44 @@ class _ReadAhead:
         except BaseException as exc:  # handed over to the consuming thread
             self._filled.put(exc)
 
+    def _take(self) -> memoryview | None:
+        """A free buffer: a released one, a new one while fewer than BUFFERS exist, or wait."""
+        if self._free.empty() and self._allocated < BUFFERS:
+            self._allocated += 1
+            return _new_buffer(self._size)
+        return self._free.get()
+
+
+def _new_buffer(size: int) -> memoryview:
+    # Anonymous memory: page-aligned, and untouched pages cost nothing (no memset).
+    return memoryview(mmap.mmap(-1, max(size, mmap.PAGESIZE)))
+
+
+def _nothing() -> None:
+    pass
+
 
 WriteJob = Callable[[_Chunk, list[bool], list[tuple[int, int]]], None]
 
 
 @contextlib.contextmanager
-def _background(writer: _Writer | None) -> Iterator[WriteJob]:
-    """`write(chunk, zero, ranges)`: `writer.write_nonzero` in a thread, then chunk.release().
+def _background(writer: _Writer | None, threaded: bool = True) -> Iterator[WriteJob]:
+    """`write(chunk, zero, ranges)`: `writer.write_nonzero`, then chunk.release().
 
-    Writing overlaps hashing the next chunk. The first write error is raised by the next
-    `write` call or on leaving the `with` block; later chunks are released unwritten.
+    If `threaded`, in a background thread, so that writing overlaps hashing the next chunk;
+    the first write error is then raised by the next `write` call or on leaving the `with`
+    block, and later chunks are released unwritten. Without a writer: only release.
     """
-    if writer is None:
-        yield lambda chunk, zero, ranges: chunk.release()
+    if writer is None or not threaded:
+
+        def write_now(chunk: _Chunk, zero: list[bool], ranges: list[tuple[int, int]]) -> None:
+            try:
+                if writer is not None:
+                    writer.write_nonzero(chunk.data, chunk.offset, zero, ranges)
+            finally:
+                chunk.release()
+
+        yield write_now
         return
     jobs: queue.SimpleQueue[tuple[_Chunk, list[bool], list[tuple[int, int]]] | None]
     jobs = queue.SimpleQueue()

@@ -164,6 +164,35 @@ class Connection:
         except self.lib.libvirtError as exc:
             raise VirtError(f"cannot abort the backup job of {domain.name()}: {exc}") from None
 
+    def agent_answers(self, domain: Any, timeout: int) -> bool:
+        """True when the guest agent answers a ping within `timeout` seconds."""
+        try:
+            import libvirt_qemu
+
+            libvirt_qemu.qemuAgentCommand(domain, '{"execute": "guest-ping"}', timeout, 0)
+        except (ImportError, self.lib.libvirtError):
+            return False
+        return True
+
+    def freeze(self, domain: Any, timeout: int) -> None:
+        """Freeze the guest's filesystems through its agent (fsfreeze)."""
+        try:
+            domain.agentSetResponseTimeout(timeout, 0)
+            domain.fsFreeze(None, 0)
+        except self.lib.libvirtError as exc:
+            raise VirtError(
+                f"domain {domain.name()}: the guest agent could not freeze the filesystems: {exc}"
+            ) from None
+
+    def thaw(self, domain: Any) -> None:
+        try:
+            domain.fsThaw(None, 0)
+        except self.lib.libvirtError as exc:
+            raise VirtError(
+                f"domain {domain.name()}: thawing the guest filesystems failed: "
+                f"{exc}; check the guest now"
+            ) from None
+
     def begin_backup(self, domain: Any, xml: str) -> None:
         """Start a push-mode backup job. Raises VirtError when libvirt refuses it."""
         try:

@@ -5,6 +5,7 @@ manifest."""
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from gfs_backup.virt import DEFAULT_URI, Connection, Disk, backup_xml, parse_dis
 
 DISKS = "disks"
 BACKUP_TIMEOUT = 24 * 3600.0
+AGENT_TIMEOUT = 10  # seconds the guest agent may take to answer, to freeze
 LOCAL_SOURCES = ("file", "block")
 
 
@@ -111,8 +113,9 @@ class LibvirtBackend:
             folder = into / DISKS
             folder.mkdir()
             running = connection.is_running(domain)
+            facts: dict[str, Any] = {"consistency": "offline"}
             if running:
-                self._backup_running(ctx, connection, domain, disks, folder, progress)
+                facts = self._backup_running(ctx, connection, domain, disks, folder, progress)
             else:
                 self._copy_shut_off(ctx, connection, domain, disks, folder)
             source = {
@@ -130,7 +133,7 @@ class LibvirtBackend:
                     for d in disks
                 ],
                 "state": "running" if running else "shut off",
-                "consistency": "crash-consistent" if running else "offline",
+                **facts,
             }
         finally:
             connection.close()
@@ -156,23 +159,45 @@ class LibvirtBackend:
         disks: list[Disk],
         folder: Path,
         progress: Progress | None,
-    ) -> None:
+    ) -> dict[str, Any]:
+        """Push-mode backup, with the guest frozen around its start when the agent answers
+        (or must). Returns the consistency facts for the manifest."""
         name = domain.name()
+        mode = str(ctx.job.options.get("quiesce", "auto"))
+        frozen = mode != "off" and connection.agent_answers(domain, AGENT_TIMEOUT)
+        if mode == "required" and not frozen:
+            raise GfsError(
+                f'job {ctx.job.name}: quiesce = "required" but the guest agent of '
+                f"{name} does not answer (install and start qemu-guest-agent, add "
+                "the org.qemu.guest_agent.0 channel)"
+            )
         entry = ctx.state.journal(ctx.run_id, ctx.job.name, "backup-job", name)
         ctx.log.info(
-            "job %s: backup of running domain %s (%s)",
+            "job %s: backup of running domain %s (%s)%s",
             ctx.job.name,
             name,
             ", ".join(d.target for d in disks),
+            ", guest frozen" if frozen else "",
         )
+        frozen_for = 0.0
         try:
-            connection.begin_backup(domain, backup_xml(disks, folder))
+            started = time.monotonic()
+            if frozen:
+                connection.freeze(domain, AGENT_TIMEOUT)
+            try:
+                connection.begin_backup(domain, backup_xml(disks, folder))
+            finally:
+                if frozen:
+                    connection.thaw(domain)
+                    frozen_for = time.monotonic() - started
             crash_point("mid-export")
             connection.wait_backup(domain, progress, BACKUP_TIMEOUT)
         finally:
             if connection.has_backup_job(domain):
                 connection.abort_job(domain)
             ctx.state.done(entry)
+        consistency = "application-consistent" if frozen else "crash-consistent"
+        return {"consistency": consistency, "frozen_seconds": round(frozen_for, 3)}
 
     def _copy_shut_off(
         self, ctx: JobContext, connection: Connection, domain: Any, disks: list[Disk], folder: Path

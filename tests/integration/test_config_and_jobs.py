@@ -136,7 +136,8 @@ father-weekday = "someday"
         ),
         (
             "colour = 1\n",
-            "colour: unknown key (allowed: state_dir, policy_dir, target, hosts, job)",
+            "colour: unknown key (allowed: state_dir, policy_dir, concurrency, target, hosts, "
+            "job)",
         ),
         ("[hosts.kvm2]\nport = 70000\n", "hosts.kvm2.address: required"),
         (
