@@ -160,3 +160,47 @@ def test_run_killed_during_a_backup_is_cleaned_up_by_the_next(
     assert not libvirt_conn.lookupByName(vm.name).jobStats().get("type")
     assert vm.is_active()
     assert gfs_subprocess("verify", "--config", str(config)).returncode == 0
+
+
+def test_quiesce_freezes_the_guest_briefly_or_fails_clearly(
+    make_domain: object, mounts: Mounter, tmp_path: Path, run_gfs: RunGfs
+) -> None:
+    target = mounts("tgt", kind="tmpfs", size_mb=512)
+    with_agent: LabDomain = make_domain(action="churn", tag="q1", agent=True)  # type: ignore[operator]
+    with_agent.wait_for("GFS-AGENT-UP")
+    with_agent.wait_for("GFS-CHURN 100")
+    config = write_config(
+        tmp_path,
+        target,
+        "vm",
+        "libvirt",
+        "domain",
+        Path(with_agent.name),
+        DAILY,
+        extra='quiesce = "required"\n',
+    )
+    result = run_gfs("run", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert "guest frozen" in result.stderr
+    (generation,) = listing(run_gfs("list", "--config", str(config), "--json"))
+    source = json.loads((Path(generation["path"]) / "manifest.json").read_text())["source"]
+    assert source["consistency"] == "application-consistent"
+    assert 0 < source["frozen_seconds"] < 1.0
+    without: LabDomain = make_domain(action="churn", tag="q2")  # type: ignore[operator]
+    without.wait_for("GFS-CHURN 100")
+    other = tmp_path / "other"
+    other.mkdir()
+    config = write_config(
+        other,
+        target,
+        "vm2",
+        "libvirt",
+        "domain",
+        Path(without.name),
+        DAILY,
+        extra='quiesce = "required"\n',
+    )
+    failed = run_gfs("run", "--config", str(config))
+    assert failed.exit_code == 5
+    assert 'quiesce = "required" but the guest agent' in failed.stderr
+    assert without.is_active()
