@@ -1,0 +1,114 @@
+"""Pure parts of the lab: parsers of recorded tool output, the guest command line, domain XML."""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from tests.lab.daemons import LabState, ProcessRecord, process_record
+from tests.lab.domains import DomainSpec, domain_xml
+from tests.lab.guest import (
+    PATTERN_SIZE,
+    GuestImage,
+    guest_cmdline,
+    parse_ldd,
+    parse_show_depends,
+    pattern_bytes,
+)
+
+pytestmark = pytest.mark.unit
+
+LDD_QEMU_GA = """\
+\tlinux-vdso.so.1 (0x00007fa6ec724000)
+\tlibudev.so.1 => /lib/x86_64-linux-gnu/libudev.so.1 (0x00007fa6ec5ed000)
+\tlibglib-2.0.so.0 => /lib/x86_64-linux-gnu/libglib-2.0.so.0 (0x00007fa6ec4a1000)
+\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007fa6ec1d7000)
+\t/lib64/ld-linux-x86-64.so.2 (0x00007fa6ec726000)
+"""
+
+MODULES = "/c/kernel/lib/modules/6.1.0-56-cloud-amd64/kernel/drivers"
+SHOW_DEPENDS_VIRTIO_BLK = (  # as modprobe prints it: each insmod line ends with a space
+    f"insmod {MODULES}/virtio/virtio_ring.ko \n"
+    f"insmod {MODULES}/virtio/virtio.ko \n"
+    "builtin crc32c\n"
+    f"insmod {MODULES}/block/virtio_blk.ko \n"
+)
+
+IMAGE = GuestImage(Path("/k/vmlinuz"), Path("/k/initrd.gz"), "6.1.0-56-cloud-amd64", True)
+
+
+def test_parse_ldd_finds_libraries_and_the_loader_but_not_the_vdso() -> None:
+    assert parse_ldd(LDD_QEMU_GA) == [
+        Path("/lib/x86_64-linux-gnu/libudev.so.1"),
+        Path("/lib/x86_64-linux-gnu/libglib-2.0.so.0"),
+        Path("/lib/x86_64-linux-gnu/libc.so.6"),
+        Path("/lib64/ld-linux-x86-64.so.2"),
+    ]
+
+
+def test_parse_show_depends_keeps_load_order_and_skips_builtins() -> None:
+    names = [Path(path).name for path in parse_show_depends(SHOW_DEPENDS_VIRTIO_BLK)]
+    assert names == ["virtio_ring.ko", "virtio.ko", "virtio_blk.ko"]
+
+
+def test_guest_cmdline_carries_the_protocol_words() -> None:
+    line = guest_cmdline("check-pattern", tag="gen2", agent=True, layout="fs")
+    assert line.split() == [
+        "console=ttyS0",
+        "panic=1",
+        "quiet",
+        "gfs.action=check-pattern",
+        "gfs.tag=gen2",
+        "gfs.agent=1",
+        "gfs.layout=fs",
+    ]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"action": "reboot"}, {"layout": "lvm"}, {"tag": "two words"}, {"after": "x;poweroff"}],
+)
+def test_guest_cmdline_refuses_unknown_or_unsafe_values(kwargs: dict[str, str]) -> None:
+    with pytest.raises(ValueError):
+        guest_cmdline(**kwargs)  # type: ignore[arg-type]
+
+
+def test_pattern_is_deterministic_and_of_the_documented_size() -> None:
+    assert pattern_bytes() == pattern_bytes()
+    assert len(pattern_bytes()) == PATTERN_SIZE
+
+
+def test_domain_xml_is_a_tcg_domain_with_kernel_boot_disk_and_console_file() -> None:
+    spec = DomainSpec(
+        name="gfs-test-1-abcdef-1",
+        image=IMAGE,
+        disk=Path("/tmp/it's <here>/disk.qcow2"),
+        console_log=Path("/tmp/console.log"),
+        cmdline=guest_cmdline("idle"),
+        agent=True,
+    )
+    root = ET.fromstring(domain_xml(spec))
+
+    def attribute(path: str, name: str) -> str | None:
+        element = root.find(path)
+        assert element is not None, path
+        return element.get(name)
+
+    assert root.get("type") == "qemu"
+    assert root.findtext("os/kernel") == "/k/vmlinuz"
+    assert root.findtext("os/cmdline") == guest_cmdline("idle")
+    assert attribute("devices/disk/source", "file") == str(spec.disk)
+    assert attribute("devices/serial/source", "path") == "/tmp/console.log"
+    assert attribute("devices/channel/target", "name") == "org.qemu.guest_agent.0"
+
+
+def test_lab_state_forgets_processes_that_are_gone() -> None:
+    me = process_record("pytest", os.getpid())
+    assert me is not None
+    gone = ProcessRecord("libvirtd", me.pid, me.starttime + 1)  # same PID, other process
+    state = LabState(users=[me, gone], daemons=[gone])
+    state.prune()
+    assert (state.users, state.daemons) == ([me], [])
