@@ -136,8 +136,7 @@ father-weekday = "someday"
         ),
         (
             "colour = 1\n",
-            "colour: unknown key (allowed: state_dir, policy_dir, concurrency, target, hosts, "
-            "job)",
+            "colour: unknown key (allowed: state_dir, policy_dir, concurrency, target, hosts, job)",
         ),
         ("[hosts.kvm2]\nport = 70000\n", "hosts.kvm2.address: required"),
         (

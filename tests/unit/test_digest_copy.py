@@ -1,0 +1,517 @@
+"""sha256-1m digests and the sparse one-pass copy (gfs_backup.digest, gfs_backup.copy)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import itertools
+import os
+import random
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, cast
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gfs_backup import copy, digest
+from gfs_backup.copy import copy_file, copy_stream, data_extents, digest_file
+from gfs_backup.digest import ALGORITHM, BLOCK, ZERO_BLOCK, ZERO_BLOCK_DIGEST, BlockDigest
+
+pytestmark = pytest.mark.unit
+
+KiB, MiB = 1 << 10, 1 << 20
+# A layout is a list of (kind, length): "r" random bytes, "z" written zeros, "h" a hole.
+Layout = list[tuple[str, int]]
+
+
+def reference(data: bytes) -> str:
+    """The definition: sha256 over the sha256 of each 1 MiB block (as digest.py's one-liner)."""
+    blocks = (data[start : start + BLOCK] for start in range(0, len(data), BLOCK))
+    return hashlib.sha256(b"".join(hashlib.sha256(block).digest() for block in blocks)).hexdigest()
+
+
+def content(layout: Layout, seed: int = 1) -> bytes:
+    rnd = random.Random(seed)
+    return b"".join(rnd.randbytes(n) if kind == "r" else bytes(n) for kind, n in layout)
+
+
+def write_layout(path: Path, layout: Layout, seed: int = 1) -> bytes:
+    """Write `layout` to a new file (holes left unwritten); its content."""
+    data = content(layout, seed)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        offset = 0
+        for kind, length in layout:
+            if kind != "h":
+                os.pwrite(fd, data[offset : offset + length], offset)
+            offset += length
+        os.ftruncate(fd, offset)
+    finally:
+        os.close(fd)
+    return data
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def require_sparse_files(path: Path) -> None:
+    probe = path.parent / f"{path.name}.probe"
+    with probe.open("wb") as file:
+        file.truncate(64 * MiB)
+    if allocated(probe) > MiB:
+        pytest.skip(f"{path.parent} does not keep files sparse")
+    probe.unlink()
+
+
+@pytest.fixture(params=[copy.CHUNK, 2 * BLOCK], ids=["chunk-default", "chunk-2MiB"])
+def chunk_size(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run with the real chunk size and with a small one (many chunks, few buffers)."""
+    size = int(request.param)
+    if size < copy.CHUNK:
+        monkeypatch.setattr(copy, "CHUNK", size)
+        monkeypatch.setattr(copy, "BUFFERS", 2)
+    return size
+
+
+@pytest.fixture
+def no_leaked_threads() -> Iterator[None]:
+    before = set(threading.enumerate())
+    yield
+    assert set(threading.enumerate()) <= before
+
+
+# The digest
+
+
+SIZES = [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK, 5 * BLOCK + 12345]
+LAYOUTS: dict[str, Layout] = {
+    "random-zero-random": [("r", BLOCK + 7), ("z", 2 * BLOCK), ("r", 3)],
+    "zero-blocks": [("z", 3 * BLOCK)],
+    "zeros-unaligned": [("r", 100), ("z", 3 * BLOCK + 5), ("r", BLOCK - 1), ("z", 10)],
+    "zero-tail": [("r", BLOCK), ("z", BLOCK - 1)],
+    "random-4MiB": [("r", 4 * BLOCK)],
+}
+FEEDS = [1 << 30, 4093, BLOCK - 1, BLOCK + 3, 3 * BLOCK + 5]
+
+
+def test_the_constants() -> None:
+    assert ALGORITHM == "sha256-1m"
+    assert BLOCK == 1 << 20
+    assert not any(ZERO_BLOCK)
+    assert len(ZERO_BLOCK) == BLOCK
+    assert hashlib.sha256(ZERO_BLOCK).digest() == ZERO_BLOCK_DIGEST
+    assert reference(b"") == hashlib.sha256(b"").hexdigest()
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("feed", [1 << 30, 4093, BLOCK + 3])
+def test_digest_of_random_data_equals_the_definition(size: int, feed: int) -> None:
+    data = random.Random(size).randbytes(size)
+    block_digest = BlockDigest()
+    for start in range(0, size, feed):
+        block_digest.update(data[start : start + feed])
+    assert block_digest.size == size
+    assert block_digest.hexdigest() == reference(data)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_zeros_as_data_or_as_a_hole_digest_alike(size: int) -> None:
+    as_data, as_hole = BlockDigest(), BlockDigest()
+    as_data.update(bytes(size))
+    as_hole.update_zeros(size)
+    assert as_data.hexdigest() == as_hole.hexdigest() == reference(bytes(size))
+    assert as_data.size == as_hole.size == size
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("feed", FEEDS)
+@pytest.mark.parametrize("zeros_as_holes", [False, True], ids=["zeros-as-data", "update_zeros"])
+def test_digest_of_mixed_data_in_odd_pieces(
+    layout: Layout, feed: int, zeros_as_holes: bool
+) -> None:
+    data = content(layout)
+    block_digest = BlockDigest()
+    offset = 0
+    for kind, length in layout:
+        if kind == "z" and zeros_as_holes:
+            block_digest.update_zeros(length)
+        else:
+            for start in range(offset, offset + length, feed):
+                block_digest.update(memoryview(data)[start : min(start + feed, offset + length)])
+        offset += length
+    assert block_digest.hexdigest() == reference(data)
+
+
+def test_digest_fed_byte_by_byte_across_block_boundaries() -> None:
+    data = random.Random(2).randbytes(2 * BLOCK + 100)
+    block_digest = BlockDigest()
+    cuts = [0, BLOCK - 5, BLOCK + 5, 2 * BLOCK - 3, 2 * BLOCK + 3, len(data)]
+    for start, end in itertools.pairwise(cuts):
+        if end - start <= 10:
+            for offset in range(start, end):
+                block_digest.update(data[offset : offset + 1])
+        else:
+            block_digest.update(data[start:end])
+    assert block_digest.hexdigest() == reference(data)
+    zeros = BlockDigest()
+    for _ in range(BLOCK // 4096 + 3):
+        zeros.update_zeros(4095)
+        zeros.update(b"\0")
+    assert zeros.hexdigest() == reference(bytes(4096 * (BLOCK // 4096 + 3)))
+
+
+def test_hexdigest_does_not_end_the_digest() -> None:
+    data = random.Random(3).randbytes(BLOCK + 10)
+    block_digest = BlockDigest()
+    block_digest.update(data[:100])
+    assert block_digest.hexdigest() == reference(data[:100])
+    block_digest.update(data[100:])
+    assert block_digest.hexdigest() == reference(data)
+
+
+def test_a_long_hole_is_cheap_and_right() -> None:
+    block_digest = BlockDigest()
+    block_digest.update(b"x")
+    block_digest.update_zeros(10_000 * BLOCK)  # 10 GB: only digests of digests
+    expected = hashlib.sha256(
+        hashlib.sha256(b"x" + bytes(BLOCK - 1)).digest()
+        + ZERO_BLOCK_DIGEST * 9_999
+        + hashlib.sha256(bytes(1)).digest()
+    ).hexdigest()
+    assert block_digest.hexdigest() == expected
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    pieces=st.lists(
+        st.tuples(st.sampled_from("rz"), st.integers(0, 3 * BLOCK), st.booleans()), max_size=5
+    ),
+    feed=st.integers(512, 2 * BLOCK),
+)
+def test_digest_equals_the_definition_for_any_feeding(
+    pieces: list[tuple[str, int, bool]], feed: int
+) -> None:
+    layout = [(kind, length) for kind, length, _hole in pieces]
+    data = content(layout)
+    block_digest = BlockDigest()
+    offset = 0
+    for kind, length, hole in pieces:
+        if kind == "z" and hole:
+            block_digest.update_zeros(length)
+        else:
+            for start in range(offset, offset + length, feed):
+                block_digest.update(data[start : min(start + feed, offset + length)])
+        offset += length
+    assert block_digest.hexdigest() == reference(data)
+
+
+def test_the_documented_one_liner_is_the_definition(tmp_path: Path) -> None:
+    assert digest.__doc__ is not None
+    match = re.search(r"python3 -c '(.*?)' FILE", digest.__doc__, re.DOTALL)
+    assert match, "the docstring shows a one-liner"
+    path = tmp_path / "data"
+    data = write_layout(path, [("r", BLOCK + 5), ("z", BLOCK), ("h", 2 * BLOCK), ("r", 9)])
+    result = subprocess.run(
+        [sys.executable, "-c", match.group(1), str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == reference(data) == digest_file(path).digest
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\0", bytes(BLOCK), bytes(3 * BLOCK + 1), b"\0" * 5 + b"\1", bytes(BLOCK) + b"\1"],
+)
+def test_is_zero(data: bytes) -> None:
+    assert digest.is_zero(data) == (data.count(0) == len(data))
+    assert digest.is_zero(memoryview(data)) == digest.is_zero(bytearray(data))
+
+
+# Copies
+
+FILES: dict[str, Layout] = {
+    "empty": [],
+    "one-byte": [("r", 1)],
+    "block-minus-one": [("r", BLOCK - 1)],
+    "block": [("r", BLOCK)],
+    "block-plus-one": [("r", BLOCK + 1)],
+    "mixed": [
+        ("r", 3 * BLOCK + 4 * KiB),
+        ("h", 5 * BLOCK - 4 * KiB),
+        ("z", 2 * BLOCK),
+        ("r", 64 * KiB),
+        ("z", BLOCK + 8 * KiB),
+        ("h", 3 * BLOCK + 12 * KiB),
+        ("r", 4 * KiB),
+        ("h", 20 * BLOCK + 100),
+    ],
+    "holes-in-blocks": [("h", 4 * KiB), ("r", 8 * KiB), ("h", BLOCK), ("r", 4 * KiB), ("h", 5)],
+    "only-a-hole": [("h", 9 * BLOCK + 1)],
+    "random-17MiB": [("r", 17 * BLOCK + 3)],
+}
+
+
+def data_length(layout: Layout) -> int:
+    return sum(length for kind, length in layout if kind != "h")
+
+
+@pytest.mark.parametrize("layout", FILES.values(), ids=FILES.keys())
+def test_copy_file_is_identical_and_digested(
+    tmp_path: Path, layout: Layout, chunk_size: int, no_leaked_threads: None
+) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    data = write_layout(source, layout)
+    done: list[int] = []
+    result = copy_file(source, target, done.append)
+    assert target.read_bytes() == data
+    assert result.size == len(data)
+    assert result.digest == reference(data) == digest_file(source).digest
+    assert result.data_bytes == sum(done) == digest_file(source).data_bytes
+    assert result.data_bytes <= len(data)
+    assert os.stat(target).st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("layout", FILES.values(), ids=FILES.keys())
+def test_copy_stream_is_identical_and_digested(
+    tmp_path: Path, layout: Layout, chunk_size: int, no_leaked_threads: None
+) -> None:
+    target = tmp_path / "target"
+    data = content(layout)
+    done: list[int] = []
+    result = copy_stream(cast(BinaryIO, io.BytesIO(data)), target, done.append)
+    assert target.read_bytes() == data
+    assert result.size == result.data_bytes == sum(done) == len(data)
+    assert result.digest == reference(data)
+
+
+def test_copy_stream_from_a_pipe(tmp_path: Path, no_leaked_threads: None) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    data = write_layout(source, FILES["mixed"])
+    with subprocess.Popen(["cat", str(source)], stdout=subprocess.PIPE) as cat:
+        result = copy_stream(cast(BinaryIO, cat.stdout), target)
+    assert cat.returncode == 0
+    assert target.read_bytes() == data
+    assert result.digest == reference(data) == copy_file(source, tmp_path / "copy").digest
+
+
+def test_copy_stream_reads_a_file_object_without_readinto(tmp_path: Path) -> None:
+    class Chunks:
+        """Only `read`, returning at most 1000 bytes."""
+
+        def __init__(self, data: bytes) -> None:
+            self.data = io.BytesIO(data)
+
+        def read(self, size: int) -> bytes:
+            return self.data.read(min(size, 1000))
+
+    data = content([("r", BLOCK + 1234)])
+    result = copy_stream(cast(BinaryIO, Chunks(data)), tmp_path / "target")
+    assert (tmp_path / "target").read_bytes() == data
+    assert result.digest == reference(data)
+
+
+def test_a_big_hole_stays_sparse(tmp_path: Path, no_leaked_threads: None) -> None:
+    require_sparse_files(tmp_path / "source")
+    source = tmp_path / "source"
+    layout: Layout = [("h", 50 * MiB), ("r", MiB), ("z", 8 * MiB), ("h", 90 * MiB), ("r", 1)]
+    write_layout(source, layout)
+    source_digest = digest_file(source)
+    assert source_digest.data_bytes < 12 * MiB  # 1 MiB data, 8 MiB written zeros, 1 byte
+
+    copied = copy_file(source, tmp_path / "copied")
+    assert copied.digest == source_digest.digest
+    assert copied.size == os.stat(tmp_path / "copied").st_size == 149 * MiB + 1
+    assert copied.data_bytes == source_digest.data_bytes
+    assert allocated(tmp_path / "copied") <= MiB + 64 * KiB  # the zeros became holes too
+
+    with source.open("rb") as stream:
+        streamed = copy_stream(cast(BinaryIO, stream), tmp_path / "streamed")
+    assert streamed.digest == source_digest.digest
+    assert streamed.size == streamed.data_bytes == 149 * MiB + 1
+    assert allocated(tmp_path / "streamed") <= MiB + 64 * KiB
+
+
+def test_holes_within_blocks_stay_holes(tmp_path: Path) -> None:
+    """Only data regions are written, not whole 1 MiB blocks around them."""
+    require_sparse_files(tmp_path / "source")
+    source = tmp_path / "source"
+    layout: Layout = []
+    for _ in range(16):  # 4 KiB of data every MiB
+        layout += [("r", 4 * KiB), ("h", BLOCK - 4 * KiB)]
+    data = write_layout(source, layout)
+    result = copy_file(source, tmp_path / "target")
+    assert (tmp_path / "target").read_bytes() == data
+    assert result.data_bytes == 16 * 4 * KiB
+    assert allocated(tmp_path / "target") <= allocated(source) + 64 * KiB
+
+
+def test_data_extents_and_data_bytes_exclude_holes(tmp_path: Path) -> None:
+    require_sparse_files(tmp_path / "source")
+    source = tmp_path / "source"
+    layout: Layout = [("h", 8 * MiB), ("r", 2 * MiB), ("h", 8 * MiB), ("z", MiB), ("h", 3)]
+    write_layout(source, layout)
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        extents = data_extents(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+    assert extents == [(8 * MiB, 2 * MiB), (18 * MiB, MiB)]
+    assert digest_file(source).data_bytes == 3 * MiB
+    assert copy_file(source, tmp_path / "target").data_bytes == 3 * MiB
+
+
+@pytest.mark.parametrize("how", ["copy_file", "copy_stream"])
+def test_the_destination_must_not_exist(tmp_path: Path, how: str) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    write_layout(source, [("r", 10)])
+    target.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError):
+        if how == "copy_file":
+            copy_file(source, target)
+        else:
+            copy_stream(cast(BinaryIO, io.BytesIO(b"new")), target)
+    assert target.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("how", ["copy_file", "copy_stream"])
+def test_the_copy_is_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    source, target = tmp_path / "source", tmp_path / "target"
+    write_layout(source, [("r", 3 * BLOCK)])
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        assert os.path.samefile(f"/proc/self/fd/{fd}", target)
+        assert os.fstat(fd).st_size == 3 * BLOCK  # after the last write
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    if how == "copy_file":
+        copy_file(source, target)
+    else:
+        copy_stream(cast(BinaryIO, io.BytesIO(source.read_bytes())), target)
+    assert len(synced) == 1
+
+
+def test_copy_file_wants_a_regular_file(tmp_path: Path) -> None:
+    with pytest.raises(OSError) as raised:
+        copy_file(tmp_path, tmp_path / "target")
+    assert raised.value.errno == errno.EINVAL
+
+
+def test_a_read_error_propagates(tmp_path: Path, no_leaked_threads: None) -> None:
+    class Failing(io.RawIOBase):
+        def __init__(self) -> None:
+            self.given = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+            if self.given >= 3 * BLOCK:
+                raise OSError(errno.EIO, "bad sector")
+            count = min(len(buffer), 64 * KiB)
+            buffer[:count] = bytes(range(256)) * (count // 256)
+            self.given += count
+            return count
+
+    with pytest.raises(OSError) as raised:
+        copy_stream(cast(BinaryIO, Failing()), tmp_path / "target")
+    assert raised.value.errno == errno.EIO
+
+
+def test_a_shrinking_file_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "source"
+    write_layout(source, [("r", 3 * BLOCK)])
+    real_extents = copy.data_extents
+
+    def extents_then_shrink(fd: int, size: int) -> list[tuple[int, int]]:
+        extents = real_extents(fd, size)
+        os.truncate(source, BLOCK)
+        return extents
+
+    monkeypatch.setattr(copy, "data_extents", extents_then_shrink)
+    with pytest.raises(OSError) as raised:
+        copy_file(source, tmp_path / "target")
+    assert raised.value.errno == errno.EIO
+
+
+def test_a_non_blocking_stream_is_refused(tmp_path: Path) -> None:
+    class WouldBlock(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer: memoryview) -> int | None:  # type: ignore[override]
+            return None  # no data now: not the end of the stream
+
+    with pytest.raises(BlockingIOError):
+        copy_stream(cast(BinaryIO, WouldBlock()), tmp_path / "target")
+
+
+@pytest.mark.parametrize("how", ["copy_file", "digest_file"])
+def test_a_file_shrinking_after_it_was_read_ahead_is_an_error(
+    tmp_path: Path, how: str, chunk_size: int, no_leaked_threads: None
+) -> None:
+    source = tmp_path / "source"
+    write_layout(source, [("r", 4 * chunk_size)])
+
+    def shrink(count: int) -> None:  # after the first chunk: the others may be read already
+        os.truncate(source, BLOCK)
+
+    with pytest.raises(OSError) as raised:
+        if how == "copy_file":
+            copy_file(source, tmp_path / "target", shrink)
+        else:
+            digest_file(source, shrink)
+    assert raised.value.errno == errno.EIO
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs mounted for the test (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mountpoint = tmp_path / "tiny"
+    mountpoint.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+@pytest.mark.parametrize("size", [6 * MiB, 20 * MiB])  # fails in the last chunk, or before
+@pytest.mark.parametrize("how", ["copy_file", "copy_stream"])
+def test_enospc_propagates(
+    tmp_path: Path,
+    tiny_tmpfs: Path,
+    how: str,
+    size: int,
+    chunk_size: int,
+    no_leaked_threads: None,
+) -> None:
+    source, target = tmp_path / "source", tiny_tmpfs / "target"
+    write_layout(source, [("r", size)])
+    with pytest.raises(OSError) as raised:
+        if how == "copy_file":
+            copy_file(source, target)
+        else:
+            with source.open("rb") as stream:
+                copy_stream(cast(BinaryIO, stream), target)
+    assert raised.value.errno == errno.ENOSPC
+    assert os.stat(target).st_size <= 4 * MiB  # the partial output is the caller's to remove
