@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,3 +206,44 @@ def test_quiesce_freezes_the_guest_briefly_or_fails_clearly(
     assert failed.exit_code == 5
     assert 'quiesce = "required" but the guest agent' in failed.stderr
     assert without.is_active()
+
+
+def test_target_full_during_a_vm_backup(
+    make_domain: object, mounts: Mounter, tmp_path: Path, run_gfs: RunGfs
+) -> None:
+    target = mounts("tgt", kind="tmpfs", size_mb=16)
+    raw = tmp_path / "data.raw"
+    raw.write_bytes(os.urandom(48 << 20))
+    disk = tmp_path / "full.qcow2"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(disk)], check=True
+    )
+    vm: LabDomain = make_domain(action="idle", disk=disk)  # type: ignore[operator]
+    vm.wait_for("GFS-GUEST-UP")
+    config = write_config(tmp_path, target, "vm", "libvirt", "domain", Path(vm.name), DAILY)
+    result = run_gfs("run", "--config", str(config))
+    assert result.exit_code == 5
+    assert "backup failed" in result.stderr or "no space left" in result.stderr.lower()
+    assert [p.name for p in (target / "vm").iterdir()] == []  # the partial export is gone
+    assert vm.is_active()
+
+
+def test_network_disk_is_refused(
+    mounts: Mounter, tmp_path: Path, run_gfs: RunGfs, libvirt_conn: libvirt.virConnect
+) -> None:
+    name = f"gfs-test-{os.getpid()}-netdisk"
+    xml = f"""<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>
+      <os><type arch='x86_64'>hvm</type></os><devices>
+      <disk type='network' device='disk'><driver name='qemu' type='raw'/>
+        <source protocol='nbd' name='export'><host name='127.0.0.1' port='10809'/></source>
+        <target dev='vda' bus='virtio'/></disk></devices></domain>"""
+    domain = libvirt_conn.defineXML(xml)
+    try:
+        target = mounts("tgt", kind="tmpfs", size_mb=16)
+        config = write_config(tmp_path, target, "vm", "libvirt", "domain", Path(name), DAILY)
+        result = run_gfs("run", "--config", str(config))
+        assert result.exit_code == 5
+        assert "disk vda is a network disk" in result.stderr
+        assert "gfs backs up file and block device disks only" in result.stderr
+    finally:
+        domain.undefine()
