@@ -167,7 +167,8 @@ def _run_locked(
 
 
 def describe_failure(exc: Exception, config: Config, job: Job) -> str:
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+    if full or "No space left on device" in str(exc):  # also as QEMU/libvirt report it
         target = config.targets[job.target]
         return (
             f"target {target.name} ({target.path}) is full (no space left on device) "

@@ -223,7 +223,7 @@ def test_target_full_during_a_vm_backup(
     config = write_config(tmp_path, target, "vm", "libvirt", "domain", Path(vm.name), DAILY)
     result = run_gfs("run", "--config", str(config))
     assert result.exit_code == 5
-    assert "backup failed" in result.stderr or "no space left" in result.stderr.lower()
+    assert "is full (no space left on device)" in result.stderr
     assert [p.name for p in (target / "vm").iterdir()] == []  # the partial export is gone
     assert vm.is_active()
 
