@@ -215,6 +215,12 @@ class Connection:
             try:
                 stats = domain.jobStats()
             except self.lib.libvirtError as exc:
+                if not self._still_running(domain):
+                    raise VirtError(
+                        f"domain {name} stopped during its backup: no generation "
+                        "was made; the next run backs it up (running or shut "
+                        "off)"
+                    ) from None
                 raise VirtError(f"domain {name}: lost the backup job: {exc}") from None
             if stats.get("type", 0) == self.lib.VIR_DOMAIN_JOB_NONE:
                 break
@@ -229,6 +235,12 @@ class Connection:
                 )
             time.sleep(POLL_SECONDS)
         return self._completed(domain, name)
+
+    def _still_running(self, domain: Any) -> bool:
+        try:
+            return self.is_running(domain)
+        except self.lib.libvirtError:
+            return False
 
     def _completed(self, domain: Any, name: str) -> dict[str, Any]:
         try:

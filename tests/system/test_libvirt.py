@@ -247,3 +247,28 @@ def test_network_disk_is_refused(
         assert "gfs backs up file and block device disks only" in result.stderr
     finally:
         domain.undefine()
+
+
+def test_domain_destroyed_in_the_middle_of_its_backup(
+    make_domain: object,
+    mounts: Mounter,
+    tmp_path: Path,
+    run_gfs: RunGfs,
+    libvirt_conn: libvirt.virConnect,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    target = mounts("tgt", kind="tmpfs", size_mb=512)
+    vm: LabDomain = make_domain(action="churn", tag="d1")  # type: ignore[operator]
+    vm.wait_for("GFS-CHURN 100")
+
+    def pull_the_plug(point: str) -> None:
+        if point == "mid-export":  # right after backupBegin: the job is running
+            libvirt_conn.lookupByName(vm.name).destroy()
+
+    monkeypatch.setattr("gfs_backup.backends.libvirt.crash_point", pull_the_plug)
+    config = write_config(tmp_path, target, "vm", "libvirt", "domain", Path(vm.name), DAILY)
+    result = run_gfs("run", "--config", str(config))
+    assert result.exit_code == 5
+    assert f"domain {vm.name} stopped during its backup: no generation was made" in (result.stderr)
+    assert [p.name for p in (target / "vm").iterdir()] == []
+    assert not vm.is_active()
