@@ -9,7 +9,8 @@ How it is fast: a pipeline of three threads over a few reused CHUNK buffers. One
 chunk n+2 (`os.preadv` on the raw descriptor, or `readinto` from the stream), the calling
 thread hashes chunk n+1 and tests its blocks for zeros, one writes chunk n (`os.pwrite`
 of the non-zero runs). Reading, hashing and writing release the GIL, so they overlap on
-several cores; Python runs once per block, not per byte. The zero test is a memcmp that
+several cores; Python runs once per block, not per byte. A file whose data fits in one
+chunk is done in the calling thread, without threads. The zero test is a memcmp that
 stops at the first non-zero byte. Every WRITEBACK bytes the writer starts the kernel's
 writeback of what it wrote (`POSIX_FADV_DONTNEED`, which does not wait) and drops the
 window written back before from the page cache: writing the target overlaps reading the
