@@ -67,7 +67,9 @@ def require_sparse_files(path: Path) -> None:
     with probe.open("wb") as file:
         file.truncate(64 * MiB)
     if allocated(probe) > MiB:
-        pytest.skip(f"{path.parent} does not keep files sparse")
+        pytest.fail(
+            f"{path.parent} does not keep files sparse: run the tests on ext4, btrfs or tmpfs"
+        )
     probe.unlink()
 
 
@@ -479,7 +481,7 @@ def test_a_file_shrinking_after_it_was_read_ahead_is_an_error(
 def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs mounted for the test (root only)."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+        pytest.fail("mounting a tmpfs needs root: run ./scripts/test as root")
     mountpoint = tmp_path / "tiny"
     mountpoint.mkdir()
     mounted = subprocess.run(
@@ -488,7 +490,7 @@ def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
         text=True,
     )
     if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+        pytest.fail(f"cannot mount a tmpfs: {mounted.stderr.strip()}")
     try:
         yield mountpoint
     finally:
