@@ -35,10 +35,10 @@ TOP_KEYS = ("state_dir", "policy_dir", "concurrency", "target", "hosts", "job")
 TARGET_KEYS = ("path", "require_nfs")
 HOST_KEYS = ("address", "user", "port", "identity_file", "known_hosts")
 JOB_COMMON_KEYS = ("name", "kind", "host", "target", "policy")
-PATH_KEYS = ("path", "subvolume", "snapshot_dir")
+PATH_KEYS = ("path", "subvolume", "snapshot_dir", "overlay_dir")
 # Per kind: (required keys, optional keys).
 KIND_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "libvirt": (("domain",), ("disks", "uri", "quiesce")),
+    "libvirt": (("domain",), ("disks", "uri", "quiesce", "method", "overlay_dir")),
     "lvm": (("volume_group", "logical_volume"), ("snapshot_size",)),
     "btrfs": (("subvolume",), ("snapshot_dir",)),
     "files": (("path",), ("snapshot_dir",)),
@@ -224,6 +224,11 @@ def _job(
             _check_path(options[key], join_key(path, key), collector)
     if options.get("quiesce", "auto") not in ("auto", "required", "off"):
         collector.add(join_key(path, "quiesce"), "must be auto, required or off")
+    if options.get("method", "auto") not in ("auto", "backup-api", "snapshot"):
+        collector.add(
+            join_key(path, "method"),
+            "must be auto (backup API, else snapshot), backup-api or snapshot",
+        )
     disks = options.get("disks", [])
     if not isinstance(disks, list) or not all(isinstance(d, str) and d for d in disks):
         collector.add(join_key(path, "disks"), 'must be a list of disk targets, e.g. ["vda"]')

@@ -10,7 +10,14 @@ import os
 import signal
 
 ENVIRONMENT = "GFS_CRASH_AT"
-POINTS = ("after-snapshot", "mid-export", "before-publish", "mid-prune")
+POINTS = (
+    "after-snapshot",
+    "after-overlay",
+    "mid-export",
+    "mid-commit",
+    "before-publish",
+    "mid-prune",
+)
 
 
 def crash_point(name: str) -> None:

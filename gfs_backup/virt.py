@@ -18,8 +18,29 @@ DEFAULT_URI = "qemu:///system"
 POLL_SECONDS = 0.2
 
 
+OVERLAY_MARK = ".gfs-overlay-"
+PIVOT_POLL_SECONDS = 0.1
+
+
 class VirtError(GfsError):
     exit_code = ExitCode.FAILED
+
+
+class BackupUnsupported(VirtError):
+    """This libvirt/QEMU cannot do push-mode backups (the snapshot method can)."""
+
+
+def overlay_path(base: str, overlay_dir: Path | None, job: str, run_id: int) -> Path:
+    """Where gfs puts the temporary overlay of disk `base`: next to it, or in overlay_dir.
+
+    The name carries OVERLAY_MARK so that `gfs check` recognises a domain left on one.
+    """
+    folder = overlay_dir if overlay_dir is not None else Path(base).parent
+    return folder / f"{Path(base).name}{OVERLAY_MARK}{job}-r{run_id}.qcow2"
+
+
+def is_gfs_overlay(path: str) -> bool:
+    return OVERLAY_MARK in Path(path).name
 
 
 def _libvirt() -> Any:
@@ -76,6 +97,45 @@ def backup_xml(disks: list[Disk], into: Path) -> str:
         item = ET.SubElement(element, "disk", name=disk.target, backup="yes", type="file")
         ET.SubElement(item, "driver", type="qcow2")
         ET.SubElement(item, "target", file=str(into / f"{disk.target}.qcow2"))
+    return ET.tostring(root, encoding="unicode")
+
+
+def snapshot_xml(name: str, all_disks: list[Disk], overlays: dict[str, Path]) -> str:
+    """A disk-only <domainsnapshot>: external overlays for the disks in `overlays`, none for
+    the others (every disk is named, so libvirt's defaults never decide)."""
+    root = ET.Element("domainsnapshot")
+    ET.SubElement(root, "name").text = name
+    element = ET.SubElement(root, "disks")
+    for disk in all_disks:
+        if disk.target in overlays:
+            item = ET.SubElement(element, "disk", name=disk.target, snapshot="external")
+            item.set("type", "file")
+            ET.SubElement(item, "driver", type="qcow2")
+            ET.SubElement(item, "source", file=str(overlays[disk.target]))
+        else:
+            ET.SubElement(element, "disk", name=disk.target, snapshot="no")
+    return ET.tostring(root, encoding="unicode")
+
+
+def with_disk_sources(domain_xml: str, sources: dict[str, Disk]) -> str:
+    """The domain XML with the disks named in `sources` pointed back at those sources
+    (type, path, format), and any <backingStore> of them dropped."""
+    root = ET.fromstring(domain_xml)
+    for disk in root.findall("./devices/disk"):
+        target = disk.find("target")
+        if target is None or target.get("dev") not in sources:
+            continue
+        wanted = sources[target.get("dev", "")]
+        disk.set("type", wanted.source_type)
+        for element in disk.findall("source") + disk.findall("backingStore"):
+            disk.remove(element)
+        attribute = "dev" if wanted.source_type == "block" else "file"
+        source = ET.Element("source", {attribute: wanted.source})
+        disk.insert(list(disk).index(target) if target in list(disk) else 0, source)
+        driver = disk.find("driver")
+        if driver is None:
+            driver = ET.SubElement(disk, "driver", name="qemu")
+        driver.set("type", wanted.format)
     return ET.tostring(root, encoding="unicode")
 
 
@@ -145,7 +205,7 @@ class Connection:
         try:
             return self.conn.defineXML(xml)
         except self.lib.libvirtError as exc:
-            raise VirtError(f"libvirt refused the restored domain: {exc}") from None
+            raise VirtError(f"libvirt refused the domain definition: {exc}") from None
 
     def has_backup_job(self, domain: Any) -> bool:
         try:
@@ -194,11 +254,112 @@ class Connection:
             ) from None
 
     def begin_backup(self, domain: Any, xml: str) -> None:
-        """Start a push-mode backup job. Raises VirtError when libvirt refuses it."""
+        """Start a push-mode backup job. Raises VirtError when libvirt refuses it
+        (BackupUnsupported when this libvirt or QEMU has no backup API)."""
         try:
             domain.backupBegin(xml, None, 0)
         except self.lib.libvirtError as exc:
-            raise VirtError(f"domain {domain.name()}: backup could not start: {exc}") from None
+            if exc.get_error_code() in (
+                self.lib.VIR_ERR_NO_SUPPORT,
+                self.lib.VIR_ERR_OPERATION_UNSUPPORTED,
+            ):
+                raise BackupUnsupported(
+                    f"domain {domain.name()}: no backup API here ({exc})"
+                ) from None
+            hint = ""
+            if "No such file or directory" in str(exc):
+                hint = (
+                    "; QEMU cannot see the target: mount it before the domain starts or "
+                    "make / a shared mount (mount --make-rshared /), as systemd does"
+                )
+            raise VirtError(
+                f"domain {domain.name()}: backup could not start: {exc}{hint}"
+            ) from None
+
+    def create_overlays(self, domain: Any, xml: str) -> None:
+        """A disk-only external snapshot without libvirt metadata: from now on the guest
+        writes into the overlays and the disks below them are frozen in time."""
+        flags = (
+            self.lib.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+            | self.lib.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+            | self.lib.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
+        )
+        try:
+            domain.snapshotCreateXML(xml, flags)
+        except self.lib.libvirtError as exc:
+            raise VirtError(
+                f"domain {domain.name()}: the disk-only snapshot failed: {exc}"
+            ) from None
+
+    def disk_source(self, domain: Any, target: str, inactive: bool = False) -> str | None:
+        for disk in parse_disks(self.xml(domain, inactive)):
+            if disk.target == target:
+                return disk.source
+        return None
+
+    def start_commit(self, domain: Any, target: str, bandwidth: int) -> None:
+        """Start merging the overlay of disk `target` into the disk below it (active block
+        commit; `bandwidth` bytes/s, 0 = unlimited). A commit job already running on the
+        disk (from a run that was killed) is left to go on, not restarted."""
+        name = domain.name()
+        job = self._block_job(domain, target)
+        if job is None:
+            flags = self.lib.VIR_DOMAIN_BLOCK_COMMIT_ACTIVE
+            if bandwidth:
+                flags |= self.lib.VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES
+            try:
+                domain.blockCommit(target, None, None, bandwidth, flags)
+            except self.lib.libvirtError as exc:
+                raise VirtError(
+                    f"domain {name}: cannot commit the gfs overlay of {target} back: {exc}; "
+                    "the next gfs run retries (gfs check shows the domain)"
+                ) from None
+        elif job.get("type") != self.lib.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT:
+            raise VirtError(
+                f"domain {name}: disk {target} has another block job running; "
+                "its gfs overlay is committed back by the next run"
+            )
+
+    def pivot_when_ready(self, domain: Any, target: str, timeout: float) -> None:
+        """Wait until the commit job of `target` has caught up, then pivot the domain onto
+        the disk below the overlay (the job ends; the overlay is no longer used)."""
+        name = domain.name()
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self._block_job(domain, target)
+            if job is None:
+                raise VirtError(f"domain {name}: the commit job of {target} vanished")
+            if job.get("end") and job.get("cur") == job.get("end"):
+                try:
+                    domain.blockJobAbort(target, self.lib.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+                    return
+                except self.lib.libvirtError:
+                    pass  # not ready for the pivot yet
+            if time.monotonic() > deadline:
+                raise VirtError(
+                    f"domain {name}: committing the overlay of {target} did not finish in "
+                    f"{timeout:.0f} s; the next gfs run retries"
+                )
+            time.sleep(PIVOT_POLL_SECONDS)
+
+    def _block_job(self, domain: Any, target: str) -> dict[str, Any] | None:
+        try:
+            info = domain.blockJobInfo(target, 0)
+        except self.lib.libvirtError:
+            return None
+        return dict(info) if info else None
+
+    def redefine_disks(self, domain: Any, sources: dict[str, Disk]) -> bool:
+        """Point the persistent definition's disks back at `sources` where it still names
+        something else (an overlay). True when it was changed."""
+        if not domain.isPersistent():
+            return False
+        xml = self.xml(domain, inactive=True)
+        current = {disk.target: disk.source for disk in parse_disks(xml)}
+        if all(current.get(target) == disk.source for target, disk in sources.items()):
+            return False
+        self.define(with_disk_sources(xml, sources))
+        return True
 
     def wait_backup(
         self, domain: Any, progress: Callable[[int], None] | None, timeout: float

@@ -63,6 +63,7 @@ def health_warnings(
         warnings += check.warnings
     except GfsError as exc:
         warnings.append(str(exc))
+    warnings += backend_for(job.kind).health(job)
     schedule = job.policy.schedule
     if not listing.stored:
         warnings.append(f"job {job.name}: no generation on target {target.name} yet")

@@ -113,6 +113,10 @@ class Backend(Protocol):
         """Undo what an interrupted run journaled (a snapshot, a backup job): gfs's own only."""
         ...
 
+    def health(self, job: Job) -> list[str]:
+        """Warnings about the source that monitoring should hear (empty = fine)."""
+        ...
+
     def verify_data(self, stored: Stored, progress: Progress | None) -> list[str]:
         """Problems of the generation's data beyond file checksums (empty = fine)."""
         ...

@@ -4,8 +4,11 @@ manifest."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +28,45 @@ from gfs_backup.faults import crash_point
 from gfs_backup.manifest import DataFile
 from gfs_backup.runner import Command, LocalRunner, Runner
 from gfs_backup.state import JournalEntry
-from gfs_backup.virt import DEFAULT_URI, Connection, Disk, backup_xml, parse_disks, restore_xml
+from gfs_backup.virt import (
+    DEFAULT_URI,
+    BackupUnsupported,
+    Connection,
+    Disk,
+    backup_xml,
+    is_gfs_overlay,
+    overlay_path,
+    parse_disks,
+    restore_xml,
+    snapshot_xml,
+)
 
 DISKS = "disks"
 BACKUP_TIMEOUT = 24 * 3600.0
 AGENT_TIMEOUT = 10  # seconds the guest agent may take to answer, to freeze
+COMMIT_TIMEOUT = 6 * 3600.0
 LOCAL_SOURCES = ("file", "block")
+METHODS = ("auto", "backup-api", "snapshot")
 
 
-def make_convert_command(source: Path, source_format: str, destination: Path) -> Command:
-    """qemu-img convert to qcow2; zero clusters are not written (sparse)."""
+def make_convert_command(
+    source: Path, source_format: str, destination: Path, share: bool = False
+) -> Command:
+    """qemu-img convert to qcow2; zero clusters are not written (sparse). `share` (-U) reads
+    an image a running QEMU holds open read-only (the frozen base below a gfs overlay)."""
+    shared = ("-U",) if share else ()
     return Command(
-        ("qemu-img", "convert", "-f", source_format, "-O", "qcow2", str(source), str(destination)),
+        (
+            "qemu-img",
+            "convert",
+            *shared,
+            "-f",
+            source_format,
+            "-O",
+            "qcow2",
+            str(source),
+            str(destination),
+        ),
         mutating=True,
         timeout=BACKUP_TIMEOUT,
     )
@@ -113,11 +143,21 @@ class LibvirtBackend:
             folder = into / DISKS
             folder.mkdir()
             running = connection.is_running(domain)
-            facts: dict[str, Any] = {"consistency": "offline"}
-            if running:
-                facts = self._backup_running(ctx, connection, domain, disks, folder, progress)
-            else:
+            method = str(ctx.job.options.get("method", "auto"))
+            facts: dict[str, Any] | None = None
+            if running and method != "snapshot":
+                try:
+                    facts = self._backup_running(ctx, connection, domain, disks, folder, progress)
+                except BackupUnsupported as exc:
+                    if method == "backup-api":
+                        raise
+                    ctx.log.info("job %s: %s; using the snapshot method", ctx.job.name, exc)
+            if running and facts is None:
+                facts = self._backup_by_snapshot(ctx, connection, domain, disks, folder)
+            if not running:
                 self._copy_shut_off(ctx, connection, domain, disks, folder)
+                facts = {"consistency": "offline"}
+            assert facts is not None
             source = {
                 "domain": domain.name(),
                 "uuid": domain.UUIDString(),
@@ -133,6 +173,7 @@ class LibvirtBackend:
                     for d in disks
                 ],
                 "state": "running" if running else "shut off",
+                "method": facts.pop("method", "backup-api" if running else "qemu-img"),
                 **facts,
             }
         finally:
@@ -163,6 +204,139 @@ class LibvirtBackend:
         """Push-mode backup, with the guest frozen around its start when the agent answers
         (or must). Returns the consistency facts for the manifest."""
         name = domain.name()
+        entry = ctx.state.journal(ctx.run_id, ctx.job.name, "backup-job", name)
+        ctx.log.info(
+            "job %s: backup of running domain %s (%s)",
+            ctx.job.name,
+            name,
+            ", ".join(d.target for d in disks),
+        )
+        try:
+            with self._quiesced(ctx, connection, domain) as facts:
+                connection.begin_backup(domain, backup_xml(disks, folder))
+            crash_point("mid-export")
+            connection.wait_backup(domain, progress, BACKUP_TIMEOUT)
+        finally:
+            if connection.has_backup_job(domain):
+                connection.abort_job(domain)
+            ctx.state.done(entry)
+        return facts
+
+    def _backup_by_snapshot(
+        self,
+        ctx: JobContext,
+        connection: Connection,
+        domain: Any,
+        disks: list[Disk],
+        folder: Path,
+    ) -> dict[str, Any]:
+        """The fallback without the backup API: a disk-only external snapshot puts the guest
+        on temporary overlays, the frozen disks below are copied, then an active block
+        commit merges the overlays back and pivots the domain onto its disks again. The
+        overlays are journaled before they exist; whatever happens, the next run commits a
+        leftover one back (see undo_entry)."""
+        name = domain.name()
+        layers = self._layers(ctx, disks)
+        entry = ctx.state.journal(ctx.run_id, ctx.job.name, "overlay", name, json.dumps(layers))
+        overlays = {target: Path(layer["overlay"]) for target, layer in layers.items()}
+        xml = snapshot_xml(
+            f"gfs-{ctx.job.name}-r{ctx.run_id}", parse_disks(connection.xml(domain)), overlays
+        )
+        ctx.log.info(
+            "job %s: backup of running domain %s by snapshot (%s)",
+            ctx.job.name,
+            name,
+            ", ".join(d.target for d in disks),
+        )
+        try:
+            with self._quiesced(ctx, connection, domain) as facts:
+                connection.create_overlays(domain, xml)
+            crash_point("after-overlay")
+            for disk in disks:
+                ctx.runner.run(
+                    make_convert_command(
+                        Path(disk.source), disk.format, folder / f"{disk.target}.qcow2", True
+                    )
+                )
+        finally:
+            self._commit_layers(ctx, connection, domain, layers)
+        ctx.state.done(entry)
+        return {**facts, "method": "snapshot"}
+
+    def _layers(self, ctx: JobContext, disks: list[Disk]) -> dict[str, dict[str, str]]:
+        """Per disk: the disk (path, format, type) and the overlay gfs will put on it."""
+        option = ctx.job.options.get("overlay_dir")
+        overlay_dir = Path(option) if option else None
+        layers = {}
+        for disk in disks:
+            if disk.source_type != "file" and overlay_dir is None:
+                raise SourceError(
+                    f"job {ctx.job.name}: disk {disk.target} is a block device: the "
+                    "snapshot method needs overlay_dir (a directory for temporary overlays)"
+                )
+            overlay = overlay_path(disk.source, overlay_dir, ctx.job.name, ctx.run_id)
+            layers[disk.target] = {
+                "base": disk.source,
+                "format": disk.format,
+                "type": disk.source_type,
+                "overlay": str(overlay),
+            }
+        return layers
+
+    def _commit_layers(
+        self,
+        ctx: JobContext,
+        connection: Connection,
+        domain: Any,
+        layers: dict[str, dict[str, str]],
+    ) -> None:
+        """Put the domain back on its own disks: commit each gfs overlay it runs on (or, shut
+        off, is defined on) into the disk below, fix the definition, delete the overlay."""
+        name = domain.name()
+        for target, layer in layers.items():
+            overlay = layer["overlay"]
+            if connection.is_running(domain):
+                if connection.disk_source(domain, target) == overlay:
+                    connection.start_commit(domain, target, bandwidth_limit(ctx))
+                    crash_point("mid-commit")
+                    connection.pivot_when_ready(domain, target, COMMIT_TIMEOUT)
+                    ctx.log.info(
+                        "job %s: %s: %s is on its own disk again", ctx.job.name, name, target
+                    )
+            elif connection.disk_source(domain, target, inactive=True) == overlay:
+                self._commit_offline(ctx, Path(overlay))
+            base = Disk(target, layer["base"], layer["format"], layer["type"])
+            if connection.redefine_disks(domain, {target: base}):
+                ctx.log.info(
+                    "job %s: %s: definition of %s points at %s again",
+                    ctx.job.name,
+                    name,
+                    target,
+                    base.source,
+                )
+            Path(overlay).unlink(missing_ok=True)
+
+    def _commit_offline(self, ctx: JobContext, overlay: Path) -> None:
+        """qemu-img commit: the writes in a gfs overlay go into the image below it."""
+        if overlay.exists():
+            ctx.runner.run(
+                Command(
+                    ("qemu-img", "commit", "-f", "qcow2", str(overlay)),
+                    mutating=True,
+                    timeout=COMMIT_TIMEOUT,
+                )
+            )
+            ctx.log.info("job %s: committed %s into the disk below it", ctx.job.name, overlay)
+
+    @contextlib.contextmanager
+    def _quiesced(
+        self, ctx: JobContext, connection: Connection, domain: Any
+    ) -> Iterator[dict[str, Any]]:
+        """Freeze the guest's filesystems around the body when its agent answers (or must,
+        quiesce = "required"), and always thaw. Yields the consistency facts, completed
+        (frozen_seconds) when the body is done. A freeze that fails or times out is thawed;
+        with quiesce = "auto" the backup goes on crash-consistent."""
+        name = domain.name()
         mode = str(ctx.job.options.get("quiesce", "auto"))
         frozen = mode != "off" and connection.agent_answers(domain, AGENT_TIMEOUT)
         if mode == "required" and not frozen:
@@ -171,33 +345,35 @@ class LibvirtBackend:
                 f"{name} does not answer (install and start qemu-guest-agent, add "
                 "the org.qemu.guest_agent.0 channel)"
             )
-        entry = ctx.state.journal(ctx.run_id, ctx.job.name, "backup-job", name)
-        ctx.log.info(
-            "job %s: backup of running domain %s (%s)%s",
-            ctx.job.name,
-            name,
-            ", ".join(d.target for d in disks),
-            ", guest frozen" if frozen else "",
-        )
-        frozen_for = 0.0
-        try:
-            started = time.monotonic()
-            if frozen:
-                connection.freeze(domain, AGENT_TIMEOUT)
+        facts: dict[str, Any] = {"consistency": "crash-consistent", "frozen_seconds": 0.0}
+        started = time.monotonic()
+        if frozen:
             try:
-                connection.begin_backup(domain, backup_xml(disks, folder))
-            finally:
-                if frozen:
-                    connection.thaw(domain)
-                    frozen_for = time.monotonic() - started
-            crash_point("mid-export")
-            connection.wait_backup(domain, progress, BACKUP_TIMEOUT)
+                connection.freeze(domain, AGENT_TIMEOUT)
+            except GfsError as exc:
+                self._thaw_after_failed_freeze(ctx, connection, domain)
+                if mode == "required":
+                    raise
+                ctx.log.warning("job %s: %s; backing up crash-consistent", ctx.job.name, exc)
+                facts["quiesce_failed"] = str(exc)
+                frozen = False
+            else:
+                facts["consistency"] = "application-consistent"
+        try:
+            yield facts
         finally:
-            if connection.has_backup_job(domain):
-                connection.abort_job(domain)
-            ctx.state.done(entry)
-        consistency = "application-consistent" if frozen else "crash-consistent"
-        return {"consistency": consistency, "frozen_seconds": round(frozen_for, 3)}
+            if frozen:
+                connection.thaw(domain)
+                facts["frozen_seconds"] = round(time.monotonic() - started, 3)
+
+    def _thaw_after_failed_freeze(
+        self, ctx: JobContext, connection: Connection, domain: Any
+    ) -> None:
+        """A freeze that timed out may still complete in the guest: ask for a thaw."""
+        try:
+            connection.thaw(domain)
+        except GfsError as exc:
+            ctx.log.warning("job %s: %s", ctx.job.name, exc)
 
     def _copy_shut_off(
         self, ctx: JobContext, connection: Connection, domain: Any, disks: list[Disk], folder: Path
@@ -220,7 +396,9 @@ class LibvirtBackend:
         return None
 
     def undo_entry(self, ctx: JobContext, entry: JournalEntry) -> None:
-        """Abort a backup job an interrupted run started (the journal names the domain)."""
+        """Undo what an interrupted run journaled (the journal names the domain): abort a
+        stale backup job gfs started; commit gfs overlays back and pivot the domain onto
+        its own disks. A failure leaves the entry open and fails this run."""
         if entry.action == "backup-job":
             connection = self._connect(ctx.job)
             try:
@@ -232,7 +410,45 @@ class LibvirtBackend:
                 ctx.log.warning("job %s: %s", ctx.job.name, exc)
             finally:
                 connection.close()
+        elif entry.action == "overlay":
+            layers: dict[str, dict[str, str]] = json.loads(entry.detail)
+            connection = self._connect(ctx.job)
+            try:
+                try:
+                    domain = connection.domain(entry.path)
+                except GfsError:  # undefined meanwhile: keep the guest's newest writes
+                    for layer in layers.values():
+                        self._commit_offline(ctx, Path(layer["overlay"]))
+                        Path(layer["overlay"]).unlink(missing_ok=True)
+                else:
+                    self._commit_layers(ctx, connection, domain, layers)
+            finally:
+                connection.close()
         ctx.state.done(entry.id)
+
+    def health(self, job: Job) -> list[str]:
+        """A domain left running on (or defined with) a gfs overlay by an interrupted run."""
+        try:
+            connection = self._connect(job)
+        except GfsError as exc:
+            return [f"job {job.name}: {exc}"]
+        try:
+            domain = connection.domain(job.options["domain"])
+            warnings = []
+            for inactive in (False, True):
+                for disk in parse_disks(connection.xml(domain, inactive)):
+                    if is_gfs_overlay(disk.source):
+                        state = "is defined with" if inactive else "runs on"
+                        warnings.append(
+                            f"job {job.name}: domain {domain.name()} {state} the gfs overlay "
+                            f"{disk.source} (disk {disk.target}) left by an interrupted run; "
+                            f"the next `gfs run {job.name}` commits it back"
+                        )
+            return list(dict.fromkeys(warnings))
+        except GfsError as exc:
+            return [f"job {job.name}: {exc}"]
+        finally:
+            connection.close()
 
     def verify_data(self, stored: Stored, progress: Progress | None) -> list[str]:
         problems = []
@@ -274,6 +490,11 @@ class LibvirtBackend:
             shutil.rmtree(to, ignore_errors=True)
             raise
         ctx.log.info("job %s: defined domain %s with disks in %s", ctx.job.name, name, to)
+
+
+def bandwidth_limit(ctx: JobContext) -> int:
+    """Bytes per second the job may move (0 = no limit); see the target's `bandwidth`."""
+    return int(ctx.job.options.get("bandwidth", 0))
 
 
 def qemu_img_problems(runner: Runner, image: Path) -> str:

@@ -96,3 +96,6 @@ class SnapshottingBackend:
 
     def undo_entry(self, ctx: JobContext, entry: JournalEntry) -> None:
         undo(ctx, entry)
+
+    def health(self, job: Job) -> list[str]:
+        return []  # left snapshots are reported from the journal (actions/status.py)
