@@ -44,6 +44,7 @@ from gfs_backup.virt import (
 DISKS = "disks"
 BACKUP_TIMEOUT = 24 * 3600.0
 AGENT_TIMEOUT = 10  # seconds the guest agent may take to answer, to freeze
+THAW_DEADLINE = 30.0  # seconds gfs keeps asking a stuck agent to thaw (see below)
 COMMIT_TIMEOUT = 6 * 3600.0
 LOCAL_SOURCES = ("file", "block")
 METHODS = ("auto", "backup-api", "snapshot")
@@ -369,11 +370,27 @@ class LibvirtBackend:
     def _thaw_after_failed_freeze(
         self, ctx: JobContext, connection: Connection, domain: Any
     ) -> None:
-        """A freeze that timed out may still complete in the guest: ask for a thaw."""
-        try:
-            connection.thaw(domain)
-        except GfsError as exc:
-            ctx.log.warning("job %s: %s", ctx.job.name, exc)
+        """A freeze that timed out is still queued in the guest agent (a slow fsfreeze hook,
+        a hung filesystem) and may freeze the guest when it gets its turn. Ask for a thaw
+        until one is answered, for at most THAW_DEADLINE seconds. libvirt 9 keeps such an
+        agent marked unresponsive (measured: no command got through for 5 minutes after
+        the timed-out freeze), so this usually ends in a loud error telling the admin to
+        check the guest; the backup goes on (auto) or the job fails (required)."""
+        deadline = time.monotonic() + THAW_DEADLINE
+        while True:
+            try:
+                connection.thaw(domain)
+                return
+            except GfsError as exc:
+                if time.monotonic() > deadline:
+                    ctx.log.error(
+                        "job %s: %s; the guest may stay frozen: check it now (virsh domfsthaw %s)",
+                        ctx.job.name,
+                        exc,
+                        domain.name(),
+                    )
+                    return
+            time.sleep(1)
 
     def _copy_shut_off(
         self, ctx: JobContext, connection: Connection, domain: Any, disks: list[Disk], folder: Path

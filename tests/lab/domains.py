@@ -284,12 +284,14 @@ class DomainFactory:
         memory_mib: int = 256,
         agent: bool = False,
         layout: str = "raw",
+        freeze_hang: int = 0,
     ) -> LabDomain:
         """Defines and starts a domain whose guest does `action` (see tests.lab.guest).
 
         `disk` is an existing image to attach; without it a blank qcow2 of `disk_mib` MiB
         is created. `agent` adds the guest-agent channel and starts qemu-ga in the guest.
         `layout` "fs" keeps the pattern in files on an ext2 filesystem instead of raw blocks.
+        `freeze_hang` seconds: the agent's filesystem freeze hangs that long.
         """
         if agent and not self.image.has_agent:
             raise LabError("the guest image has no qemu-ga: install qemu-guest-agent")
@@ -301,7 +303,9 @@ class DomainFactory:
             image=self.image,
             disk=disk,
             console_log=self.path(f"{name}.console.log"),
-            cmdline=guest_cmdline(action, tag=tag, after=after, agent=agent, layout=layout),
+            cmdline=guest_cmdline(
+                action, tag=tag, after=after, agent=agent, layout=layout, freeze_hang=freeze_hang
+            ),
             memory_mib=memory_mib,
             agent=agent,
         )

@@ -12,7 +12,8 @@ does what `gfs.action=` on the kernel command line says (see `guest_cmdline`):
   forever and prints `CHURN_MARKER n` every 100 writes: a running guest with a busy disk.
 
 `gfs.after=poweroff|idle|churn` overrides what follows the action. With `gfs.agent=1` /init
-starts qemu-ga on the virtio port `org.qemu.guest_agent.0` and prints `AGENT_MARKER`.
+starts qemu-ga on the virtio port `org.qemu.guest_agent.0` and prints `AGENT_MARKER`;
+`gfs.freezehang=N` gives that qemu-ga a freeze hook that sleeps N seconds (a hanging freeze).
 
 `gfs.layout=raw` (default), raw disk layout (offsets in bytes): a one-sector header
 `GFS-LAB-DISK tag=T` at 0, `PATTERN_SIZE` bytes of `pattern_bytes()` at `PATTERN_OFFSET`, the
@@ -67,7 +68,7 @@ while read -r module; do
     insmod "/modules/$module" || echo "GFS-GUEST-ERROR insmod $module"
 done </modules/order
 
-action=idle; tag=none; after=; agent=0; layout=raw
+action=idle; tag=none; after=; agent=0; layout=raw; freezehang=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         gfs.action=*) action=${arg#gfs.action=} ;;
@@ -75,6 +76,7 @@ for arg in $(cat /proc/cmdline); do
         gfs.after=*) after=${arg#gfs.after=} ;;
         gfs.agent=*) agent=${arg#gfs.agent=} ;;
         gfs.layout=*) layout=${arg#gfs.layout=} ;;
+        gfs.freezehang=*) freezehang=${arg#gfs.freezehang=} ;;
     esac
 done
 
@@ -92,7 +94,14 @@ start_agent() {
         device=/dev/${port##*/}
         wait_for_file "$device" -c
         mkdir -p /run/qemu-ga
-        if qemu-ga -d -m virtio-serial -p "$device" -t /run/qemu-ga -f /run/qemu-ga.pid; then
+        hook=
+        if [ "$freezehang" -gt 0 ]; then  # a guest whose freeze hangs: the hook sleeps
+            printf '#!/bin/sh\nsleep %s\n' "$freezehang" >/run/freeze-hook
+            chmod 755 /run/freeze-hook
+            hook=--fsfreeze-hook=/run/freeze-hook
+        fi
+        if qemu-ga -d -m virtio-serial -p "$device" -t /run/qemu-ga -f /run/qemu-ga.pid $hook
+        then
             echo "GFS-AGENT-UP $device"
         else
             echo "GFS-GUEST-ERROR qemu-ga failed"
@@ -336,6 +345,7 @@ def guest_cmdline(
     after: str | None = None,
     agent: bool = False,
     layout: str = "raw",
+    freeze_hang: int = 0,
 ) -> str:
     """The kernel command line that makes the guest's /init do `action` (see ACTIONS)."""
     if action not in ACTIONS:
@@ -350,4 +360,5 @@ def guest_cmdline(
     words += [f"gfs.after={after}"] if after else []
     words += ["gfs.agent=1"] if agent else []
     words += [f"gfs.layout={layout}"] if layout != "raw" else []
+    words += [f"gfs.freezehang={int(freeze_hang)}"] if freeze_hang else []
     return " ".join(words)

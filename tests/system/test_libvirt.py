@@ -272,3 +272,44 @@ def test_domain_destroyed_in_the_middle_of_its_backup(
     assert f"domain {vm.name} stopped during its backup: no generation was made" in (result.stderr)
     assert [p.name for p in (target / "vm").iterdir()] == []
     assert not vm.is_active()
+
+
+@pytest.mark.parametrize("quiesce", ["auto", "required"])
+def test_a_hanging_guest_freeze_times_out_and_the_guest_is_thawed(
+    quiesce: str, make_domain: object, mounts: Mounter, tmp_path: Path
+) -> None:
+    target = mounts("tgt", kind="tmpfs", size_mb=512)
+    vm: LabDomain = make_domain(  # type: ignore[operator]
+        action="churn", tag="h1", agent=True, layout="fs", freeze_hang=25
+    )
+    vm.wait_for_agent()
+    vm.wait_for("GFS-CHURN 100")
+    config = write_config(
+        tmp_path,
+        target,
+        "vm",
+        "libvirt",
+        "domain",
+        Path(vm.name),
+        DAILY,
+        extra=f'quiesce = "{quiesce}"\n',
+    )
+    started = time.monotonic()
+    result = gfs_subprocess("run", "--config", str(config))
+    elapsed = time.monotonic() - started
+    assert elapsed < 90, f"gfs waited {elapsed:.0f} s for a hanging freeze"
+    assert "could not freeze the filesystems" in result.stderr
+    if quiesce == "required":
+        assert result.returncode == 5, result.stderr
+        assert [p.name for p in (target / "vm").iterdir()] == []
+    else:
+        assert result.returncode == 0, result.stderr
+        assert "backing up crash-consistent" in result.stderr
+        (generation,) = [p for p in (target / "vm").iterdir()]
+        source = json.loads((generation / "manifest.json").read_text())["source"]
+        assert source["consistency"] == "crash-consistent"
+        assert "could not freeze" in source["quiesce_failed"]
+    # libvirt keeps the agent marked unresponsive after the timed-out freeze, so gfs
+    # cannot thaw what the guest froze late: it must say so, loudly, with the fix.
+    assert f"the guest may stay frozen: check it now (virsh domfsthaw {vm.name})" in result.stderr
+    assert vm.is_active()
