@@ -16,6 +16,7 @@ from pathlib import Path
 from gfs_backup.guest_agent import AgentClient
 from gfs_backup.runner import Command, LocalRunner
 
+AGENT_SOCKET = "qga.sock"  # relative to QEMU's working directory: no sun_path length limit
 POLL_SECONDS = 0.2
 AGENT_ATTEMPT_SECONDS = 1.0
 CONSOLE_TAIL_BYTES = 2048
@@ -59,12 +60,14 @@ def console_tail(text: str, limit: int = CONSOLE_TAIL_BYTES) -> str:
 def boot_and_check(
     runner: LocalRunner, argv: tuple[str, ...], workdir: Path, check: BootCheck, console: Path
 ) -> BootResult:
-    """Start QEMU (argv) in `workdir`, wait for the check, kill QEMU; the verdict."""
+    """Start QEMU (argv) in `workdir`, wait for the check, kill QEMU; the verdict.
+
+    The agent socket (when checked) is AGENT_SOCKET in `workdir`, named relative in argv."""
     pattern = re.compile(check.console) if check.console is not None else None
-    agent = AgentClient(workdir / "qga.sock") if check.agent else None
+    agent = AgentClient(workdir / AGENT_SOCKET) if check.agent else None
     env = {**os.environ, "TMPDIR": str(workdir)}
     started = time.monotonic()
-    process = runner.spawn(Command(argv, timeout=None), workdir / "qemu.log", env)
+    process = runner.spawn(Command(argv, timeout=None), workdir / "qemu.log", env, workdir)
     try:
         passed, reason = _watch(process, pattern, agent, check, console, started)
     finally:

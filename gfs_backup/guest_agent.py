@@ -9,6 +9,7 @@ The protocol (QEMU guest agent docs): one JSON object per line. A client first s
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 MAX_LINE = 1 << 16
+MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes with its NUL
 
 
 def agent_request(command: str, arguments: dict[str, Any] | None = None) -> bytes:
@@ -49,11 +51,24 @@ class AgentClient:
         self.sock: socket.socket | None = None
         self.buffer = b""
         self.last_error = "the guest agent socket was never opened"
+        self.dir_fd: int | None = None
 
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        if self.dir_fd is not None:
+            os.close(self.dir_fd)
+            self.dir_fd = None
+
+    def _address(self) -> str:
+        """The socket's path, or for a long one (a deep scratch directory) a short path
+        through an open descriptor of its directory: sun_path holds only 108 bytes."""
+        if len(os.fsencode(self.path)) <= MAX_SOCKET_PATH:
+            return str(self.path)
+        if self.dir_fd is None:
+            self.dir_fd = os.open(self.path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return f"/proc/self/fd/{self.dir_fd}/{self.path.name}"
 
     def attempt(self, budget: float) -> bool:
         """True when guest-sync and guest-ping both answered within `budget` seconds."""
@@ -62,7 +77,7 @@ class AgentClient:
             if self.sock is None:
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 self.sock.settimeout(budget)
-                self.sock.connect(str(self.path))
+                self.sock.connect(self._address())
                 self.buffer = b""
             sync_id = random.randrange(1, 1 << 31)
             self._send(agent_request("guest-sync", {"id": sync_id}))
@@ -75,7 +90,9 @@ class AgentClient:
                 return False
         except OSError as exc:
             self.last_error = f"guest agent socket {self.path}: {exc.strerror or exc}"
-            self.close()
+            if self.sock is not None:
+                self.sock.close()
+                self.sock = None
             return False
         return True
 

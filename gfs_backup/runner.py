@@ -106,10 +106,12 @@ class LocalRunner:
             raise CommandError(command, f"exit status {done.returncode}: {_tail(done.stderr)}")
         return result
 
-    def spawn(self, command: Command, output: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        """Start `command` in the background (e.g. a drill's QEMU), stdout and stderr to the
-        file `output`. The caller ends it by its PID; if gfs dies first, the kernel kills it
-        (PR_SET_PDEATHSIG), so it never outlives gfs."""
+    def spawn(
+        self, command: Command, output: Path, env: dict[str, str], cwd: Path
+    ) -> subprocess.Popen[bytes]:
+        """Start `command` in the background in `cwd` (e.g. a drill's QEMU), stdout and
+        stderr to the file `output`. The caller ends it by its PID; if gfs dies first, the
+        kernel kills it (PR_SET_PDEATHSIG), so it never outlives gfs."""
         if self.dry_run and command.mutating:
             raise GfsError(f"internal: starting {command} in dry-run")
         log.debug("starting %s", command)
@@ -121,6 +123,7 @@ class LocalRunner:
                     stdout=sink,
                     stderr=subprocess.STDOUT,
                     env=env,
+                    cwd=cwd,
                     preexec_fn=_die_with_parent,
                 )
             except FileNotFoundError:
