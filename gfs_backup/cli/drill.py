@@ -12,10 +12,10 @@ from gfs_backup.actions.drill import drill, result_json
 from gfs_backup.actions.plan import select_jobs
 from gfs_backup.actions.run import now_utc
 from gfs_backup.cli.data import generation_option
-from gfs_backup.cli.jobs import _on_sigterm, wait_option
+from gfs_backup.cli.jobs import Terminated, _on_sigterm, wait_option
 from gfs_backup.cli.options import config_option, json_option
 from gfs_backup.config import load_config
-from gfs_backup.errors import ExitCode
+from gfs_backup.errors import ExitCode, GfsError
 
 
 @click.command("drill")
@@ -56,13 +56,19 @@ def drill_command(
     (regex), agent (true/false), timeout (seconds or "5m", default 5 min), memory (MiB
     cap, default 1024), accel (tcg, the default, or kvm).
     \b
-    Exit 0 passed, 5 the drill failed, 3 invalid configuration, 6 the job's lock is held.
+    Exit 0 passed, 5 the drill failed (or was interrupted), 3 invalid configuration,
+    6 the job's lock is held.
     """
     config = load_config(config_path)
     (selected,) = select_jobs(config, [job])
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         result = drill(config, selected, generation, now_utc(), wait)
+    except Terminated:
+        raise GfsError(
+            f"job {job}: drill interrupted by SIGTERM: QEMU was killed and the scratch "
+            "directory removed; nothing was recorded"
+        ) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
     if as_json:

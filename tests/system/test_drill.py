@@ -7,6 +7,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +180,42 @@ def test_vm_drill_with_the_guest_agent_and_on_schedule(
     newest = listing(run_gfs("list", "--config", str(config), "--json"))[-1]
     (record,) = drills(newest)
     assert record["outcome"] == "pass" and record["check"] == "boot: agent ping"
+    assert_clean(scratch)
+    assert vm.is_active()
+
+
+def test_sigterm_during_a_vm_drill_kills_qemu_and_removes_the_scratch(
+    make_domain: Any, mounts: Mounter, tmp_path: Path, run_gfs: RunGfs
+) -> None:
+    target = mounts("tgt", kind="tmpfs", size_mb=512)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    vm: LabDomain = make_domain(action="idle")
+    vm.wait_for("GFS-GUEST-UP")
+    extra = f"scratch_dir = {json.dumps(str(scratch))}\n"
+    never = policy('console = "NEVER-PRINTED"\ntimeout = 600\n')
+    config = write_config(tmp_path, target, "vm", "libvirt", "domain", Path(vm.name), never, extra)
+    assert run_gfs("run", "--config", str(config)).exit_code == 0
+    drill = subprocess.Popen(
+        [sys.executable, "-m", "gfs_backup", "drill", "vm", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not any(scratch.glob("*/console.log")) or not processes_mentioning(str(scratch)):
+            assert drill.poll() is None and time.monotonic() < deadline, "no drill QEMU started"
+            time.sleep(0.2)
+        time.sleep(1)  # the guest is booting
+        drill.send_signal(signal.SIGTERM)
+        _out, err = drill.communicate(timeout=60)
+    finally:
+        if drill.poll() is None:
+            drill.kill()
+            drill.wait()
+    assert drill.returncode == 5, err
+    assert "drill interrupted by SIGTERM" in err and "Traceback" not in err
     assert_clean(scratch)
     assert vm.is_active()
 
