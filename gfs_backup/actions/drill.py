@@ -133,8 +133,8 @@ def drill_locked(job: Job, stored: Stored, root: Path, state: State, now: dateti
     started = time.monotonic()
     passed, reason, tail = False, "", ""
     try:
-        workdir.mkdir(mode=0o700)
         try:
+            workdir.mkdir(mode=0o700)
             reason = _drill_kind(ctx, stored, workdir)
             passed = True
         except DrillCheckFailed as exc:
