@@ -16,6 +16,7 @@ domain = "web01"
 host = "kvm2"
 target = "nas"
 policy = "classic-gfs"              # a policy name, a path, or an inline table
+scratch_dir = "/var/tmp"            # where `gfs drill` restores (btrfs jobs: on btrfs)
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ LOCAL_HOST = "local"
 TOP_KEYS = ("state_dir", "policy_dir", "concurrency", "target", "hosts", "job")
 TARGET_KEYS = ("path", "require_nfs")
 HOST_KEYS = ("address", "user", "port", "identity_file", "known_hosts")
-JOB_COMMON_KEYS = ("name", "kind", "host", "target", "policy")
-PATH_KEYS = ("path", "subvolume", "snapshot_dir", "overlay_dir")
+JOB_COMMON_KEYS = ("name", "kind", "host", "target", "policy", "scratch_dir")
+PATH_KEYS = ("path", "subvolume", "snapshot_dir", "overlay_dir", "scratch_dir")
 # Per kind: (required keys, optional keys).
 KIND_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "libvirt": (("domain",), ("disks", "uri", "quiesce", "method", "overlay_dir")),
@@ -218,7 +219,7 @@ def _job(
     policy = _job_policy(table, path, collector, policy_dir)
     if policy is None:
         return None
-    options = {key: table[key] for key in (*required, *optional) if key in table}
+    options = {key: table[key] for key in (*required, *optional, "scratch_dir") if key in table}
     for key in PATH_KEYS:
         if key in options:
             _check_path(options[key], join_key(path, key), collector)

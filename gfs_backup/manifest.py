@@ -73,6 +73,9 @@ class Manifest:
     def with_verify(self, record: dict[str, Any]) -> Manifest:
         return replace(self, verify=(*self.verify, record)[-MAX_HISTORY:])
 
+    def with_drill(self, record: dict[str, Any]) -> Manifest:
+        return replace(self, drills=(*self.drills, record)[-MAX_HISTORY:])
+
 
 def _field(data: dict[str, Any], key: str, kind: type, where: str) -> Any:
     if key not in data:

@@ -14,8 +14,14 @@ A policy file (`policies/NAME.toml`, or an inline `policy` table of a job):
     [verify]
     after_export = true
     schedule = "Sun 05:00"
-    [drill]
-    schedule = "monthly"
+    [drill]                      # restore drills (`gfs drill`), see DrillSettings
+    schedule = "monthly"         # scheduled after `gfs run` of the job
+    select = "grandfather"       # newest | son | father | grandfather | yearly
+    console = "login:"           # VM: a regular expression on the serial console
+    agent = false                # VM: the guest agent must answer guest-ping
+    timeout = "5m"               # VM: seconds, or a number with s, m or h
+    memory = 1024                # VM: MiB cap (the domain's memory if smaller)
+    accel = "tcg"                # VM: tcg (works everywhere) or kvm
 """
 
 from __future__ import annotations
@@ -56,8 +62,45 @@ POLICY_KEYS = (
     "verify",
     "drill",
 )
+DRILL_KEYS = ("schedule", "select", "console", "agent", "timeout", "memory", "accel")
+DRILL_SELECT = ("newest", "son", "father", "grandfather", "yearly")
+DRILL_ACCEL = ("tcg", "kvm")
+DEFAULT_DRILL_CONSOLE = "login:"
+_DURATION_RE = re.compile(r"(\d+)\s*([smh]?)")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SYSTEM_POLICY_DIR = Path("/etc/gfs/policies")
+
+
+@dataclass(frozen=True)
+class DrillSettings:
+    """How `gfs drill` checks a VM generation and which generation a scheduled drill picks.
+
+    Without `console` and `agent`, a VM drill waits for DEFAULT_DRILL_CONSOLE (the `login:`
+    prompt of a getty on the serial console); `console` and `agent` together: both must pass.
+    """
+
+    select: str = "newest"
+    console: str | None = None
+    agent: bool = False
+    timeout: float = 300.0
+    memory_mib: int = 1024
+    accel: str = "tcg"
+
+    @property
+    def console_pattern(self) -> str | None:
+        """The console regular expression the drill waits for (None: agent only)."""
+        if self.console is None and not self.agent:
+            return DEFAULT_DRILL_CONSOLE
+        return self.console
+
+    def describe(self) -> str:
+        """The check in a few words, e.g. `console /login:/ + agent ping`."""
+        parts = []
+        if self.console_pattern is not None:
+            parts.append(f"console /{self.console_pattern}/")
+        if self.agent:
+            parts.append("agent ping")
+        return " + ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -76,6 +119,7 @@ class Policy:
     verify_after_export: bool = True
     verify_schedule: Schedule | None = None
     drill_schedule: Schedule | None = None
+    drill: DrillSettings = DrillSettings()
 
 
 def build_rules(
@@ -168,7 +212,7 @@ def policy_from_table(
         rules = build_rules(semantics, retention, collector, retention_path)
     snapshots = _sub_table(table, "snapshots", ("schedule", "keep"), collector, path)
     verify = _sub_table(table, "verify", ("after_export", "schedule"), collector, path)
-    drill = _sub_table(table, "drill", ("schedule",), collector, path)
+    drill = _sub_table(table, "drill", DRILL_KEYS, collector, path)
     return Policy(
         name=name,
         source=collector.source,
@@ -184,7 +228,61 @@ def policy_from_table(
         ),
         verify_schedule=_optional_schedule(verify, collector, join_key(path, "verify")),
         drill_schedule=_optional_schedule(drill, collector, join_key(path, "drill")),
+        drill=drill_settings(drill, collector, join_key(path, "drill")),
     )
+
+
+def drill_settings(table: Table, collector: Collector, path: str) -> DrillSettings:
+    """Validate the [drill] keys other than `schedule`; problems go to `collector`."""
+    default = DrillSettings()
+    select = collector.convert(table, "select", path, _choice(DRILL_SELECT), default.select)
+    accel = collector.convert(table, "accel", path, _choice(DRILL_ACCEL), default.accel)
+    console = collector.convert(table, "console", path, _regex, None)
+    agent = collector.get(table, "agent", path, bool, False, "true or false")
+    memory = collector.get(table, "memory", path, int, default.memory_mib, "MiB as an integer")
+    if not 64 <= memory <= 1 << 20:
+        collector.add(join_key(path, "memory"), f"{memory} MiB is not allowed: use 64 or more")
+        memory = default.memory_mib
+    timeout = default.timeout
+    if "timeout" in table:
+        value = table["timeout"]
+        try:
+            timeout = parse_drill_timeout(value)
+        except ValueError as exc:
+            collector.add(join_key(path, "timeout"), str(exc))
+    return DrillSettings(select, console, agent, timeout, memory, accel)
+
+
+def parse_drill_timeout(value: object) -> float:
+    """Seconds from an integer or a string like `90`, `90s`, `5m`, `1h` (10 s to 24 h)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        seconds = value
+    elif isinstance(value, str) and (match := _DURATION_RE.fullmatch(value.strip())):
+        seconds = int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+    else:
+        raise ValueError(f"expected seconds or a duration such as '5m' or '90s', got {value!r}")
+    if not 10 <= seconds <= 86400:
+        raise ValueError(f"{seconds} s is not allowed: use 10 s to 24 h")
+    return float(seconds)
+
+
+def _choice(allowed: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(f"unknown value {text!r} (allowed: {', '.join(allowed)})")
+        return text
+
+    return parse
+
+
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from None
+    if not text:
+        raise ValueError("an empty regular expression matches anything: give a marker")
+    return text
 
 
 def _sub_table(

@@ -7,12 +7,15 @@ and the end of its stderr.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import shlex
+import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Protocol
 
 from gfs_backup.errors import ExitCode, GfsError
@@ -103,6 +106,29 @@ class LocalRunner:
             raise CommandError(command, f"exit status {done.returncode}: {_tail(done.stderr)}")
         return result
 
+    def spawn(
+        self, command: Command, output: Path, env: dict[str, str], cwd: Path
+    ) -> subprocess.Popen[bytes]:
+        """Start `command` in the background in `cwd` (e.g. a drill's QEMU), stdout and
+        stderr to the file `output`. The caller ends it by its PID; if gfs dies first, the
+        kernel kills it (PR_SET_PDEATHSIG), so it never outlives gfs."""
+        if self.dry_run and command.mutating:
+            raise GfsError(f"internal: starting {command} in dry-run")
+        log.debug("starting %s", command)
+        with output.open("wb") as sink:
+            try:
+                return subprocess.Popen(
+                    command.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=cwd,
+                    preexec_fn=_die_with_parent,
+                )
+            except FileNotFoundError:
+                raise CommandError(command, "not installed (command not found)") from None
+
     @contextmanager
     def reading(self, command: Command) -> Iterator[IO[bytes]]:
         """Run `command` and yield its stdout as a binary stream (e.g. `btrfs send`)."""
@@ -159,3 +185,11 @@ class LocalRunner:
             raise CommandError(command, f"timed out after {command.timeout:.0f} s") from None
         if process.returncode != 0:
             raise CommandError(command, f"exit status {process.returncode}: {_tail(err)}")
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the process that started it dies."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

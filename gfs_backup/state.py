@@ -50,7 +50,7 @@ class RunRecord:
     job: str
     started_at: datetime
     finished_at: datetime | None
-    status: str  # running | ok | failed | interrupted
+    status: str  # running | ok | failed | interrupted | restored | drilled | drill-failed
     generation: str | None
     bytes: int
     seconds: float | None
@@ -166,6 +166,16 @@ class State:
         row = self.db.execute(
             "SELECT id, job, started_at, finished_at, status, generation, bytes, seconds, "
             "message FROM runs WHERE job = ? AND status = 'ok' ORDER BY id DESC LIMIT 1",
+            (job,),
+        ).fetchone()
+        return _run(row) if row else None
+
+    def last_drill(self, job: str) -> RunRecord | None:
+        """The job's newest finished drill (status drilled or drill-failed)."""
+        row = self.db.execute(
+            "SELECT id, job, started_at, finished_at, status, generation, bytes, seconds, "
+            "message FROM runs WHERE job = ? AND status IN ('drilled', 'drill-failed') "
+            "ORDER BY id DESC LIMIT 1",
             (job,),
         ).fetchone()
         return _run(row) if row else None

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from gfs_backup.actions.drill import periodic_drill
 from gfs_backup.actions.prune import journaled_delete, prune_job
 from gfs_backup.actions.reconcile import reconcile
 from gfs_backup.actions.verify import check_data, last_check_time, verify_stored
@@ -220,6 +221,7 @@ def _pipeline(
     if options.prune:
         pruned = prune_job(job, job_dir, ctx.now, journaled_delete(ctx)).deleted
     warnings += periodic_verify(job, job_dir, ctx.now)
+    warnings += periodic_drill(job, job_dir, ctx.state, ctx.now)
     return JobOutcome(
         job.name, "ok", partial.generation, exported.bytes_written, warnings=warnings, pruned=pruned
     )

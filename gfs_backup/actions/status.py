@@ -31,6 +31,7 @@ class JobStatus:
     last_success: RunRecord | None
     next_due: datetime | None
     warnings: list[str] = field(default_factory=list)
+    last_drill: RunRecord | None = None
 
 
 def job_status(config: Config, job: Job, state: State | None, now: datetime) -> JobStatus:
@@ -38,8 +39,14 @@ def job_status(config: Config, job: Job, state: State | None, now: datetime) -> 
     listing = list_generations(job_dir)
     runs = state.runs(job.name, 1) if state is not None else []
     last_success = state.last_success(job.name) if state is not None else None
+    last_drill = state.last_drill(job.name) if state is not None else None
     warnings = [str(problem) for problem in listing.problems]
     warnings += health_warnings(config, job, listing, state, now)
+    if last_drill is not None and last_drill.status == "drill-failed":
+        warnings.append(
+            f"job {job.name}: the last drill (generation {last_drill.generation}) failed: "
+            f"{last_drill.message}"
+        )
     return JobStatus(
         job,
         job_dir,
@@ -48,6 +55,7 @@ def job_status(config: Config, job: Job, state: State | None, now: datetime) -> 
         last_success,
         next_due(job, state, job_dir, now),
         warnings,
+        last_drill,
     )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from gfs_backup import __version__
-from gfs_backup.cli import check, data, inspect, jobs, plan
+from gfs_backup.cli import check, data, drill, inspect, jobs, plan
 from gfs_backup.cli.progress import setup_logging
 from gfs_backup.errors import ExitCode, GfsError
 
@@ -84,6 +84,7 @@ for command in (
     inspect.status_command,
     data.verify_command,
     data.restore_command,
+    drill.drill_command,
     data.protect_command,
     data.unprotect_command,
 ):

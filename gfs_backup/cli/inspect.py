@@ -28,6 +28,7 @@ def _stored_json(stored: Stored) -> dict[str, Any]:
         "point_in_time": manifest.point_in_time,
         "size": generation_size(stored),
         "verified": manifest.verify[-1] if manifest.verify else None,
+        "drilled": manifest.drills[-1] if manifest.drills else None,
         "path": str(stored.path),
     }
 
@@ -70,6 +71,9 @@ def list_command(jobs: tuple[str, ...], config_path: Path, as_json: bool) -> Non
             manifest = stored.manifest
             flags = [",".join(manifest.labels) or "-"]
             flags.append("verified" if last_verified_ok(stored) else "unverified")
+            if manifest.drills:
+                passed = manifest.drills[-1].get("outcome") == "pass"
+                flags.append("drill passed" if passed else "drill FAILED")
             if manifest.protected:
                 flags.append("protected")
             if not manifest.point_in_time:
@@ -88,7 +92,8 @@ def list_command(jobs: tuple[str, ...], config_path: Path, as_json: bool) -> Non
 @config_option
 @json_option
 def status_command(jobs: tuple[str, ...], config_path: Path, as_json: bool) -> None:
-    """Last result of each job: last success, its age and size, next due, warnings."""
+    """Last result of each job: last success, its age and size, next due, the last
+    restore drill (`gfs drill`), warnings."""
     config = load_config(config_path)
     now = datetime.now(timezone.utc)
     state = State.read_only(config.state_dir)
@@ -100,6 +105,7 @@ def status_command(jobs: tuple[str, ...], config_path: Path, as_json: bool) -> N
     rows: list[dict[str, Any]] = []
     for status in statuses:
         success = status.last_success
+        drilled = status.last_drill
         rows.append(
             {
                 "job": status.job.name,
@@ -112,6 +118,15 @@ def status_command(jobs: tuple[str, ...], config_path: Path, as_json: bool) -> N
                 "bytes": success.bytes if success else None,
                 "generations": len(status.listing.stored),
                 "next_due": status.next_due.isoformat() if status.next_due else None,
+                "last_drill": {
+                    "time": drilled.started_at.isoformat(),
+                    "generation": drilled.generation,
+                    "outcome": "pass" if drilled.status == "drilled" else "fail",
+                    "seconds": drilled.seconds,
+                    "message": drilled.message,
+                }
+                if drilled
+                else None,
                 "warnings": status.warnings,
             }
         )
@@ -125,5 +140,12 @@ def status_command(jobs: tuple[str, ...], config_path: Path, as_json: bool) -> N
             + (f" ({row['age_hours']} h ago, {row['bytes']:,d} B)" if row["last_success"] else "")
             + f", {row['generations']} generation(s), next due {row['next_due']}"
         )
+        drill = row["last_drill"]
+        if drill is not None:
+            verdict = "passed" if drill["outcome"] == "pass" else "FAILED"
+            click.echo(
+                f"  last drill: {verdict} {drill['time']} (generation {drill['generation']}): "
+                f"{drill['message']}"
+            )
         for warning in row["warnings"]:
             click.echo(f"  warning: {warning}")

@@ -1,0 +1,336 @@
+"""`gfs drill`: prove a generation restores, in a scratch directory that is always removed.
+
+- libvirt: the disks are copied into the scratch directory (checksummed in the same pass
+  against the manifest, then `qemu-img check`), and booted from the saved domain XML in an
+  isolated plain QEMU (see drillvm): no network, memory capped, snapshot mode, never libvirt.
+  Pass when the policy's console regex appears and/or the guest agent answers in time.
+- files: the tree is restored with owners, modes, times and xattrs, and every restored file
+  is re-read and compared with the manifest's checksums.
+- btrfs: the stream's checksum is checked, `btrfs receive` (which checks every command's
+  CRC) restores it on a btrfs scratch directory, its received UUID must be the snapshot's,
+  then every file of the restored subvolume is read back (btrfs checks its data checksums
+  on read). `btrfs check` needs an unmounted filesystem and `btrfs scrub` covers the whole
+  scratch filesystem, so neither is run.
+
+The result goes into the generation's manifest (`drills`) and the run history.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from gfs_backup.actions.reconcile import remove_leftover
+from gfs_backup.actions.restore import find_generation
+from gfs_backup.actions.verify import check_data
+from gfs_backup.backends import backend_for
+from gfs_backup.backends.base import JobContext, RestoreOptions
+from gfs_backup.backends.libvirt import qemu_img_problems
+from gfs_backup.catalog import Stored, list_generations
+from gfs_backup.config import Config, Job
+from gfs_backup.copy import copy_file
+from gfs_backup.drillboot import AGENT_SOCKET, BootCheck, boot_and_check
+from gfs_backup.drillvm import DrillLimits, make_qemu_argv, parse_drill_machine
+from gfs_backup.errors import GfsError, InputError, Problem
+from gfs_backup.lock import job_lock
+from gfs_backup.manifest import read_manifest, write_manifest
+from gfs_backup.mounts import mount_of, read_mounts
+from gfs_backup.runner import LocalRunner
+from gfs_backup.state import State
+
+log = logging.getLogger("gfs")
+DEFAULT_SCRATCH = Path("/var/tmp")
+WORKDIR_PREFIX = ".gfs-drill-"
+
+
+class DrillCheckFailed(Exception):
+    """The generation did not pass: `reason` says why, `tail` is the console's end."""
+
+    def __init__(self, reason: str, tail: str = "") -> None:
+        super().__init__(reason)
+        self.tail = tail
+
+
+@dataclass(frozen=True)
+class DrillResult:
+    job: str
+    generation: str
+    passed: bool
+    check: str  # what was checked, in a few words
+    reason: str
+    seconds: float
+    time: datetime
+    console_tail: str = ""
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's `drills` entry (console tail only on failure)."""
+        entry: dict[str, Any] = {
+            "time": self.time.astimezone(timezone.utc).isoformat().replace("+00:00", "Z"),
+            "duration_s": round(self.seconds, 2),
+            "outcome": "pass" if self.passed else "fail",
+            "check": self.check,
+            "reason": self.reason,
+        }
+        if not self.passed and self.console_tail:
+            entry["console_tail"] = self.console_tail
+        return entry
+
+
+def scratch_root(job: Job) -> Path:
+    """Where the job's drills restore: `scratch_dir`, else /var/tmp (btrfs: the directory
+    holding the subvolume). InputError when it is missing or (btrfs) not on btrfs."""
+    configured = job.options.get("scratch_dir")
+    if configured:
+        root = Path(configured)
+    elif job.kind == "btrfs":
+        root = Path(job.options["subvolume"]).parent
+    else:
+        root = DEFAULT_SCRATCH
+    where = f"job {job.name}: scratch_dir"
+    if not root.is_dir():
+        raise InputError(Problem(where, f"{root} is not a directory: create it or set scratch_dir"))
+    if job.kind == "btrfs":
+        fstype = mount_of(root, read_mounts()).fstype
+        if fstype != "btrfs":
+            raise InputError(
+                Problem(
+                    where,
+                    f"{root} is on {fstype}, but a btrfs drill receives the subvolume "
+                    "there: set scratch_dir in the job to a directory on a btrfs filesystem",
+                )
+            )
+    return root
+
+
+def drill(
+    config: Config, job: Job, generation: str | None, now: datetime, wait: bool = False
+) -> DrillResult:
+    """Drill the named (or newest) generation of `job` under its lock; record the result."""
+    stored = find_generation(config, job, generation)
+    root = scratch_root(job)
+    with job_lock(config.state_dir, job.name, wait):
+        state = State(config.state_dir)
+        try:
+            remove_leftover_drills(state, job)
+            return drill_locked(job, stored, root, state, now)
+        finally:
+            state.close()
+
+
+def drill_locked(job: Job, stored: Stored, root: Path, state: State, now: datetime) -> DrillResult:
+    """Drill `stored` in a new directory under `root` (the caller holds the job's lock)."""
+    run_id = state.start_run(job.name)
+    workdir = root / f"{WORKDIR_PREFIX}{job.name}-{stored.id}-r{run_id}"
+    entry = state.journal(run_id, job.name, "drill", str(workdir))
+    ctx = JobContext(job, LocalRunner(), state, run_id, now, log)
+    check = describe_check(job, stored)
+    log.info("job %s: drill of %s in %s (%s)", job.name, stored.id, workdir, check)
+    started = time.monotonic()
+    passed, reason, tail = False, "", ""
+    try:
+        try:
+            workdir.mkdir(mode=0o700)
+            reason = _drill_kind(ctx, stored, workdir)
+            passed = True
+        except DrillCheckFailed as exc:
+            reason, tail = str(exc), exc.tail
+        except (GfsError, OSError, ValueError) as exc:
+            reason = _one_line(exc)
+    except BaseException:
+        state.finish_run(run_id, "interrupted", stored.id, message="drill interrupted")
+        raise
+    finally:
+        remove_leftover(ctx.runner, workdir)
+        state.done(entry)
+    result = DrillResult(
+        job.name, stored.id, passed, check, reason, time.monotonic() - started, now, tail
+    )
+    _record(stored, result)
+    status = "drilled" if passed else "drill-failed"
+    state.finish_run(run_id, status, stored.id, seconds=result.seconds, message=reason)
+    verdict = "passed" if passed else "FAILED"
+    (log.info if passed else log.error)(
+        "job %s: drill of %s %s: %s", job.name, stored.id, verdict, reason
+    )
+    return result
+
+
+def describe_check(job: Job, stored: Stored) -> str:
+    kind = stored.manifest.kind
+    if kind == "libvirt":
+        return f"boot: {job.policy.drill.describe()}"
+    if kind == "btrfs":
+        return "btrfs receive + received UUID + read back"
+    return "restore + checksums of every file"
+
+
+def _drill_kind(ctx: JobContext, stored: Stored, workdir: Path) -> str:
+    kind = stored.manifest.kind
+    if kind == "libvirt":
+        return _drill_vm(ctx, stored, workdir)
+    if kind == "btrfs":
+        return _drill_btrfs(ctx, stored, workdir)
+    if kind == "files":
+        restored = workdir / "restored"
+        backend_for(kind).restore(ctx, stored, restored, None, RestoreOptions())
+        return f"restored {len(stored.manifest.tree)} entries, every checksum matches"
+    raise DrillCheckFailed(f"no drill for {kind} generations yet")
+
+
+def _drill_vm(ctx: JobContext, stored: Stored, workdir: Path) -> str:
+    settings = ctx.job.policy.drill
+    copies = {
+        Path(data.path).stem: workdir / f"disk{index}.qcow2"
+        for index, data in enumerate(stored.manifest.files)
+    }
+    try:
+        machine = parse_drill_machine(str(stored.manifest.source.get("xml", "")), copies)
+    except ValueError as exc:
+        raise DrillCheckFailed(f"cannot boot generation {stored.id}: {exc}") from None
+    for path in (machine.kernel, machine.initrd):
+        if path is not None and not Path(path).is_file():
+            raise DrillCheckFailed(f"the domain boots {path}, which is not on this host")
+    for data, copy in zip(stored.manifest.files, copies.values(), strict=True):
+        result = copy_file(stored.path / data.path, copy)
+        if (result.size, result.digest) != (data.size, data.digest):
+            raise DrillCheckFailed(
+                f"{data.path}: the restored copy does not match the manifest's checksum "
+                "(the generation's data is corrupted)"
+            )
+        problems = qemu_img_problems(ctx.runner, copy)
+        if problems:
+            raise DrillCheckFailed(f"{data.path}: qemu-img check: {problems}")
+    agent_socket = Path(AGENT_SOCKET) if settings.agent else None  # QEMU runs in workdir
+    console = workdir / "console.log"
+    limits = DrillLimits(
+        settings.memory_mib, settings.accel, console, agent_socket, f"gfs-drill-{ctx.job.name}"
+    )
+    assert isinstance(ctx.runner, LocalRunner)
+    booted = boot_and_check(
+        ctx.runner,
+        make_qemu_argv(machine, limits),
+        workdir,
+        BootCheck(settings.console_pattern, settings.agent, settings.timeout),
+        console,
+    )
+    if not booted.passed:
+        raise DrillCheckFailed(booted.reason, booted.console_tail)
+    return booted.reason
+
+
+def _drill_btrfs(ctx: JobContext, stored: Stored, workdir: Path) -> str:
+    problems = check_data(stored)
+    if problems:
+        raise DrillCheckFailed(f"generation {stored.id} is damaged: {'; '.join(problems[:3])}")
+    restored = workdir / "subvolume"
+    backend_for("btrfs").restore(ctx, stored, restored, None, RestoreOptions())
+    files, size = read_back(restored)
+    return f"received, UUID matches, read back {files} files ({size:,d} bytes)"
+
+
+def read_back(root: Path) -> tuple[int, int]:
+    """Read every regular file under `root` (btrfs verifies data checksums on read).
+
+    Raises DrillCheckFailed naming the first file that cannot be read.
+    """
+    files = size = 0
+    for directory, _dirs, names in os.walk(root):
+        for name in names:
+            path = Path(directory) / name
+            if path.is_symlink() or not path.is_file():
+                continue
+            try:
+                with path.open("rb") as handle:
+                    while chunk := handle.read(1 << 20):
+                        size += len(chunk)
+            except OSError as exc:
+                raise DrillCheckFailed(
+                    f"{path.relative_to(root)}: cannot be read back: {exc.strerror}"
+                ) from None
+            files += 1
+    return files, size
+
+
+def remove_leftover_drills(state: State, job: Job) -> None:
+    """Scratch directories of drills that were killed (their journal entries are open)."""
+    for entry in state.open_entries(job.name):
+        if entry.action == "drill":
+            remove_leftover(LocalRunner(), Path(entry.path))
+            state.done(entry.id)
+            log.info("job %s: removed leftover drill directory %s", job.name, entry.path)
+
+
+def _record(stored: Stored, result: DrillResult) -> None:
+    """Append the result to the generation's manifest (re-read: it may have changed)."""
+    try:
+        manifest = read_manifest(stored.path)
+        write_manifest(stored.path, manifest.with_drill(result.record()))
+    except (OSError, ValueError) as exc:
+        log.warning("job %s: drill result not recorded in %s: %s", result.job, stored.path, exc)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.filename:
+        text = f"{exc.strerror or exc}: {exc.filename}"
+    return text or type(exc).__name__
+
+
+def select_for_schedule(job: Job, stored: list[Stored]) -> Stored | None:
+    """The generation a scheduled drill picks: the newest with the policy's `select` label
+    (the newest generation when none has it, or for `newest`)."""
+    if not stored:
+        return None
+    wanted = job.policy.drill.select
+    if wanted != "newest":
+        labelled = [item for item in stored if wanted in item.manifest.labels]
+        if labelled:
+            return labelled[-1]
+        log.info("job %s: no %s generation to drill: drilling the newest", job.name, wanted)
+    return stored[-1]
+
+
+def last_drill_time(stored: list[Stored]) -> datetime | None:
+    """When any generation of the job was last drilled."""
+    times = []
+    for item in stored:
+        for record in item.manifest.drills:
+            try:
+                times.append(
+                    datetime.fromisoformat(str(record.get("time", "")).replace("Z", "+00:00"))
+                )
+            except ValueError:
+                continue
+    return max(times, default=None)
+
+
+def periodic_drill(job: Job, job_dir: Path, state: State, now: datetime) -> list[str]:
+    """After a run: drill the selected generation when the policy's drill schedule fired
+    since the last drill (or since the oldest generation). A warning if it failed."""
+    schedule = job.policy.drill_schedule
+    if schedule is None:
+        return []
+    stored = list_generations(job_dir).stored
+    chosen = select_for_schedule(job, stored)
+    if chosen is None:
+        return []
+    reference = last_drill_time(stored) or stored[0].manifest.created_at
+    due = schedule.next_after(reference, job.policy.zone)
+    if due is None or due > now:
+        return []
+    try:
+        result = drill_locked(job, chosen, scratch_root(job), state, now)
+    except GfsError as exc:
+        return [f"scheduled drill not run: {exc}"]
+    if result.passed:
+        return []
+    return [f"drill of generation {chosen.id} failed: {result.reason}"]
+
+
+def result_json(result: DrillResult) -> dict[str, Any]:
+    return {"job": result.job, "generation": result.generation, **result.record()}
