@@ -164,6 +164,12 @@ class _Record:
     qemu: ProcessRecord
 
 
+def write_record(path: Path, owner: ProcessRecord, qemu: ProcessRecord) -> None:
+    """Records that the session `owner` runs the remote-host `qemu` (for reaping)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"owner": asdict(owner), "qemu": asdict(qemu)}))
+
+
 def reap_stale_remote_hosts(state_dir: Path = STATE_DIR) -> None:
     """Kills (by PID) the remote-host QEMUs of test sessions that died; forgets them."""
     directory = state_dir / "remote-hosts"
@@ -384,8 +390,7 @@ def _launch(spec: QemuSpec, workdir: Path, state_dir: Path) -> RemoteHost:
     owner = process_record("pytest", os.getpid())
     qemu = process_record("qemu", process.pid)
     if owner is not None and qemu is not None:
-        record_file.parent.mkdir(parents=True, exist_ok=True)
-        record_file.write_text(json.dumps({"owner": asdict(owner), "qemu": asdict(qemu)}))
+        write_record(record_file, owner, qemu)
     return host
 
 

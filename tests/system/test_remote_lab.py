@@ -9,6 +9,8 @@ which carries on once the link is up again.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -19,8 +21,14 @@ from pathlib import Path
 import paramiko  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
+from tests.lab.daemons import ProcessRecord, process_record
 from tests.lab.fixtures import remote_host
-from tests.lab.remote_host import RemoteHost, known_hosts_line
+from tests.lab.remote_host import (
+    RemoteHost,
+    known_hosts_line,
+    reap_stale_remote_hosts,
+    write_record,
+)
 from tests.lab.remote_image import NFS_EXPORT, NFS_MOUNT, THIN_POOL, VG_NAME
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
@@ -232,3 +240,28 @@ def test_run_reports_status_output_and_timeouts(remote_host: RemoteHost) -> None
     with pytest.raises(subprocess.TimeoutExpired):
         remote_host.run(["sleep", "30"], timeout=2)
     assert ok(remote_host, ["echo", "still", "usable"]) == "still usable\n"
+
+
+def test_reaping_kills_the_guests_of_dead_sessions_only(tmp_path: Path) -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead_owner = ProcessRecord("pytest", gone.pid, 0)
+    live_owner = process_record("pytest", os.getpid())
+    orphan = subprocess.Popen(["sleep", "120"])  # stands in for a crashed session's QEMU
+    owned = subprocess.Popen(["sleep", "120"])
+    try:
+        records = tmp_path / "remote-hosts"
+        for name, owner, process in (("orphan", dead_owner, orphan), ("owned", live_owner, owned)):
+            record = process_record("qemu", process.pid)
+            assert owner is not None and record is not None
+            write_record(records / f"{name}.json", owner, record)
+
+        reap_stale_remote_hosts(tmp_path)
+
+        assert orphan.wait(timeout=30) == -signal.SIGKILL
+        assert owned.poll() is None
+        assert sorted(path.name for path in records.iterdir()) == ["owned.json"]
+    finally:
+        for process in (orphan, owned):
+            process.kill()
+            process.wait()
