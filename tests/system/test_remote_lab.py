@@ -69,6 +69,8 @@ def test_remote_host_boots_to_ready_in_time(remote_host: RemoteHost) -> None:
         f"boot to ready took {remote_host.boot_seconds:.1f} s (limit {BOOT_LIMIT:.0f} s); "
         f"console: {remote_host.console_log}"
     )
+    warnings = [line for line in remote_host.console().splitlines() if "WARNING" in line]
+    assert warnings == []
 
 
 def test_ssh_with_the_known_hosts_file_works(remote_host: RemoteHost) -> None:
@@ -76,6 +78,8 @@ def test_ssh_with_the_known_hosts_file_works(remote_host: RemoteHost) -> None:
     try:
         _, stdout, _ = client.exec_command("id -u", timeout=60)
         assert stdout.read().decode().strip() == "0"
+        with client.open_sftp() as sftp:
+            assert sftp.stat(NFS_MOUNT).st_mode is not None
     finally:
         client.close()
     assert remote_host.known_hosts_file.read_text().split() == [
@@ -122,6 +126,51 @@ def test_gnu_and_lvm_tools_are_on_the_guest_path(remote_host: RemoteHost) -> Non
     ]
     assert "GNU coreutils" in ok(remote_host, ["split", "--version"])
     assert "GNU findutils" in ok(remote_host, ["find", "--version"])
+
+
+def test_a_gfs_style_pipeline_runs_with_the_gnu_tools(remote_host: RemoteHost) -> None:
+    """dd | split --filter writing chunks and their digests to the NFS target, as gfs does."""
+    directory = f"{NFS_MOUNT}/{unique('pipeline')}"
+    pipeline = (
+        'set -o pipefail; mkdir -p "$1"'
+        " && dd if=/dev/urandom bs=1M count=3 iflag=fullblock status=none"
+        ' | tee "$1/whole" | split -b 1M -d --filter=\'tee "$FILE" | sha256sum >"$FILE.sha256"\''
+        ' - "$1/chunk."'
+    )
+    try:
+        ok(remote_host, ["bash", "-c", pipeline, "bash", directory])
+        names = ok(remote_host, ["find", directory, "-type", "f", "-printf", "%f\\n"]).split()
+        assert sorted(names) == [
+            *(f"chunk.0{n}{suffix}" for n in range(3) for suffix in ("", ".sha256")),
+            "whole",
+        ]
+        joined = ok(remote_host, ["sh", "-c", 'cat "$1"/chunk.0? | sha256sum', "sh", directory])
+        assert joined.split()[0] == ok(remote_host, ["sha256sum", f"{directory}/whole"]).split()[0]
+    finally:
+        remote_host.run(["rm", "-rf", directory])
+
+
+def test_btrfs_on_an_lv_with_a_readonly_snapshot(
+    remote_host: RemoteHost, lv_names: list[str]
+) -> None:
+    volume, mountpoint = unique("btrfs"), f"/mnt/{unique('btrfs')}"
+    ok(remote_host, ["lvcreate", "-q", "-y", "-L", "256m", "-n", volume, VG_NAME])
+    lv_names.append(volume)
+    ok(remote_host, ["mkfs.btrfs", "-q", f"/dev/{VG_NAME}/{volume}"])
+    ok(remote_host, ["mkdir", "-p", mountpoint])
+    ok(remote_host, ["mount", "-t", "btrfs", f"/dev/{VG_NAME}/{volume}", mountpoint])
+    try:
+        ok(remote_host, ["btrfs", "subvolume", "create", f"{mountpoint}/data"])
+        ok(remote_host, ["sh", "-c", 'echo v1 >"$1/data/file"', "sh", mountpoint])
+        ok(
+            remote_host,
+            ["btrfs", "subvolume", "snapshot", "-r", f"{mountpoint}/data", f"{mountpoint}/snap"],
+        )
+        ok(remote_host, ["sh", "-c", 'echo v2 >"$1/data/file"', "sh", mountpoint])
+        assert ok(remote_host, ["cat", f"{mountpoint}/snap/file"]) == "v1\n"
+    finally:
+        remote_host.run(["umount", mountpoint])
+        remote_host.run(["rmdir", mountpoint])
 
 
 def test_classic_lvm_snapshot_holds_the_origin_bytes(
