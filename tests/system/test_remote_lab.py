@@ -22,14 +22,23 @@ import paramiko  # type: ignore[import-untyped,unused-ignore]
 import pytest
 
 from tests.lab.daemons import ProcessRecord, process_record
+from tests.lab.errors import LabError
 from tests.lab.fixtures import remote_host
 from tests.lab.remote_host import (
     RemoteHost,
     known_hosts_line,
     reap_stale_remote_hosts,
+    start_remote_host,
     write_record,
 )
-from tests.lab.remote_image import NFS_EXPORT, NFS_MOUNT, THIN_POOL, VG_NAME
+from tests.lab.remote_image import (
+    NFS_EXPORT,
+    NFS_MOUNT,
+    THIN_POOL,
+    VG_NAME,
+    RemoteHostImage,
+    SshKeys,
+)
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 __all__ = ["remote_host"]  # used as a fixture
@@ -126,6 +135,9 @@ def test_gnu_and_lvm_tools_are_on_the_guest_path(remote_host: RemoteHost) -> Non
     ]
     assert "GNU coreutils" in ok(remote_host, ["split", "--version"])
     assert "GNU findutils" in ok(remote_host, ["find", "--version"])
+    for argv in (["qemu-img", "--version"], ["dmsetup", "version"], ["btrfs", "--version"]):
+        ok(remote_host, argv)  # their libraries are all there
+    assert "Driver version" in ok(remote_host, ["dmsetup", "version"])
 
 
 def test_a_gfs_style_pipeline_runs_with_the_gnu_tools(remote_host: RemoteHost) -> None:
@@ -314,3 +326,14 @@ def test_reaping_kills_the_guests_of_dead_sessions_only(tmp_path: Path) -> None:
         for process in (orphan, owned):
             process.kill()
             process.wait()
+
+
+def test_a_guest_that_cannot_start_fails_with_the_reason_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    keys = SshKeys(tmp_path / "h", "ssh-ed25519 AAAAh", tmp_path / "c", "ssh-ed25519 AAAAc")
+    broken = RemoteHostImage(tmp_path / "no-kernel", tmp_path / "no-initrd", "none", keys)
+    state = tmp_path / "state"
+    with pytest.raises(LabError, match="QEMU exited early"):
+        start_remote_host(tmp_path / "run", broken, state_dir=state)
+    assert list(state.glob("remote-hosts/*.json")) == []
