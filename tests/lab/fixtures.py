@@ -7,6 +7,9 @@
 - `make_domain` (function): a `DomainFactory`; `make_domain(action=..., tag=..., disk=...)`
   returns a started `LabDomain` with name, disk, console_log and `wait_for(marker, timeout)`.
   Its domains are destroyed and undefined, its files deleted, also when the test fails.
+- `remote_host` (session): a running nested "remote KVM host" (`tests.lab.remote_host.RemoteHost`,
+  plain QEMU, no libvirt) with LVM, NFS and sshd, booted once per session; its QEMU is killed
+  by PID and its files deleted at the end.
 
 A machine without the lab's setup fails the test (never skips) with a hint at scripts/lab-setup.
 """
@@ -25,6 +28,8 @@ from tests.lab.daemons import LibvirtDaemons, start_libvirt_daemons
 from tests.lab.domains import DomainFactory, reap_stale_domains
 from tests.lab.errors import LabUnavailable
 from tests.lab.guest import GuestImage, build_guest_image
+from tests.lab.remote_host import RemoteHost, start_remote_host
+from tests.lab.remote_image import build_remote_host_image, generate_ssh_keys
 
 T = TypeVar("T")
 
@@ -76,3 +81,18 @@ def make_domain(
         yield factory
     finally:
         factory.cleanup()
+
+
+@pytest.fixture(scope="session")
+def remote_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteHost]:
+    workdir = tmp_path_factory.mktemp("remote-host")
+    try:
+        keys = _or_fail(lambda: generate_ssh_keys(workdir / "keys"))
+        image = _or_fail(lambda: build_remote_host_image(workdir, keys))
+        host = _or_fail(lambda: start_remote_host(workdir / "run", image))
+        try:
+            yield host
+        finally:
+            host.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,8 +1,10 @@
-"""Pure parts of the lab: parsers of recorded tool output, the guest command line, domain XML."""
+"""Pure parts of the lab: parsers of recorded tool output, the guest command line, domain XML,
+the remote-host guest's QEMU command line, init script and QMP replies."""
 
 from __future__ import annotations
 
 import os
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 
 from tests.lab.daemons import LabState, ProcessRecord, process_record
 from tests.lab.domains import DomainSpec, domain_xml
+from tests.lab.errors import LabError
 from tests.lab.guest import (
     PATTERN_SIZE,
     GuestImage,
@@ -17,6 +20,22 @@ from tests.lab.guest import (
     parse_ldd,
     parse_show_depends,
     pattern_bytes,
+)
+from tests.lab.remote_host import QemuSpec, known_hosts_line, qemu_argv, qmp_reply
+from tests.lab.remote_image import (
+    NFS_EXPORT,
+    NFS_MOUNT,
+    NFS_MOUNT_OPTIONS,
+    NFS_SERIAL,
+    NFSD_START,
+    PV_SERIAL,
+    READY_MARKER,
+    THIN_POOL,
+    VG_NAME,
+    RemoteHostImage,
+    SshKeys,
+    init_script,
+    links_to,
 )
 
 pytestmark = pytest.mark.unit
@@ -112,3 +131,83 @@ def test_lab_state_forgets_processes_that_are_gone() -> None:
     state = LabState(users=[me, gone], daemons=[gone])
     state.prune()
     assert (state.users, state.daemons) == ([me], [])
+
+
+REMOTE_IMAGE = RemoteHostImage(
+    Path("/k/vmlinuz"),
+    Path("/k/remote.gz"),
+    "6.1.0-56-cloud-amd64",
+    SshKeys(Path("/k/host"), "ssh-ed25519 AAAAhost", Path("/k/client"), "ssh-ed25519 AAAAclient"),
+)
+
+
+def remote_spec(directory: str = "/run/lab") -> QemuSpec:
+    base = Path(directory)
+    return QemuSpec(
+        name="gfs-remote-1-abcdef12",
+        image=REMOTE_IMAGE,
+        pv_disk=base / "pv.qcow2",
+        nfs_disk=base / "nfs.qcow2",
+        port=40022,
+        console_log=base / "console.log",
+        qmp_socket=base / "qmp.sock",
+        pidfile=base / "qemu.pid",
+    )
+
+
+def option(argv: list[str], name: str) -> list[str]:
+    """Every value given to the QEMU option `name` in `argv`."""
+    return [argv[index + 1] for index, word in enumerate(argv) if word == name]
+
+
+def test_remote_qemu_argv_is_tcg_with_loopback_only_forwarding_and_both_disks() -> None:
+    argv = qemu_argv(remote_spec())
+    assert argv[0] == "qemu-system-x86_64"
+    assert option(argv, "-accel") == ["tcg"]
+    assert option(argv, "-netdev") == ["user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22"]
+    assert option(argv, "-device")[0] == "virtio-net-pci,netdev=net0,id=nic0"
+    assert option(argv, "-device")[1:] == [
+        f"virtio-blk-pci,drive=pv,serial={PV_SERIAL}",
+        f"virtio-blk-pci,drive=nfs,serial={NFS_SERIAL}",
+    ]
+    assert "file.filename=/run/lab/pv.qcow2" in option(argv, "-blockdev")[0]
+    assert option(argv, "-serial") == ["file:/run/lab/console.log"]
+    assert option(argv, "-qmp") == ["unix:/run/lab/qmp.sock,server=on,wait=off"]
+    assert option(argv, "-pidfile") == ["/run/lab/qemu.pid"]
+    assert option(argv, "-kernel") == ["/k/vmlinuz"]
+
+
+def test_remote_qemu_argv_doubles_commas_in_paths() -> None:
+    argv = qemu_argv(remote_spec("/tmp/a,b"))
+    assert option(argv, "-serial") == ["file:/tmp/a,,b/console.log"]
+    assert option(argv, "-blockdev")[1].endswith("file.filename=/tmp/a,,b/nfs.qcow2")
+
+
+def test_known_hosts_line_brackets_non_default_ports() -> None:
+    assert known_hosts_line("127.0.0.1", 40022, "ssh-ed25519 AAAA") == (
+        "[127.0.0.1]:40022 ssh-ed25519 AAAA"
+    )
+    assert known_hosts_line("127.0.0.1", 22, "ssh-ed25519 AAAA") == "127.0.0.1 ssh-ed25519 AAAA"
+
+
+def test_qmp_reply_skips_events_and_raises_errors() -> None:
+    event = b'{"event": "NIC_RX_FILTER_CHANGED", "data": {}}\n'
+    assert qmp_reply([event, b'{"return": {}}\n']) == {}
+    with pytest.raises(LabError, match="no such device"):
+        qmp_reply([b'{"error": {"class": "DeviceNotFound", "desc": "no such device"}}\n'])
+
+
+def test_remote_init_script_has_every_name_filled_in() -> None:
+    script = init_script()
+    assert re.search(r"@[A-Z_]+@", script) is None
+    for word in (VG_NAME, THIN_POOL, NFS_EXPORT, NFS_MOUNT, NFS_MOUNT_OPTIONS, READY_MARKER):
+        assert word in script
+    assert " ".join(NFSD_START) in script
+
+
+def test_links_to_finds_the_multicall_names(tmp_path: Path) -> None:
+    (tmp_path / "lvm").write_text("")
+    for name in ("lvs", "lvcreate"):
+        (tmp_path / name).symlink_to("lvm")
+    (tmp_path / "other").symlink_to("dmsetup")
+    assert links_to(tmp_path, "lvm") == ["lvcreate", "lvs"]
