@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gfs_backup.errors import InputError, Problem
+from gfs_backup.lvm import LvmInputError, parse_size, split_volume
 from gfs_backup.policy import NAME_RE, Policy, find_policy, load_policy_file, policy_from_table
 from gfs_backup.validate import Collector, Table, join_key, read_toml
 
@@ -40,7 +41,7 @@ PATH_KEYS = ("path", "subvolume", "snapshot_dir", "overlay_dir", "scratch_dir")
 # Per kind: (required keys, optional keys).
 KIND_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "libvirt": (("domain",), ("disks", "uri", "quiesce", "method", "overlay_dir")),
-    "lvm": (("volume_group", "logical_volume"), ("snapshot_size",)),
+    "lvm": (("volume",), ("snapshot_size",)),
     "btrfs": (("subvolume",), ("snapshot_dir",)),
     "files": (("path",), ("snapshot_dir",)),
 }
@@ -210,6 +211,8 @@ def _job(
     for key in required:
         if key not in table:
             collector.add(join_key(path, key), f"required for kind {kind!r}")
+    if kind == "lvm" and "volume" in table:
+        _check_lvm(table, path, collector)
     host = collector.get(table, "host", path, str, LOCAL_HOST, "a host name")
     if host != LOCAL_HOST and host not in hosts:
         collector.add(
@@ -234,6 +237,19 @@ def _job(
     if not isinstance(disks, list) or not all(isinstance(d, str) and d for d in disks):
         collector.add(join_key(path, "disks"), 'must be a list of disk targets, e.g. ["vda"]')
     return Job(name, kind, host, target, policy, options)
+
+
+def _check_lvm(options: Table, path: str, collector: Collector) -> None:
+    volume = options.get("volume")
+    try:
+        split_volume(volume if isinstance(volume, str) else "")
+    except LvmInputError as exc:
+        collector.add(join_key(path, "volume"), str(exc))
+    size = options.get("snapshot_size", "20%")
+    try:
+        parse_size(size if isinstance(size, str) else "", 1 << 30)
+    except LvmInputError as exc:
+        collector.add(join_key(path, "snapshot_size"), str(exc))
 
 
 def _check_path(value: object, key: str, collector: Collector) -> None:

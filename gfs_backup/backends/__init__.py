@@ -6,12 +6,14 @@ from gfs_backup.backends.base import Backend
 from gfs_backup.backends.btrfs import BtrfsBackend
 from gfs_backup.backends.files import FilesBackend
 from gfs_backup.backends.libvirt import LibvirtBackend
+from gfs_backup.backends.lvm import LvmBackend
 from gfs_backup.errors import GfsError
 
 BACKENDS: dict[str, Backend] = {
     "btrfs": BtrfsBackend(),
     "files": FilesBackend(),
     "libvirt": LibvirtBackend(),
+    "lvm": LvmBackend(),
 }
 
 

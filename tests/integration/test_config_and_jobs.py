@@ -96,7 +96,7 @@ policy = "classic-gfs"
 [[job]]
 name = "db"
 kind = "lvm"
-volume_group = "vg0"
+volume = "vg0/my;lv"
 policy = "no-such-policy"
 [[job]]
 name = "x"
@@ -117,7 +117,7 @@ father-weekday = "someday"
         "job[0].name",
         "job[0].domain",
         "job[0].target",
-        "job[db].logical_volume",
+        "job[db].volume",
         "job[db].policy",
         "job[x].policy.timezone",
         "job[x].policy.retention.sons",

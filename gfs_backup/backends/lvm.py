@@ -1,0 +1,187 @@
+"""LVM logical volumes: a gfs-named snapshot (classic with a computed size, or thin), read
+as a raw stream by the job's host and written sparse, checksummed, on the target; the
+snapshot is removed right after. Every command goes through the job's runner, so the
+volume group may live on a remote host (SSH)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import BinaryIO, cast
+
+from gfs_backup.backends.base import (
+    Exported,
+    JobContext,
+    Progress,
+    RestoreOptions,
+    Snapshot,
+    SourceError,
+    snapshot_name,
+)
+from gfs_backup.catalog import Stored
+from gfs_backup.config import Job
+from gfs_backup.copy import copy_file, copy_stream
+from gfs_backup.errors import GfsError
+from gfs_backup.lvm import (
+    LvmInputError,
+    Volume,
+    make_lvs_command,
+    make_read_command,
+    make_remove_command,
+    make_snapshot_command,
+    parse_lvs,
+    parse_size,
+    split_volume,
+)
+from gfs_backup.manifest import DataFile
+from gfs_backup.runner import Runner
+from gfs_backup.state import JournalEntry
+
+IMAGE = "volume.raw"
+DEFAULT_SNAPSHOT_SIZE = "20%"
+EXPORT_TIMEOUT = 24 * 3600.0
+
+
+class SnapshotInvalid(GfsError):
+    """A classic snapshot overflowed while gfs read it: the copy is not a point in time."""
+
+
+def _volume(runner: Runner, vg: str, lv: str) -> Volume | None:
+    done = runner.run(make_lvs_command(vg, lv), check=False)
+    if done.returncode != 0:
+        return None
+    found = parse_lvs(done.stdout)
+    return found[0] if found else None
+
+
+class LvmBackend:
+    kind = "lvm"
+
+    def sources(self, job: Job) -> list[Path]:
+        return []  # a block device: no filesystem the target could share
+
+    def check_source(self, ctx: JobContext) -> None:
+        vg, lv = self._names(ctx.job)
+        volume = _volume(ctx.runner, vg, lv)
+        if volume is None:
+            raise SourceError(
+                f"job {ctx.job.name}: logical volume {vg}/{lv} does not exist on host "
+                f"{ctx.runner.host} (lvs shows the volumes)"
+            )
+        if volume.origin:
+            raise SourceError(f"job {ctx.job.name}: {vg}/{lv} is itself a snapshot")
+
+    def _names(self, job: Job) -> tuple[str, str]:
+        try:
+            return split_volume(str(job.options["volume"]))
+        except LvmInputError as exc:  # config validation refuses these already
+            raise SourceError(f"job {job.name}: volume {exc}") from None
+
+    def snapshot(self, ctx: JobContext) -> Snapshot:
+        vg, lv = self._names(ctx.job)
+        origin = _volume(ctx.runner, vg, lv)
+        if origin is None:
+            raise SourceError(f"job {ctx.job.name}: {vg}/{lv} vanished")
+        name = snapshot_name(ctx.job.name, ctx.now, ctx.run_id)
+        size = None
+        if not origin.is_thin:
+            text = str(ctx.job.options.get("snapshot_size", DEFAULT_SNAPSHOT_SIZE))
+            size = parse_size(text, origin.size)
+        entry = ctx.state.journal(ctx.run_id, ctx.job.name, "snapshot", f"{vg}/{name}")
+        done = ctx.runner.run(make_snapshot_command(vg, lv, name, size), check=False)
+        if done.returncode != 0:
+            why = " ".join(done.stderr.split())[-300:]
+            hint = ""
+            if "insufficient free space" in why.lower():
+                hint = (
+                    f"; volume group {vg} has too little free space for a {size} byte "
+                    "snapshot: free some or lower snapshot_size"
+                )
+            raise SourceError(f"job {ctx.job.name}: snapshot of {vg}/{lv} failed: {why}{hint}")
+        ctx.log.info(
+            "job %s: snapshot %s/%s of %s/%s (%s)",
+            ctx.job.name,
+            vg,
+            name,
+            vg,
+            lv,
+            "thin" if size is None else f"{size} bytes copy-on-write",
+        )
+        metadata = {"volume": f"{vg}/{lv}", "snapshot": name, "size": origin.size}
+        metadata["snapshot_kind"] = "thin" if size is None else "classic"
+        return Snapshot(Path(f"/dev/{vg}/{name}"), Path(f"{vg}/{name}"), entry, metadata)
+
+    def export(
+        self,
+        ctx: JobContext,
+        snapshot: Snapshot | None,
+        into: Path,
+        previous: Stored | None,
+        progress: Progress | None,
+    ) -> Exported:
+        assert snapshot is not None
+        vg, name = str(snapshot.subvolume).split("/")
+        self._still_valid(ctx, vg, name)
+        read = make_read_command(str(snapshot.path), EXPORT_TIMEOUT)
+        with ctx.runner.reading(read) as stream:
+            result = copy_stream(cast(BinaryIO, stream), into / IMAGE, progress)
+        self._still_valid(ctx, vg, name)  # an overflow during the read spoils the copy
+        size = int(snapshot.metadata["size"])
+        if result.size != size:
+            raise GfsError(
+                f"job {ctx.job.name}: read {result.size} bytes of {vg}/{name}, expected {size}"
+            )
+        return Exported(
+            files=(DataFile(IMAGE, result.size, result.digest),),
+            source={**snapshot.metadata, "host": ctx.runner.host, "format": "raw"},
+            bytes_written=result.data_bytes,
+        )
+
+    def _still_valid(self, ctx: JobContext, vg: str, name: str) -> None:
+        volume = _volume(ctx.runner, vg, name)
+        if volume is None or volume.is_invalid_snapshot:
+            state = "is gone" if volume is None else "overflowed and is invalid"
+            raise SnapshotInvalid(
+                f"job {ctx.job.name}: snapshot {vg}/{name} {state}: the copy is not a "
+                "point in time and is not kept; give the snapshot more room "
+                "(snapshot_size) or back up when the volume is less busy"
+            )
+
+    def retire_snapshot(self, ctx: JobContext, snapshot: Snapshot, keep: int) -> None:
+        """Always removed: a classic snapshot slows every write to its origin."""
+        self._remove(ctx, str(snapshot.subvolume))
+        ctx.state.done(snapshot.journal_id)
+
+    def _remove(self, ctx: JobContext, vg_name: str) -> None:
+        vg, name = vg_name.split("/")
+        if not name.startswith(f"gfs-{ctx.job.name}-"):
+            return  # never anything gfs did not name
+        if _volume(ctx.runner, vg, name) is not None:
+            ctx.runner.run(make_remove_command(vg, name))
+            ctx.log.info("job %s: removed snapshot %s", ctx.job.name, vg_name)
+
+    def undo_entry(self, ctx: JobContext, entry: JournalEntry) -> None:
+        """A snapshot an interrupted run journaled (killed, connection dropped) is removed."""
+        if entry.action == "snapshot":
+            self._remove(ctx, entry.path)
+        ctx.state.done(entry.id)
+
+    def health(self, job: Job) -> list[str]:
+        return []
+
+    def verify_data(self, stored: Stored, progress: Progress | None) -> list[str]:
+        return []  # a raw image: the checksums are the whole check
+
+    def restore(
+        self,
+        ctx: JobContext,
+        stored: Stored,
+        to: Path,
+        progress: Progress | None,
+        options: RestoreOptions,
+    ) -> None:
+        """The raw image to the new file `to` (sparse); write it to a volume with dd."""
+        result = copy_file(stored.path / IMAGE, to, progress)
+        expected = stored.manifest.files[0].digest
+        if result.digest != expected:
+            to.unlink(missing_ok=True)
+            raise ValueError(f"{IMAGE}: restored copy has checksum {result.digest}")
