@@ -41,7 +41,7 @@ PATH_KEYS = ("path", "subvolume", "snapshot_dir", "overlay_dir", "scratch_dir")
 # Per kind: (required keys, optional keys).
 KIND_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "libvirt": (("domain",), ("disks", "uri", "quiesce", "method", "overlay_dir")),
-    "lvm": (("volume",), ("snapshot_size",)),
+    "lvm": (("volume",), ("snapshot_size", "format")),
     "btrfs": (("subvolume",), ("snapshot_dir",)),
     "files": (("path",), ("snapshot_dir",)),
 }
@@ -245,6 +245,8 @@ def _check_lvm(options: Table, path: str, collector: Collector) -> None:
         split_volume(volume if isinstance(volume, str) else "")
     except LvmInputError as exc:
         collector.add(join_key(path, "volume"), str(exc))
+    if options.get("format", "raw") not in ("raw", "qcow2"):
+        collector.add(join_key(path, "format"), "must be raw or qcow2")
     size = options.get("snapshot_size", "20%")
     try:
         parse_size(size if isinstance(size, str) else "", 1 << 30)

@@ -19,7 +19,7 @@ from gfs_backup.backends.base import (
 )
 from gfs_backup.catalog import Stored
 from gfs_backup.config import Job
-from gfs_backup.copy import copy_file, copy_stream
+from gfs_backup.copy import copy_file, copy_stream, digest_file
 from gfs_backup.errors import GfsError
 from gfs_backup.lvm import (
     LvmInputError,
@@ -33,10 +33,11 @@ from gfs_backup.lvm import (
     split_volume,
 )
 from gfs_backup.manifest import DataFile
-from gfs_backup.runner import Runner
+from gfs_backup.runner import Command, LocalRunner, Runner
 from gfs_backup.state import JournalEntry
 
 IMAGE = "volume.raw"
+QCOW2_IMAGE = "volume.qcow2"
 DEFAULT_SNAPSHOT_SIZE = "20%"
 EXPORT_TIMEOUT = 24 * 3600.0
 
@@ -130,9 +131,34 @@ class LvmBackend:
             raise GfsError(
                 f"job {ctx.job.name}: read {result.size} bytes of {vg}/{name}, expected {size}"
             )
+        image_format = str(ctx.job.options.get("format", "raw"))
+        source = {**snapshot.metadata, "host": ctx.runner.host, "format": image_format}
+        if image_format == "qcow2":
+            return self._as_qcow2(ctx, into, result.digest, source)
         return Exported(
             files=(DataFile(IMAGE, result.size, result.digest),),
-            source={**snapshot.metadata, "host": ctx.runner.host, "format": "raw"},
+            source=source,
+            bytes_written=result.data_bytes,
+        )
+
+    def _as_qcow2(
+        self, ctx: JobContext, into: Path, raw_digest: str, source: dict[str, object]
+    ) -> Exported:
+        """format = "qcow2": the raw image converted on the target, which is mounted here
+        (zero clusters not written); the raw image's checksum stays in the source facts."""
+        qcow2 = into / QCOW2_IMAGE
+        LocalRunner(ctx.runner.dry_run).run(
+            Command(
+                ("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(into / IMAGE), str(qcow2)),
+                mutating=True,
+                timeout=EXPORT_TIMEOUT,
+            )
+        )
+        (into / IMAGE).unlink()
+        result = digest_file(qcow2)
+        return Exported(
+            files=(DataFile(QCOW2_IMAGE, result.size, result.digest),),
+            source={**source, "raw_digest": raw_digest},
             bytes_written=result.data_bytes,
         )
 
@@ -179,9 +205,31 @@ class LvmBackend:
         progress: Progress | None,
         options: RestoreOptions,
     ) -> None:
-        """The raw image to the new file `to` (sparse); write it to a volume with dd."""
-        result = copy_file(stored.path / IMAGE, to, progress)
-        expected = stored.manifest.files[0].digest
+        """The raw image to the new file `to` (sparse), checked against the manifest;
+        write it onto a volume with dd."""
+        data = stored.manifest.files[0]
+        if data.path == QCOW2_IMAGE:
+            LocalRunner().run(  # `to` is on this machine
+                Command(
+                    (
+                        "qemu-img",
+                        "convert",
+                        "-f",
+                        "qcow2",
+                        "-O",
+                        "raw",
+                        str(stored.path / data.path),
+                        str(to),
+                    ),
+                    mutating=True,
+                    timeout=EXPORT_TIMEOUT,
+                )
+            )
+            result = digest_file(to, progress)
+            expected = str(stored.manifest.source.get("raw_digest", ""))
+        else:
+            result = copy_file(stored.path / IMAGE, to, progress)
+            expected = data.digest
         if result.digest != expected:
             to.unlink(missing_ok=True)
-            raise ValueError(f"{IMAGE}: restored copy has checksum {result.digest}")
+            raise ValueError(f"{data.path}: restored image has checksum {result.digest}")

@@ -79,18 +79,23 @@ def lvm_config(
     return config
 
 
+@pytest.mark.parametrize("image_format", ["raw", "qcow2"])
 def test_a_remote_lv_is_snapshotted_exported_sparse_and_restored(
-    remote_host: RemoteHost, volume: str, mounts: Mounter, tmp_path: Path, run_gfs: RunGfs
+    image_format: str,
+    remote_host: RemoteHost,
+    volume: str,
+    mounts: Mounter,
+    tmp_path: Path,
+    run_gfs: RunGfs,
 ) -> None:
     target = mounts("tgt", kind="tmpfs", size_mb=256)
-    config = lvm_config(tmp_path, target, remote_host, volume)
+    config = lvm_config(tmp_path, target, remote_host, volume, f'format = "{image_format}"\n')
     expected = ok(remote_host, ["sha256sum", f"/dev/{VG}/{volume}"]).split()[0]
     result = run_gfs("run", "--config", str(config))
     assert result.exit_code == 0, result.output
     assert gfs_snapshots(remote_host) == []  # removed right after the export
     (generation,) = listing(run_gfs("list", "--config", str(config), "--json"))
-    image = Path(generation["path"]) / "volume.raw"
-    assert image.stat().st_size == 96 << 20
+    image = Path(generation["path"]) / f"volume.{image_format}"
     assert image.stat().st_blocks * 512 < 48 << 20  # zero blocks were not written
     manifest = json.loads((Path(generation["path"]) / "manifest.json").read_text())
     assert manifest["host"] == "lab"
