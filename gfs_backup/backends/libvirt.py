@@ -360,6 +360,7 @@ class LibvirtBackend:
                 frozen = False
             else:
                 facts["consistency"] = "application-consistent"
+                ctx.log.info("job %s: %s: guest frozen", ctx.job.name, name)
         try:
             yield facts
         finally:
