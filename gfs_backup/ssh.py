@@ -87,7 +87,8 @@ def remote_argv(command: Command) -> list[str]:
     """`command.argv`, wrapped in GNU `timeout` when the command has a time limit."""
     if command.timeout is None:
         return list(command.argv)
-    return ["timeout", f"--kill-after={KILL_AFTER}", f"{command.timeout:g}", *command.argv]
+    seconds = f"{command.timeout:.3f}".rstrip("0").rstrip(".")  # never 1e+06: timeout rejects it
+    return ["timeout", f"--kill-after={KILL_AFTER}", seconds, *command.argv]
 
 
 def remote_command_line(command: Command) -> str:
@@ -304,6 +305,8 @@ class _Session:
             for offset in range(0, data.nbytes, PACKET):
                 self.channel.sendall(bytes(data[offset : offset + PACKET]))
         except OSError:
+            if self.channel.exit_status_ready() and self.channel.exit_status > 0:
+                self.runner.check(self.command, *self.finish())  # its status and stderr
             raise self.failure("the command stopped reading its input") from None
 
     def finish(self) -> tuple[int, str]:
@@ -413,10 +416,11 @@ class SSHRunner:
                 chunks.append(data)
             status, stderr = session.finish()
         if check:
-            self._check(command, status, stderr)
+            self.check(command, status, stderr)
         return Completed(command, status, b"".join(chunks).decode(errors="replace"), stderr)
 
-    def _check(self, command: Command, status: int, stderr: str) -> None:
+    def check(self, command: Command, status: int, stderr: str) -> None:
+        """Raise CommandError unless `status` is 0 (127: the program is not installed)."""
         if status == 127:
             raise CommandError(
                 command, f"{self.where}not installed (command not found): {stderr.strip()}"
@@ -435,7 +439,7 @@ class SSHRunner:
                     1
                 ):  # like a closed pipe: the command must not go on
                     raise CommandError(command, f"{self.where}output not read to the end")
-            self._check(command, *session.finish())
+            self.check(command, *session.finish())
 
     @contextmanager
     def writing(self, command: Command) -> Iterator[IO[bytes]]:
@@ -445,7 +449,7 @@ class SSHRunner:
             with io.BufferedWriter(_ChannelWriter(session), 1 << 20) as stream:
                 yield stream
             session.channel.shutdown_write()
-            self._check(command, *session.finish())
+            self.check(command, *session.finish())
 
 
 _runners: dict[tuple[Host, bool], SSHRunner] = {}

@@ -89,6 +89,13 @@ def test_streams_64_mib_both_ways_unchanged(runner: SSHRunner, tmp_path: Path) -
             received.update(memoryview(buffer)[:count])
             size += count
     assert (size, received.hexdigest()) == (STREAM_SIZE, sent.hexdigest())
+    nowhere = Command(("dd", f"of={tmp_path}/no-such-dir/file", "bs=1M", "status=none"))
+    with (
+        pytest.raises(CommandError, match=r"dd: on host lab: exit status 1: .*No such file"),
+        runner.writing(nowhere) as feed,
+    ):
+        for _ in range(64):
+            feed.write(bytes(1 << 20))
 
 
 HOSTILE = [

@@ -141,6 +141,7 @@ def test_remote_command_line_quotes_every_argument_and_wraps_timeout() -> None:
     line = remote_command_line(Command(argv, timeout=30))
     assert shlex.split(line) == ["timeout", "--kill-after=10", "30", *argv]
     assert shlex.split(remote_command_line(Command(argv, timeout=2.5)))[2] == "2.5"
+    assert shlex.split(remote_command_line(Command(argv, timeout=30 * 86400)))[2] == "2592000"
     assert shlex.split(remote_command_line(Command(argv, timeout=None))) == list(argv)
 
 
