@@ -56,7 +56,7 @@ class CommandError(GfsError):
 
 
 class Runner(Protocol):
-    """Runs commands on one host (local here; SSH later) with one contract."""
+    """Runs commands on one host (LocalRunner here, SSHRunner in ssh.py) with one contract."""
 
     host: str
     dry_run: bool
@@ -74,6 +74,33 @@ def _tail(data: bytes | str | None) -> str:
     return text[-STDERR_TAIL:]
 
 
+def skipped_in_dry_run(dry_run: bool, command: Command) -> bool:
+    """True (and logged) when `command` mutates and the runner is in dry-run."""
+    if dry_run and command.mutating:
+        log.info("dry-run: would run %s", command)
+        return True
+    return False
+
+
+def refuse_streaming_in_dry_run(dry_run: bool, command: Command) -> None:
+    """Streams feed real data: a mutating one in dry-run is a bug in the caller."""
+    if dry_run and command.mutating:
+        raise GfsError(f"internal: streaming {command} in dry-run")
+
+
+def timed_out(command: Command, where: str = "") -> CommandError:
+    """The error for a command stopped at its timeout; `where` prefixes the message."""
+    return CommandError(command, f"{where}timed out after {command.timeout:.0f} s")
+
+
+def check_exit_status(
+    command: Command, returncode: int, stderr: bytes | str | None, where: str = ""
+) -> None:
+    """Raise CommandError with the end of stderr unless `returncode` is 0."""
+    if returncode != 0:
+        raise CommandError(command, f"{where}exit status {returncode}: {_tail(stderr)}")
+
+
 class LocalRunner:
     """Runs commands on this host with subprocess."""
 
@@ -84,8 +111,7 @@ class LocalRunner:
 
     def run(self, command: Command, check: bool = True) -> Completed:
         """Run to completion and capture output; raise CommandError if it fails and `check`."""
-        if self.dry_run and command.mutating:
-            log.info("dry-run: would run %s", command)
+        if skipped_in_dry_run(self.dry_run, command):
             return Completed(command, 0, "", "")
         log.debug("running %s", command)
         try:
@@ -100,11 +126,10 @@ class LocalRunner:
         except FileNotFoundError:
             raise CommandError(command, "not installed (command not found)") from None
         except subprocess.TimeoutExpired:
-            raise CommandError(command, f"timed out after {command.timeout:.0f} s") from None
-        result = Completed(command, done.returncode, done.stdout, done.stderr)
-        if check and done.returncode != 0:
-            raise CommandError(command, f"exit status {done.returncode}: {_tail(done.stderr)}")
-        return result
+            raise timed_out(command) from None
+        if check:
+            check_exit_status(command, done.returncode, done.stderr)
+        return Completed(command, done.returncode, done.stdout, done.stderr)
 
     def spawn(
         self, command: Command, output: Path, env: dict[str, str], cwd: Path
@@ -149,8 +174,7 @@ class LocalRunner:
         command: Command,
         stdout: bool,
     ) -> Iterator[tuple[subprocess.Popen[bytes], IO[bytes]]]:
-        if self.dry_run and command.mutating:
-            raise GfsError(f"internal: streaming {command} in dry-run")
+        refuse_streaming_in_dry_run(self.dry_run, command)
         log.debug("streaming %s", command)
         try:
             process = subprocess.Popen(
@@ -182,9 +206,8 @@ class LocalRunner:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-            raise CommandError(command, f"timed out after {command.timeout:.0f} s") from None
-        if process.returncode != 0:
-            raise CommandError(command, f"exit status {process.returncode}: {_tail(err)}")
+            raise timed_out(command) from None
+        check_exit_status(command, process.returncode, err)
 
 
 PR_SET_PDEATHSIG = 1

@@ -26,7 +26,7 @@ from gfs_backup.generation import PartialGeneration, generation_id
 from gfs_backup.lock import LockHeld, job_lock
 from gfs_backup.manifest import Manifest
 from gfs_backup.retention import Generation, plan
-from gfs_backup.runner import LocalRunner
+from gfs_backup.ssh import close_runners, runner_for
 from gfs_backup.state import State
 from gfs_backup.target import check_target
 
@@ -105,10 +105,13 @@ def run_jobs(
             if state is not None:
                 state.close()
 
-    if config.concurrency <= 1 or len(jobs) <= 1:
-        return [one(job) for job in jobs]
-    with ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="gfs") as pool:
-        return list(pool.map(one, jobs))
+    try:
+        if config.concurrency <= 1 or len(jobs) <= 1:
+            return [one(job) for job in jobs]
+        with ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="gfs") as pool:
+            return list(pool.map(one, jobs))
+    finally:
+        close_runners()  # the SSH connections the jobs shared
 
 
 def _run_one(
@@ -135,7 +138,7 @@ def _run_locked(
     config: Config, job: Job, state: State, job_dir: Path, now: datetime, options: RunOptions
 ) -> JobOutcome:
     run_id = state.start_run(job.name)
-    ctx = JobContext(job, LocalRunner(), state, run_id, now, log)
+    ctx = JobContext(job, runner_for(job.host, config), state, run_id, now, log)
     backend = backend_for(job.kind)
     started = time.monotonic()
     try:

@@ -12,7 +12,7 @@ from gfs_backup.backends.base import JobContext
 from gfs_backup.config import Config, Job
 from gfs_backup.errors import GfsError
 from gfs_backup.lock import job_lock
-from gfs_backup.runner import LocalRunner
+from gfs_backup.ssh import close_runners, runner_for
 from gfs_backup.state import State
 
 log = logging.getLogger("gfs")
@@ -32,7 +32,7 @@ def snapshot_jobs(
                 continue
             with job_lock(config.state_dir, job.name, wait):
                 run_id = state.start_run(job.name)
-                ctx = JobContext(job, LocalRunner(), state, run_id, now, log)
+                ctx = JobContext(job, runner_for(job.host, config), state, run_id, now, log)
                 backend.check_source(ctx)
                 snapshot = backend.snapshot(ctx)
                 if snapshot is None:
@@ -46,6 +46,7 @@ def snapshot_jobs(
                 lines.append(f"{job.name}: snapshot {snapshot.subvolume} (local, not a backup)")
     finally:
         state.close()
+        close_runners()
     return lines
 
 
@@ -64,7 +65,7 @@ def prune_jobs(
             assert state is not None
             with job_lock(config.state_dir, job.name, wait):
                 run_id = state.start_run(job.name)
-                ctx = JobContext(job, LocalRunner(), state, run_id, now, log)
+                ctx = JobContext(job, runner_for(job.host, config), state, run_id, now, log)
                 reconcile(ctx, backend_for(job.kind), job_dir)
                 results[job.name] = prune_job(job, job_dir, now, journaled_delete(ctx))
                 state.finish_run(
@@ -73,4 +74,5 @@ def prune_jobs(
     finally:
         if state is not None:
             state.close()
+        close_runners()
     return results

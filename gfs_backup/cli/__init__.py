@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from gfs_backup import __version__
-from gfs_backup.cli import check, data, drill, inspect, jobs, plan
+from gfs_backup.cli import check, data, drill, hosts, inspect, jobs, plan
 from gfs_backup.cli.progress import setup_logging
 from gfs_backup.errors import ExitCode, GfsError
 
@@ -87,5 +87,6 @@ for command in (
     drill.drill_command,
     data.protect_command,
     data.unprotect_command,
+    hosts.hosts_group,
 ):
     cli.add_command(command)
