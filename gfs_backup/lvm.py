@@ -64,7 +64,7 @@ def split_volume(text: str) -> tuple[str, str]:
 
 def parse_size(text: str, origin_size: int) -> int:
     """A snapshot size: "20%" of the origin, or bytes with K/M/G/T (binary) suffixes.
-    Rounded up to whole MiB and at least MIN_SNAPSHOT (or the origin, if smaller)."""
+    At least MIN_SNAPSHOT, at most the origin's size, rounded up to whole MiB."""
     match = SIZE_RE.fullmatch(text.strip())
     if not match:
         raise LvmInputError(f"snapshot_size {text!r}: use a percentage of the origin or 2G, 512M")
@@ -75,7 +75,7 @@ def parse_size(text: str, origin_size: int) -> int:
         size = int(origin_size * number / 100)
     else:
         size = int(number * UNITS[unit[0]])
-    size = max(size, min(MIN_SNAPSHOT, origin_size))
+    size = min(max(size, MIN_SNAPSHOT), origin_size)  # LVM caps it at the origin anyway
     return -(-size // (1 << 20)) * (1 << 20)
 
 

@@ -33,7 +33,7 @@ from gfs_backup.lvm import (
     split_volume,
 )
 from gfs_backup.manifest import DataFile
-from gfs_backup.runner import Command, LocalRunner, Runner
+from gfs_backup.runner import Command, CommandError, LocalRunner, Runner
 from gfs_backup.state import JournalEntry
 
 IMAGE = "volume.raw"
@@ -123,8 +123,12 @@ class LvmBackend:
         vg, name = str(snapshot.subvolume).split("/")
         self._still_valid(ctx, vg, name)
         read = make_read_command(str(snapshot.path), EXPORT_TIMEOUT)
-        with ctx.runner.reading(read) as stream:
-            result = copy_stream(cast(BinaryIO, stream), into / IMAGE, progress)
+        try:
+            with ctx.runner.reading(read) as stream:
+                result = copy_stream(cast(BinaryIO, stream), into / IMAGE, progress)
+        except CommandError:
+            self._still_valid(ctx, vg, name)  # an invalid snapshot reads as EIO: say why
+            raise
         self._still_valid(ctx, vg, name)  # an overflow during the read spoils the copy
         size = int(snapshot.metadata["size"])
         if result.size != size:

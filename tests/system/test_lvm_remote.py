@@ -55,6 +55,11 @@ def volume(remote_host: RemoteHost) -> Iterator[str]:
         remote_host.run(["lvremove", "-f", f"{VG}/{leftover}"])
 
 
+def in_job_dir(target: Path) -> list[str]:
+    folder = target / "db"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
 def gfs_snapshots(host: RemoteHost) -> list[str]:
     return [
         n for n in ok(host, ["lvs", "--noheadings", "-o", "lv_name", VG]).split() if "gfs-" in n
@@ -133,13 +138,18 @@ def test_a_thin_lv_gets_a_thin_snapshot(
 def test_no_room_for_the_snapshot_fails_clearly(
     remote_host: RemoteHost, volume: str, mounts: Mounter, tmp_path: Path, run_gfs: RunGfs
 ) -> None:
-    target = mounts("tgt", kind="tmpfs", size_mb=64)
-    config = lvm_config(tmp_path, target, remote_host, volume, 'snapshot_size = "100G"\n')
-    result = run_gfs("run", "--config", str(config))
-    assert result.exit_code == 5
-    assert f"volume group {VG} has too little free space" in result.stderr
-    assert [p.name for p in (target / "db").iterdir()] == []
-    assert gfs_snapshots(remote_host) == []
+    filler = f"fill{uuid.uuid4().hex[:6]}"
+    ok(remote_host, ["lvcreate", "-q", "-y", "-l", "100%FREE", "-n", filler, VG])
+    try:
+        target = mounts("tgt", kind="tmpfs", size_mb=64)
+        config = lvm_config(tmp_path, target, remote_host, volume)
+        result = run_gfs("run", "--config", str(config))
+        assert result.exit_code == 5
+        assert f"volume group {VG} has too little free space" in result.stderr
+        assert in_job_dir(target) == []
+        assert gfs_snapshots(remote_host) == []
+    finally:
+        remote_host.run(["lvremove", "-f", f"{VG}/{filler}"])
 
 
 def test_a_snapshot_that_overflows_during_the_export_is_never_published(
@@ -175,7 +185,7 @@ def test_a_snapshot_that_overflows_during_the_export_is_never_published(
     result = run_gfs("run", "--config", str(config))
     assert result.exit_code == 5, result.output
     assert "overflowed and is invalid" in result.stderr
-    assert [p.name for p in (target / "db").iterdir()] == []
+    assert in_job_dir(target) == []
     assert gfs_snapshots(remote_host) == []
 
 

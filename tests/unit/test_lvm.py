@@ -70,6 +70,7 @@ def test_odd_but_valid_names_stay_single_argv_elements() -> None:
     [
         ("20%", 10 << 30, 2048 << 20),
         ("2G", 10 << 30, 2 << 30),
+        ("100G", 1 << 30, 1 << 30),  # never more than the origin
         ("512M", 10 << 30, 512 << 20),
         ("1%", 1 << 30, 64 << 20),  # never below 64 MiB ...
         ("1%", 32 << 20, 32 << 20),  # ... unless the origin is smaller
