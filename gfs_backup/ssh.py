@@ -12,7 +12,10 @@ process (sshd sends no SIGHUP without a terminal, and paramiko cannot send SSH `
 requests), so the `timeout` wrapper is what bounds it: GNU `timeout` runs the command in
 its own process group and signals the whole group. A command that reads or writes a
 stream also dies at once of EOF or SIGPIPE when its channel goes. A dead network is found
-by paramiko keepalives plus TCP_USER_TIMEOUT and TCP keepalive on the socket.
+by paramiko keepalives plus TCP_USER_TIMEOUT and TCP keepalive on the socket, and while a
+stream is read: after STREAM_IDLE seconds without data gfs asks the server for an answer
+(an SSH global request); none within PROBE_TIMEOUT means the connection is dead (a proxy or
+NAT in between may keep TCP itself alive), a slow but living remote just goes on.
 
 Host keys are checked against the host's known_hosts file (known_hosts.py); unknown,
 changed and revoked keys are refused. Authentication is by public key only, never a
@@ -75,6 +78,8 @@ DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")
 STDERR_KEPT = 64 << 10
 WINDOW = 16 << 20  # a larger SSH window than paramiko's 2 MiB: faster bulk streams
 PACKET = 32 << 10
+STREAM_IDLE = 30.0  # seconds without stream data before gfs checks the server answers
+PROBE_TIMEOUT = 15.0  # seconds the server has to answer that check
 
 
 class SSHError(GfsError):
@@ -276,7 +281,15 @@ class _Session:
         self.channel.close()  # wakes every blocked recv, send and status wait
 
     def _read_stderr(self) -> None:
-        while data := self.channel.recv_stderr(65536):
+        while True:
+            try:
+                data = self.channel.recv_stderr(65536)
+            except TimeoutError:  # a stream's idle timeout: see recv
+                if self.channel.closed:
+                    return
+                continue
+            if not data:
+                return
             self._stderr += data
             del self._stderr[:-STDERR_KEPT]
 
@@ -293,7 +306,19 @@ class _Session:
         return CommandError(self.command, f"{self.runner.where}{message}")
 
     def recv(self, size: int) -> bytes:
-        data: bytes = self.channel.recv(size)
+        while True:
+            try:
+                data: bytes = self.channel.recv(size)
+                break
+            except TimeoutError:  # only streams being read have one (STREAM_IDLE)
+                if not self.runner.answers(PROBE_TIMEOUT):
+                    self.runner.close()
+                    raise CommandError(
+                        self.command,
+                        f"{self.runner.where}connection lost: no data for {STREAM_IDLE:.0f} s "
+                        f"and no answer from the host for {PROBE_TIMEOUT:.0f} s more; the "
+                        "remote command ends at its timeout",
+                    ) from None
         if not data and not self.channel.eof_received:
             raise self.failure("the channel closed before the end of the output")
         return data
@@ -379,6 +404,22 @@ class SSHRunner:
         transport = self._transport
         return transport is not None and transport.is_active()
 
+    def answers(self, timeout: float) -> bool:
+        """Whether the server answers a global request within `timeout` seconds (paramiko
+        waits for the reply without a limit, hence the thread)."""
+        transport = self._transport
+        if transport is None or not transport.is_active():
+            return False
+        replied = threading.Event()
+
+        def probe() -> None:
+            with suppress(Exception):
+                transport.global_request("keepalive@openssh.com", wait=True)
+            replied.set()
+
+        threading.Thread(target=probe, daemon=True).start()
+        return replied.wait(timeout) and transport.is_active()
+
     def close(self) -> None:
         """Close the connection (the next command opens a new one)."""
         with self._lock:
@@ -433,6 +474,7 @@ class SSHRunner:
         refuse_streaming_in_dry_run(self.dry_run, command)
         with self._session(command) as session:
             session.channel.shutdown_write()
+            session.channel.settimeout(STREAM_IDLE)
             with io.BufferedReader(_ChannelReader(session), 1 << 20) as stream:
                 yield stream
                 if not stream.closed and stream.read(
