@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from gfs_backup.actions.verify import Verified, check_data, verify_stored
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import JobContext, Progress, RestoreOptions
+from gfs_backup.backends.libvirt import LibvirtBackend
 from gfs_backup.catalog import Stored, list_generations
 from gfs_backup.config import Config, Job
 from gfs_backup.errors import ExitCode, GfsError, InputError, Problem
@@ -57,6 +59,57 @@ def restore(
         raise InputError(Problem(str(to), "already exists: restore into a new path"))
     if not to.parent.is_dir():
         raise InputError(Problem(str(to), "its parent directory does not exist"))
+
+    def write(ctx: JobContext, stored: Stored) -> str:
+        try:
+            backend_for(stored.manifest.kind).restore(
+                ctx, stored, to, progress, options or RestoreOptions()
+            )
+        except ValueError as exc:
+            raise RestoreError(
+                f"restore of {stored.id} to {to} does not match its manifest: {exc}"
+            ) from None
+        return str(to)
+
+    return _checked_restore(config, job, generation, now, progress, write)
+
+
+def restore_over_original(
+    config: Config,
+    job: Job,
+    generation: str | None,
+    now: datetime,
+    progress: Progress | None = None,
+) -> Stored:
+    """libvirt jobs: check the generation, then write its disks over the disks of the
+    job's domain, which must be shut off (see LibvirtBackend.restore_over_original)."""
+    if job.kind != LibvirtBackend.kind:
+        raise InputError(
+            Problem(
+                f"job {job.name}",
+                f"--over-original is for libvirt jobs; restore a {job.kind} job with --to PATH",
+            )
+        )
+
+    def write(ctx: JobContext, stored: Stored) -> str:
+        if stored.manifest.kind != LibvirtBackend.kind:
+            raise RestoreError(f"generation {stored.id} of job {job.name} is not a VM backup")
+        disks = LibvirtBackend().restore_over_original(ctx, stored, progress)
+        return ", ".join(disks)
+
+    return _checked_restore(config, job, generation, now, progress, write)
+
+
+def _checked_restore(
+    config: Config,
+    job: Job,
+    generation: str | None,
+    now: datetime,
+    progress: Progress | None,
+    write: Callable[[JobContext, Stored], str],
+) -> Stored:
+    """Find the generation, refuse it when its data fails its checksums, then `write` it
+    (which returns where it went) and record the restore in the run history."""
     stored = find_generation(config, job, generation)
     problems = check_data(stored, progress) if stored.manifest.files else []
     if problems:
@@ -67,18 +120,11 @@ def restore(
     state = State(config.state_dir)
     try:
         ctx = JobContext(job, LocalRunner(), state, state.start_run(job.name), now, log)
-        try:
-            backend_for(stored.manifest.kind).restore(
-                ctx, stored, to, progress, options or RestoreOptions()
-            )
-        except ValueError as exc:
-            raise RestoreError(
-                f"restore of {stored.id} to {to} does not match its manifest: {exc}"
-            ) from None
-        state.finish_run(ctx.run_id, "restored", stored.id, message=str(to))
+        where = write(ctx, stored)
+        state.finish_run(ctx.run_id, "restored", stored.id, message=where)
     finally:
         state.close()
-    log.info("job %s: restored generation %s to %s", job.name, stored.id, to)
+    log.info("job %s: restored generation %s to %s", job.name, stored.id, where)
     return stored
 
 

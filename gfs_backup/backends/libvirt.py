@@ -20,9 +20,17 @@ from gfs_backup.backends.base import (
     Snapshot,
     SourceError,
 )
+from gfs_backup.backends.vm_inplace import (
+    JOURNAL_ACTION as RESTORE_TEMP,
+)
+from gfs_backup.backends.vm_inplace import (
+    InPlaceRestore,
+    is_restore_temp,
+    plan_writes,
+)
 from gfs_backup.catalog import Stored
 from gfs_backup.config import Job
-from gfs_backup.copy import digest_file
+from gfs_backup.copy import digest_and_punch_zeros
 from gfs_backup.errors import GfsError
 from gfs_backup.faults import crash_point
 from gfs_backup.manifest import DataFile
@@ -188,7 +196,8 @@ class LibvirtBackend:
                     f"job {ctx.job.name}: exported disk {disk.target} is not a "
                     f"sound qcow2: {problems}"
                 )
-            result = digest_file(image)
+            # QEMU's backup job writes the zeros of a raw block device as data: deallocate them.
+            result = digest_and_punch_zeros(image)
             files.append(DataFile(f"{DISKS}/{image.name}", result.size, result.digest))
         written = sum(f.size for f in files)
         return Exported(files=tuple(files), source=source, bytes_written=written)
@@ -428,6 +437,8 @@ class LibvirtBackend:
                 ctx.log.warning("job %s: %s", ctx.job.name, exc)
             finally:
                 connection.close()
+        elif entry.action == RESTORE_TEMP and is_restore_temp(Path(entry.path)):
+            Path(entry.path).unlink(missing_ok=True)  # an interrupted restore over the disks
         elif entry.action == "overlay":
             layers: dict[str, dict[str, str]] = json.loads(entry.detail)
             connection = self._connect(ctx.job)
@@ -508,6 +519,28 @@ class LibvirtBackend:
             shutil.rmtree(to, ignore_errors=True)
             raise
         ctx.log.info("job %s: defined domain %s with disks in %s", ctx.job.name, name, to)
+
+    def restore_over_original(
+        self, ctx: JobContext, stored: Stored, progress: Progress | None
+    ) -> list[str]:
+        """Write the (checked) disks of `stored` over the disks of the job's domain, which
+        must be shut off; see gfs_backup.backends.vm_inplace. Returns the disks written."""
+        connection = self._connect(ctx.job)
+        try:
+            domain = connection.domain(str(ctx.job.options["domain"]))
+            saved_uuid = stored.manifest.source.get("uuid")
+            if saved_uuid and saved_uuid != domain.UUIDString():
+                ctx.log.warning(
+                    "job %s: domain %s has another UUID than the one backed up (%s): it "
+                    "was redefined; writing over the disks it has now",
+                    ctx.job.name,
+                    domain.name(),
+                    saved_uuid,
+                )
+            writes = plan_writes(ctx.job.name, stored, connection.xml(domain, inactive=True))
+            return InPlaceRestore(ctx, connection, domain).run(writes)
+        finally:
+            connection.close()
 
 
 def bandwidth_limit(ctx: JobContext) -> int:

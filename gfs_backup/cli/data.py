@@ -9,7 +9,12 @@ from pathlib import Path
 import click
 
 from gfs_backup.actions.plan import select_jobs
-from gfs_backup.actions.restore import restore, set_protected, verify_jobs
+from gfs_backup.actions.restore import (
+    restore,
+    restore_over_original,
+    set_protected,
+    verify_jobs,
+)
 from gfs_backup.backends.base import RestoreOptions
 from gfs_backup.cli.options import config_option, json_option
 from gfs_backup.cli.progress import progress_for
@@ -91,9 +96,16 @@ def verify_command(
 @click.option(
     "--to",
     "to",
-    required=True,
+    default=None,
     type=click.Path(path_type=Path),
-    help="Where to restore: a new directory (files) or subvolume path (btrfs).",
+    help="Where to restore: a new directory (files, libvirt disks), subvolume path (btrfs) "
+    "or image file (lvm).",
+)
+@click.option(
+    "--over-original",
+    is_flag=True,
+    help="libvirt: write the disks over the disks of the job's own domain, which must be "
+    "shut off (instead of --to).",
 )
 def restore_command(
     job: str,
@@ -101,7 +113,8 @@ def restore_command(
     generation: str | None,
     domain_name: str | None,
     keep_interfaces: bool,
-    to: Path,
+    to: Path | None,
+    over_original: bool,
 ) -> None:
     """Restore a generation of JOB to a new path, checked against its manifest.
 
@@ -112,10 +125,26 @@ def restore_command(
     libvirt jobs: the disks copied into the new directory --to, checked with qemu-img
                   check, and a new domain defined on them (new name and UUID, network
                   interfaces removed unless --keep-interfaces); it is not started.
+                  With --over-original instead: the disks of the job's shut-off domain
+                  are replaced (files: written beside and renamed over the old ones only
+                  when complete and compared; block devices: written onto the device).
+    lvm jobs:     the raw image written to the new file --to.
     """
+    if over_original == (to is not None):
+        raise click.UsageError("give exactly one of --to PATH and --over-original")
+    if over_original and (domain_name or keep_interfaces):
+        raise click.UsageError(
+            "--as-domain and --keep-interfaces go with --to, not --over-original"
+        )
     config = load_config(config_path)
     (selected,) = select_jobs(config, [job])
     progress = progress_for(f"{job}: restore")
+    if to is None:
+        stored = restore_over_original(
+            config, selected, generation, datetime.now(timezone.utc), progress
+        )
+        click.echo(f"{job}: restored generation {stored.id} over the disks of its domain")
+        return
     options = RestoreOptions(domain_name, keep_interfaces)
     stored = restore(
         config, selected, generation, to, datetime.now(timezone.utc), progress, options

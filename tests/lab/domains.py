@@ -87,6 +87,19 @@ class DomainSpec:
     agent: bool = False
 
 
+def disk_element(disk: Path) -> str:
+    """The <disk> of vda: a qcow2 file, or a raw block device (a loop device, an LV)."""
+    if disk.is_block_device():
+        kind, driver, source = "block", "raw", f"dev={quoteattr(str(disk))}"
+    else:
+        kind, driver, source = "file", "qcow2", f"file={quoteattr(str(disk))}"
+    return f"""<disk type='{kind}' device='disk'>
+      <driver name='qemu' type='{driver}'/>
+      <source {source}/>
+      <target dev='vda' bus='virtio'/>
+    </disk>"""
+
+
 def domain_xml(spec: DomainSpec) -> str:
     """A TCG domain: direct kernel boot, one virtio disk (vda), serial console to a file."""
     channel = AGENT_CHANNEL if spec.agent else ""
@@ -106,11 +119,7 @@ def domain_xml(spec: DomainSpec) -> str:
   <on_reboot>destroy</on_reboot>
   <on_crash>destroy</on_crash>
   <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file={quoteattr(str(spec.disk))}/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
+    {disk_element(spec.disk)}
     <serial type='file'>
       <source path={quoteattr(str(spec.console_log))}/>
       <target port='0'/>

@@ -341,6 +341,29 @@ def test_a_big_hole_stays_sparse(tmp_path: Path, no_leaked_threads: None) -> Non
     assert allocated(tmp_path / "streamed") <= MiB + 64 * KiB
 
 
+@pytest.mark.parametrize(
+    "layout",
+    [
+        [("r", MiB), ("z", 8 * MiB), ("r", 5), ("z", 3 * MiB + 7)],
+        [("z", 2 * MiB), ("h", 4 * MiB), ("r", MiB + 3), ("z", MiB - 3)],
+    ],
+    ids=["zeros-written", "zeros-and-holes"],
+)
+def test_written_zero_blocks_are_punched_out_and_the_content_kept(
+    tmp_path: Path, layout: Layout, chunk_size: int, no_leaked_threads: None
+) -> None:
+    image = tmp_path / "image"
+    require_sparse_files(image)
+    data = write_layout(image, layout)
+    before = allocated(image)
+    result = copy.digest_and_punch_zeros(image)
+    assert image.read_bytes() == data  # content (and size) unchanged
+    assert result.digest == reference(data) == digest_file(image).digest
+    assert result.size == len(data)
+    data_blocks = sum(1 for start in range(0, len(data), BLOCK) if any(data[start : start + BLOCK]))
+    assert allocated(image) <= data_blocks * BLOCK + 64 * KiB < before
+
+
 def test_holes_within_blocks_stay_holes(tmp_path: Path) -> None:
     """Only data regions are written, not whole 1 MiB blocks around them."""
     require_sparse_files(tmp_path / "source")

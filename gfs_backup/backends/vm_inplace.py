@@ -1,0 +1,251 @@
+"""Restoring a VM generation over the disks of its own, shut-off domain.
+
+Each disk is written in the format the domain's definition gives it (qcow2 or raw):
+- a file disk is converted into a temporary file next to it (journaled, dot-named),
+  compared with the stored image, given the old file's owner and mode, fsynced, and
+  renamed over the old file only if the domain is still shut off: a failure at any point
+  leaves the old disk as it was;
+- a block device (an LV, a raw partition) cannot be swapped, so the image is written onto
+  it with `qemu-img convert -n`; QEMU's image locking keeps the domain from starting while
+  qemu-img holds the device, and the device must be at least the image's size.
+Every written disk is compared with the stored image by `qemu-img compare`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gfs_backup.backends.base import JobContext
+from gfs_backup.catalog import Stored
+from gfs_backup.errors import ExitCode, GfsError
+from gfs_backup.manifest import fsync_dir
+from gfs_backup.runner import Command, Runner
+from gfs_backup.virt import Connection, Disk, parse_disks
+
+WRITE_TIMEOUT = 24 * 3600.0
+TEMP_MARK = ".gfs-restore-r"
+JOURNAL_ACTION = "restore-temp"
+
+
+class InPlaceRefused(GfsError):
+    """The domain's disks cannot be overwritten now (running, missing, too small...)."""
+
+    exit_code = ExitCode.FAILED
+
+
+@dataclass(frozen=True)
+class DiskWrite:
+    """One stored image and the domain disk it goes over."""
+
+    image: Path
+    disk: Disk
+
+
+def image_options(path: str, driver: str, size: int | None = None) -> str:
+    """A `--image-opts` string; commas in the path are doubled, as QEMU's option syntax
+    wants. `size` limits a raw view to the first `size` bytes (a larger block device)."""
+    limit = f",size={size}" if size is not None else ""
+    return f"driver={driver}{limit},file.filename={path.replace(',', ',,')}"
+
+
+def make_write_command(image: Path, destination: Path, disk_format: str, existing: bool) -> Command:
+    """qemu-img convert of a stored qcow2 image to `destination` in `disk_format`;
+    `existing` (-n) writes onto a device that is there already instead of creating a file."""
+    onto = ("-n",) if existing else ()
+    return Command(
+        (
+            "qemu-img",
+            "convert",
+            *onto,
+            "-f",
+            "qcow2",
+            "-O",
+            disk_format,
+            str(image),
+            str(destination),
+        ),
+        mutating=True,
+        timeout=WRITE_TIMEOUT,
+    )
+
+
+def make_compare_command(image: Path, written: str, disk_format: str, size: int | None) -> Command:
+    """qemu-img compare of the stored image with what was written (its first `size`
+    bytes for a block device larger than the image)."""
+    return Command(
+        (
+            "qemu-img",
+            "compare",
+            "--image-opts",
+            image_options(str(image), "qcow2"),
+            image_options(written, disk_format, size),
+        ),
+        timeout=WRITE_TIMEOUT,
+    )
+
+
+def make_info_command(image: Path) -> Command:
+    return Command(("qemu-img", "info", "--output=json", "-f", "qcow2", str(image)))
+
+
+def parse_virtual_size(info_json: str) -> int:
+    """The virtual size from `qemu-img info --output=json`. Raises ValueError."""
+    data: Any = json.loads(info_json)
+    size = data.get("virtual-size") if isinstance(data, dict) else None
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(f"qemu-img info gave no virtual size: {info_json[:200]!r}")
+    return size
+
+
+def temp_path(disk: Path, run_id: int) -> Path:
+    return disk.with_name(f".{disk.name}{TEMP_MARK}{run_id}")
+
+
+def is_restore_temp(path: Path) -> bool:
+    return path.name.startswith(".") and TEMP_MARK in path.name
+
+
+def plan_writes(job: str, stored: Stored, domain_xml: str) -> list[DiskWrite]:
+    """Pair each stored disk image with the domain's disk of the same target name.
+    Raises InPlaceRefused when the domain has no such disk or it is not a local disk."""
+    disks = {disk.target: disk for disk in parse_disks(domain_xml)}
+    writes = []
+    for data in stored.manifest.files:
+        target = Path(data.path).stem
+        disk = disks.get(target)
+        if disk is None:
+            raise InPlaceRefused(
+                f"job {job}: the domain has no disk {target} any more (disks: "
+                f"{', '.join(disks) or 'none'}); restore to a new domain with --to DIR"
+            )
+        if disk.source_type not in ("file", "block") or not disk.source:
+            raise InPlaceRefused(
+                f"job {job}: disk {target} is a {disk.source_type} disk: gfs restores over "
+                "file and block device disks only"
+            )
+        if disk.format not in ("raw", "qcow2"):
+            raise InPlaceRefused(
+                f"job {job}: disk {target} has format {disk.format}: gfs writes raw or qcow2"
+            )
+        writes.append(DiskWrite(stored.path / data.path, disk))
+    return writes
+
+
+def block_device_size(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+class InPlaceRestore:
+    """Writes the checked images of a generation over the disks of the shut-off domain."""
+
+    def __init__(self, ctx: JobContext, connection: Connection, domain: Any) -> None:
+        self.ctx = ctx
+        self.connection = connection
+        self.domain = domain
+        self.name = str(domain.name())
+
+    def refuse_if_running(self, what: str) -> None:
+        if self.connection.is_running(self.domain):
+            raise InPlaceRefused(
+                f"job {self.ctx.job.name}: domain {self.name} is running{what}: shut it "
+                f"down first (virsh shutdown {self.name}); gfs writes over the disks of a "
+                "shut-off domain only"
+            )
+
+    def run(self, writes: list[DiskWrite]) -> list[str]:
+        """Write every disk; the paths written, in order."""
+        self.refuse_if_running("")
+        for write in writes:
+            if write.disk.source_type == "block":
+                self._onto_device(write)
+            else:
+                self._over_file(write)
+            self.ctx.log.info(
+                "job %s: %s: disk %s restored over %s",
+                self.ctx.job.name,
+                self.name,
+                write.disk.target,
+                write.disk.source,
+            )
+        return [write.disk.source for write in writes]
+
+    def _over_file(self, write: DiskWrite) -> None:
+        destination = Path(write.disk.source)
+        if not destination.parent.is_dir():
+            raise InPlaceRefused(
+                f"job {self.ctx.job.name}: the directory of disk {write.disk.target} "
+                f"({destination.parent}) does not exist: create it, or restore with --to DIR"
+            )
+        temp = temp_path(destination, self.ctx.run_id)
+        entry = self.ctx.state.journal(
+            self.ctx.run_id, self.ctx.job.name, JOURNAL_ACTION, str(temp)
+        )
+        try:
+            runner = self.ctx.runner
+            runner.run(make_write_command(write.image, temp, write.disk.format, False))
+            self._compare(runner, write, str(temp), None)
+            _take_over_metadata(temp, destination)
+            _fsync(temp)
+            self.refuse_if_running(" (it was started during the restore; its disk is unchanged)")
+            os.replace(temp, destination)
+            fsync_dir(destination.parent)
+        finally:
+            temp.unlink(missing_ok=True)
+            self.ctx.state.done(entry)
+
+    def _onto_device(self, write: DiskWrite) -> None:
+        device = Path(write.disk.source)
+        if not device.is_block_device():
+            raise InPlaceRefused(
+                f"job {self.ctx.job.name}: disk {write.disk.target} is defined as the block "
+                f"device {device}, which does not exist: create it (e.g. lvcreate) first"
+            )
+        runner = self.ctx.runner
+        needed = parse_virtual_size(runner.run(make_info_command(write.image)).stdout)
+        have = block_device_size(device)
+        if have < needed:
+            raise InPlaceRefused(
+                f"job {self.ctx.job.name}: block device {device} holds {have} bytes, the "
+                f"backup of disk {write.disk.target} needs {needed}: grow it first"
+            )
+        self.refuse_if_running("")
+        runner.run(make_write_command(write.image, device, write.disk.format, True))
+        self._compare(runner, write, str(device), needed if have > needed else None)
+
+    def _compare(self, runner: Runner, write: DiskWrite, written: str, size: int | None) -> None:
+        done = runner.run(
+            make_compare_command(write.image, written, write.disk.format, size), check=False
+        )
+        if done.returncode != 0:
+            detail = " ".join((done.stdout + done.stderr).split())[-300:]
+            raise GfsError(
+                f"job {self.ctx.job.name}: disk {write.disk.target} as written to {written} "
+                f"differs from the backup: {detail}"
+            )
+
+
+def _take_over_metadata(new: Path, old: Path) -> None:
+    """The new disk file gets the old one's owner and mode (libvirt/QEMU access)."""
+    try:
+        info = old.stat()
+    except FileNotFoundError:
+        os.chmod(new, 0o600)
+        return
+    os.chown(new, info.st_uid, info.st_gid)
+    os.chmod(new, info.st_mode & 0o7777)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
