@@ -174,6 +174,7 @@ def test_vm_drill_with_the_guest_agent_and_on_schedule(
     first = run_gfs("run", "--config", str(config))
     assert first.exit_code == 0, first.output
     assert "drill of" not in first.stderr  # the schedule has not fired since the generation
+    time.sleep(1.2)  # the every-second schedule fires after the generation's second only
     second = run_gfs("run", "--force", "--config", str(config))
     assert second.exit_code == 0, second.output
     assert "passed: guest agent answered guest-ping" in second.stderr
