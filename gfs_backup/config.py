@@ -28,13 +28,14 @@ from typing import Any
 from gfs_backup.errors import InputError, Problem
 from gfs_backup.lvm import LvmInputError, parse_size, split_volume
 from gfs_backup.policy import NAME_RE, Policy, find_policy, load_policy_file, policy_from_table
+from gfs_backup.throttle import parse_rate
 from gfs_backup.validate import Collector, Table, join_key, read_toml
 
 DEFAULT_CONFIG = Path("/etc/gfs/gfs.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/gfs")
 LOCAL_HOST = "local"
 TOP_KEYS = ("state_dir", "policy_dir", "concurrency", "target", "hosts", "job")
-TARGET_KEYS = ("path", "require_nfs")
+TARGET_KEYS = ("path", "require_nfs", "bandwidth")
 HOST_KEYS = ("address", "user", "port", "identity_file", "known_hosts")
 JOB_COMMON_KEYS = ("name", "kind", "host", "target", "policy", "scratch_dir")
 PATH_KEYS = ("path", "subvolume", "snapshot_dir", "overlay_dir", "scratch_dir")
@@ -52,6 +53,7 @@ class Target:
     name: str
     path: Path
     require_nfs: bool = True
+    bandwidth: int = 0  # bytes/s all jobs together may write to it; 0 = no limit
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,12 @@ def _target(name: str, table: Table, collector: Collector) -> Target:
     if not where.startswith("/"):
         collector.add(join_key(path, "path"), "required: the absolute path of the mount point")
     require_nfs = collector.get(table, "require_nfs", path, bool, True, "true or false")
-    return Target(name, Path(where), require_nfs)
+    bandwidth = 0
+    try:
+        bandwidth = parse_rate(table.get("bandwidth", 0))
+    except ValueError as exc:
+        collector.add(join_key(path, "bandwidth"), str(exc))
+    return Target(name, Path(where), require_nfs, bandwidth)
 
 
 def _host(name: str, table: Table, collector: Collector) -> Host:
@@ -232,6 +239,14 @@ def _job(
         collector.add(
             join_key(path, "method"),
             "must be auto (backup API, else snapshot), backup-api or snapshot",
+        )
+    limited = targets.get(target)
+    if options.get("method") == "backup-api" and limited is not None and limited.bandwidth:
+        collector.add(
+            join_key(path, "method"),
+            f'"backup-api" cannot be rate limited, and target {target} has a bandwidth '
+            'limit: use method = "auto" (then the snapshot method, whose copy is limited) '
+            "or remove the limit",
         )
     disks = options.get("disks", [])
     if not isinstance(disks, list) or not all(isinstance(d, str) and d for d in disks):

@@ -29,6 +29,7 @@ from gfs_backup.retention import Generation, plan
 from gfs_backup.ssh import close_runners, runner_for
 from gfs_backup.state import State
 from gfs_backup.target import check_target
+from gfs_backup.throttle import Throttle, format_rate, shares
 
 log = logging.getLogger("gfs")
 Clock = Callable[[], datetime]
@@ -97,10 +98,16 @@ def run_jobs(
     """Run each job, up to `config.concurrency` at once; one failing job never stops the
     others. Results come in the order of `jobs`."""
 
+    rates = shares(
+        {name: target.bandwidth for name, target in config.targets.items()},
+        (job.target for job in jobs),
+        config.concurrency,
+    )
+
     def one(job: Job) -> JobOutcome:
         state = State.read_only(config.state_dir) if options.dry_run else State(config.state_dir)
         try:
-            return _run_one(config, job, state, clock, options)
+            return _run_one(config, job, state, clock, options, rates.get(job.target, 0))
         finally:
             if state is not None:
                 state.close()
@@ -115,7 +122,12 @@ def run_jobs(
 
 
 def _run_one(
-    config: Config, job: Job, state: State | None, clock: Clock, options: RunOptions
+    config: Config,
+    job: Job,
+    state: State | None,
+    clock: Clock,
+    options: RunOptions,
+    bandwidth: int = 0,
 ) -> JobOutcome:
     job_dir = config.targets[job.target].path / job.name
     if options.dry_run:
@@ -128,17 +140,23 @@ def _run_one(
             if not options.force and (due is None or due > now):
                 when = due.isoformat() if due else "never (the schedule does not fire)"
                 return JobOutcome(job.name, "not-due", message=f"next due {when}")
-            return _run_locked(config, job, state, job_dir, now, options)
+            return _run_locked(config, job, state, job_dir, now, options, bandwidth)
     except LockHeld as exc:
         log.warning("%s", exc)
         return JobOutcome(job.name, "locked", message=str(exc))
 
 
 def _run_locked(
-    config: Config, job: Job, state: State, job_dir: Path, now: datetime, options: RunOptions
+    config: Config,
+    job: Job,
+    state: State,
+    job_dir: Path,
+    now: datetime,
+    options: RunOptions,
+    bandwidth: int = 0,
 ) -> JobOutcome:
     run_id = state.start_run(job.name)
-    ctx = JobContext(job, runner_for(job.host, config), state, run_id, now, log)
+    ctx = JobContext(job, runner_for(job.host, config), state, run_id, now, log, bandwidth)
     backend = backend_for(job.kind)
     started = time.monotonic()
     try:
@@ -195,6 +213,14 @@ def _pipeline(
     target = check_target(config.targets[job.target], backend.sources(job))
     warnings = list(target.warnings)
     progress = options.progress(job) if options.progress else None
+    if ctx.bandwidth:
+        ctx.log.info(
+            "job %s: writing at most %s to target %s",
+            job.name,
+            format_rate(ctx.bandwidth),
+            job.target,
+        )
+        progress = _throttled(progress, Throttle(ctx.bandwidth))
     snapshot = backend.snapshot(ctx)
     crash_point("after-snapshot")
     try:
@@ -250,6 +276,17 @@ def periodic_verify(job: Job, job_dir: Path, now: datetime) -> list[str]:
             )
             log.error("job %s: %s", job.name, warnings[-1])
     return warnings
+
+
+def _throttled(progress: Progress | None, throttle: Throttle) -> Progress:
+    """Progress that paces the export: the copy waits while it is ahead of the rate."""
+
+    def step(count: int) -> None:
+        throttle.consume(count)
+        if progress is not None:
+            progress(count)
+
+    return step
 
 
 def _with_crash_point(progress: Progress | None) -> Progress:

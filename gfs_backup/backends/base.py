@@ -36,6 +36,7 @@ class JobContext:
     run_id: int
     now: datetime
     log: logging.Logger
+    bandwidth: int = 0  # bytes/s this job may write to its target (its share); 0 = no limit
 
 
 @dataclass(frozen=True)

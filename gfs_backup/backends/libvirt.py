@@ -59,16 +59,19 @@ METHODS = ("auto", "backup-api", "snapshot")
 
 
 def make_convert_command(
-    source: Path, source_format: str, destination: Path, share: bool = False
+    source: Path, source_format: str, destination: Path, share: bool = False, rate: int = 0
 ) -> Command:
     """qemu-img convert to qcow2; zero clusters are not written (sparse). `share` (-U) reads
-    an image a running QEMU holds open read-only (the frozen base below a gfs overlay)."""
+    an image a running QEMU holds open read-only (the frozen base below a gfs overlay);
+    `rate` (-r) caps the copy at that many bytes per second (0 = no limit)."""
     shared = ("-U",) if share else ()
+    limit = ("-r", str(rate)) if rate else ()
     return Command(
         (
             "qemu-img",
             "convert",
             *shared,
+            *limit,
             "-f",
             source_format,
             "-O",
@@ -153,6 +156,14 @@ class LibvirtBackend:
             folder.mkdir()
             running = connection.is_running(domain)
             method = str(ctx.job.options.get("method", "auto"))
+            if running and method == "auto" and ctx.bandwidth:
+                ctx.log.info(
+                    "job %s: the backup API cannot be rate limited: using the snapshot "
+                    "method for the bandwidth limit of target %s",
+                    ctx.job.name,
+                    ctx.job.target,
+                )
+                method = "snapshot"
             facts: dict[str, Any] | None = None
             if running and method != "snapshot":
                 try:
@@ -265,7 +276,11 @@ class LibvirtBackend:
             for disk in disks:
                 ctx.runner.run(
                     make_convert_command(
-                        Path(disk.source), disk.format, folder / f"{disk.target}.qcow2", True
+                        Path(disk.source),
+                        disk.format,
+                        folder / f"{disk.target}.qcow2",
+                        share=True,
+                        rate=ctx.bandwidth,
                     )
                 )
         finally:
@@ -283,6 +298,7 @@ class LibvirtBackend:
                 raise SourceError(
                     f"job {ctx.job.name}: disk {disk.target} is a block device: the "
                     "snapshot method needs overlay_dir (a directory for temporary overlays)"
+                    + (" (it is used for the target's bandwidth limit)" if ctx.bandwidth else "")
                 )
             overlay = overlay_path(disk.source, overlay_dir, ctx.job.name, ctx.run_id)
             layers[disk.target] = {
@@ -307,7 +323,7 @@ class LibvirtBackend:
             overlay = layer["overlay"]
             if connection.is_running(domain):
                 if connection.disk_source(domain, target) == overlay:
-                    connection.start_commit(domain, target, bandwidth_limit(ctx))
+                    connection.start_commit(domain, target, 0)  # local: not the target's bandwidth
                     crash_point("mid-commit")
                     connection.pivot_when_ready(domain, target, COMMIT_TIMEOUT)
                     ctx.log.info(
@@ -410,7 +426,10 @@ class LibvirtBackend:
         for disk in disks:
             ctx.runner.run(
                 make_convert_command(
-                    Path(disk.source), disk.format, folder / f"{disk.target}.qcow2"
+                    Path(disk.source),
+                    disk.format,
+                    folder / f"{disk.target}.qcow2",
+                    rate=ctx.bandwidth,
                 )
             )
             if connection.is_running(domain):
@@ -541,11 +560,6 @@ class LibvirtBackend:
             return InPlaceRestore(ctx, connection, domain).run(writes)
         finally:
             connection.close()
-
-
-def bandwidth_limit(ctx: JobContext) -> int:
-    """Bytes per second the job may move (0 = no limit); see the target's `bandwidth`."""
-    return int(ctx.job.options.get("bandwidth", 0))
 
 
 def qemu_img_problems(runner: Runner, image: Path) -> str:

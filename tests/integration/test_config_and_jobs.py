@@ -157,6 +157,22 @@ father-weekday = "someday"
             "policy = 'classic-gfs'\n",
             "job[a].host: unknown host 'kvm9'",
         ),
+        (
+            "[target.nas]\npath = '/mnt/nas'\nbandwidth = 'fast'\n",
+            'target.nas.bandwidth: expected bytes per second such as "100M" (MiB/s) or 0 '
+            "for no limit, got 'fast'",
+        ),
+        (
+            "[target.nas]\npath = '/mnt/nas'\nbandwidth = '1K'\n",
+            "target.nas.bandwidth: '1K' is too low: use 0 (no limit) or at least 64K",
+        ),
+        (
+            "[target.nas]\npath = '/mnt/nas'\nbandwidth = '50M'\n"
+            "[[job]]\nname = 'vm'\nkind = 'libvirt'\ndomain = 'vm'\ntarget = 'nas'\n"
+            "method = 'backup-api'\npolicy = 'classic-gfs'\n",
+            'job[vm].method: "backup-api" cannot be rate limited, and target nas has a '
+            "bandwidth limit",
+        ),
     ],
 )
 def test_check_names_file_key_and_fix(
