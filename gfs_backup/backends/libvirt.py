@@ -29,7 +29,7 @@ from gfs_backup.backends.vm_inplace import (
     plan_writes,
 )
 from gfs_backup.catalog import Stored
-from gfs_backup.config import Job
+from gfs_backup.config import LOCAL_HOST, Job
 from gfs_backup.copy import digest_and_punch_zeros
 from gfs_backup.errors import GfsError
 from gfs_backup.faults import crash_point
@@ -133,6 +133,8 @@ class LibvirtBackend:
                         f"{disk.source_type} disk ({disk.source or 'no path'}): "
                         "gfs backs up file and block device disks only"
                     )
+                if ctx.job.host == LOCAL_HOST:
+                    _check_disk_path(ctx.job.name, disk)
         finally:
             connection.close()
 
@@ -560,6 +562,23 @@ class LibvirtBackend:
             return InPlaceRestore(ctx, connection, domain).run(writes)
         finally:
             connection.close()
+
+
+def _check_disk_path(job: str, disk: Disk) -> None:
+    """A file disk must be a regular file, a block disk a block device: anything else (a
+    missing image, a directory, a device node of another kind) is no disk gfs can copy."""
+    path = Path(disk.source)
+    wanted = {
+        "file": (Path.is_file, "an image file"),
+        "block": (Path.is_block_device, "a block device"),
+    }
+    test, what = wanted[disk.source_type]
+    if not test(path):
+        found = "does not exist" if not path.exists() else "is something else"
+        raise SourceError(
+            f"job {job}: disk {disk.target} should be {what} but {path} {found}: fix the "
+            "domain's definition, or name the disks to back up with disks = [...]"
+        )
 
 
 def qemu_img_problems(runner: Runner, image: Path) -> str:

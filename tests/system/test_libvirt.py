@@ -228,23 +228,73 @@ def test_target_full_during_a_vm_backup(
     assert vm.is_active()
 
 
-def test_network_disk_is_refused(
-    mounts: Mounter, tmp_path: Path, run_gfs: RunGfs, libvirt_conn: libvirt.virConnect
+NETWORK_DISK = """<disk type='network' device='disk'><driver name='qemu' type='raw'/>
+  <source protocol='nbd' name='export'><host name='127.0.0.1' port='10809'/></source>
+  <target dev='vda' bus='virtio'/></disk>"""
+POOL_DISK = """<disk type='volume' device='disk'><driver name='qemu' type='qcow2'/>
+  <source pool='default' volume='web.qcow2'/><target dev='vda' bus='virtio'/></disk>"""
+DIR_DISK = """<disk type='dir' device='disk'><driver name='qemu' type='fat'/>
+  <source dir='/srv'/><target dev='vda' bus='virtio'/><readonly/></disk>"""
+
+
+def file_disk(path: Path, kind: str = "file") -> str:
+    attribute = "dev" if kind == "block" else "file"
+    return f"""<disk type='{kind}' device='disk'><driver name='qemu' type='raw'/>
+  <source {attribute}='{path}'/><target dev='vda' bus='virtio'/></disk>"""
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["network", "pool volume", "directory", "missing file", "not a block device", "on the target"],
+)
+def test_disks_gfs_cannot_or_must_not_copy_are_refused(
+    case: str, mounts: Mounter, tmp_path: Path, libvirt_conn: libvirt.virConnect
 ) -> None:
-    name = f"gfs-test-{os.getpid()}-netdisk"
-    xml = f"""<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>
-      <os><type arch='x86_64'>hvm</type></os><devices>
-      <disk type='network' device='disk'><driver name='qemu' type='raw'/>
-        <source protocol='nbd' name='export'><host name='127.0.0.1' port='10809'/></source>
-        <target dev='vda' bus='virtio'/></disk></devices></domain>"""
-    domain = libvirt_conn.defineXML(xml)
+    target = mounts("tgt", kind="tmpfs", size_mb=16)
+    plain_file = tmp_path / "plain.img"
+    plain_file.write_bytes(bytes(1 << 20))
+    on_target = target / "vm.img"
+    on_target.write_bytes(bytes(1 << 20))
+    disk, message = {
+        "network": (
+            NETWORK_DISK,
+            "disk vda is a network disk (export): gfs backs up file and block device disks only",
+        ),
+        "pool volume": (
+            POOL_DISK,
+            "disk vda is a volume disk (web.qcow2): gfs backs up file and block device disks only",
+        ),
+        "directory": (
+            DIR_DISK,
+            "disk vda is a dir disk (no path): gfs backs up file and block device disks only",
+        ),
+        "missing file": (
+            file_disk(tmp_path / "gone.img"),
+            f"disk vda should be an image "
+            f"file but {tmp_path / 'gone.img'} does not exist: fix the domain's "
+            "definition, or name the disks to back up with disks = [...]",
+        ),
+        "not a block device": (
+            file_disk(plain_file, "block"),
+            f"disk vda should be a block device but {plain_file} is something else",
+        ),
+        "on the target": (
+            file_disk(on_target),
+            f"is on the same filesystem as the source {on_target}",
+        ),
+    }[case]
+    name = f"gfs-test-{os.getpid()}-odd-{case.replace(' ', '-')}"
+    domain = libvirt_conn.defineXML(
+        f"""<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>
+      <os><type arch='x86_64'>hvm</type></os><devices>{disk}</devices></domain>"""
+    )
     try:
-        target = mounts("tgt", kind="tmpfs", size_mb=16)
         config = write_config(tmp_path, target, "vm", "libvirt", "domain", Path(name), DAILY)
-        result = run_gfs("run", "--config", str(config))
-        assert result.exit_code == 5
-        assert "disk vda is a network disk" in result.stderr
-        assert "gfs backs up file and block device disks only" in result.stderr
+        result = gfs_subprocess("run", "--config", str(config))
+        assert result.returncode == 5, result.stderr
+        assert message in result.stderr
+        assert "Traceback" not in result.stderr
+        assert sorted(p.name for p in target.iterdir()) == ["vm.img"]  # nothing written
     finally:
         domain.undefine()
 
