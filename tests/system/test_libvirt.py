@@ -258,7 +258,7 @@ def test_disks_gfs_cannot_or_must_not_copy_are_refused(
     disk, message = {
         "network": (
             NETWORK_DISK,
-            "disk vda is a network disk (export): gfs backs up file and block device disks only",
+            "disk vda is a network disk (no path): gfs backs up file and block device disks only",
         ),
         "pool volume": (
             POOL_DISK,
