@@ -36,7 +36,7 @@ from tests.lab.guest import (
 NAME_PREFIX = "gfs-test-"
 QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
 # A lab domain's name, or one derived from it with a suffix (a restored copy: NAME-r).
-_LAB_NAME = re.compile(rf"^{NAME_PREFIX}(\d+)-[0-9a-f]{{6}}-\d+(?:-[A-Za-z0-9_.-]+)?$")
+_LAB_NAME = re.compile(rf"^{NAME_PREFIX}(\d+)-[0-9a-f]{{6}}-\d+(?:-.+)?$", re.DOTALL)
 _UNDEFINE_FLAGS = (
     libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
     | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
@@ -294,6 +294,7 @@ class DomainFactory:
         agent: bool = False,
         layout: str = "raw",
         freeze_hang: int = 0,
+        name_suffix: str = "",
     ) -> LabDomain:
         """Defines and starts a domain whose guest does `action` (see tests.lab.guest).
 
@@ -301,17 +302,19 @@ class DomainFactory:
         is created. `agent` adds the guest-agent channel and starts qemu-ga in the guest.
         `layout` "fs" keeps the pattern in files on an ext2 filesystem instead of raw blocks.
         `freeze_hang` seconds: the agent's filesystem freeze hangs that long.
+        `name_suffix` is appended to the unique name (e.g. shell metacharacters).
         """
         if agent and not self.image.has_agent:
             raise LabError("the guest image has no qemu-ga: install qemu-guest-agent")
-        name = f"{NAME_PREFIX}{os.getpid()}-{self.token}-{len(self.domains) + 1}"
+        stem = f"{NAME_PREFIX}{os.getpid()}-{self.token}-{len(self.domains) + 1}"
+        name = f"{stem}{name_suffix}"  # files are named after the stem: no odd characters
         if disk is None:
-            disk = create_disk(self.path(f"{name}.qcow2"), disk_mib)
+            disk = create_disk(self.path(f"{stem}.qcow2"), disk_mib)
         spec = DomainSpec(
             name=name,
             image=self.image,
             disk=disk,
-            console_log=self.path(f"{name}.console.log"),
+            console_log=self.path(f"{stem}.console.log"),
             cmdline=guest_cmdline(
                 action, tag=tag, after=after, agent=agent, layout=layout, freeze_hang=freeze_hang
             ),

@@ -47,7 +47,7 @@ def boot_restored(conn: libvirt.virConnect, name: str, tmp_path: Path, tag: str)
     """Start the restored domain as a pattern checker with its own console log; return it."""
     domain = conn.lookupByName(name)
     xml = domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-    log = tmp_path / f"{name}.console.log"
+    log = tmp_path / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.console.log"
     xml = re.sub(r"gfs\.action=[^\s<]+", "gfs.action=check-pattern", xml)
     xml = re.sub(r"gfs\.tag=[^\s<]+", f"gfs.tag={tag}", xml)
     xml = re.sub(r"(<log file=|<source path=)'[^']*console[^']*'", rf"\1'{log}'", xml)
@@ -363,3 +363,41 @@ def test_a_hanging_guest_freeze_times_out_and_the_guest_is_thawed(
     # cannot thaw what the guest froze late: it must say so, loudly, with the fix.
     assert f"the guest may stay frozen: check it now (virsh domfsthaw {vm.name})" in result.stderr
     assert vm.is_active()
+
+
+def test_a_domain_named_with_shell_metacharacters_is_backed_up_and_restored(
+    make_domain: object,
+    mounts: Mounter,
+    tmp_path: Path,
+    run_gfs: RunGfs,
+    libvirt_conn: libvirt.virConnect,
+    restored_domains: list[str],
+) -> None:
+    marker = Path.cwd() / "gfs-pwned"  # where a command run by a shell would create it
+    hostile = "-x;touch gfs-pwned $(touch gfs-pwned) `touch gfs-pwned` 'q\" &|<>*?"
+    target = mounts("tgt", kind="tmpfs", size_mb=512)
+    vm: LabDomain = make_domain(  # type: ignore[operator]
+        action="write-pattern", tag="meta1", after="idle", name_suffix=hostile
+    )
+    vm.wait_for("GFS-PATTERN-WRITTEN tag=meta1")
+    config = write_config(tmp_path, target, "vm", "libvirt", "domain", Path(vm.name), DAILY)
+    result = run_gfs("run", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    (generation,) = listing(run_gfs("list", "--config", str(config), "--json"))
+    manifest = json.loads((Path(generation["path"]) / "manifest.json").read_text())
+    assert manifest["source"]["domain"] == vm.name
+    new_name = f"{vm.name}-r"
+    restored_domains.append(new_name)
+    restored = run_gfs(
+        "restore",
+        "vm",
+        "--config",
+        str(config),
+        "--to",
+        str(tmp_path / "r"),
+        "--as-domain",
+        new_name,
+    )
+    assert restored.exit_code == 0, restored.output
+    assert "GFS-PATTERN-OK tag=meta1" in boot_restored(libvirt_conn, new_name, tmp_path, "meta1")
+    assert not marker.exists()
