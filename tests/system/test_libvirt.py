@@ -401,3 +401,33 @@ def test_a_domain_named_with_shell_metacharacters_is_backed_up_and_restored(
     assert restored.exit_code == 0, restored.output
     assert "GFS-PATTERN-OK tag=meta1" in boot_restored(libvirt_conn, new_name, tmp_path, "meta1")
     assert not marker.exists()
+
+
+def test_several_vms_at_once_one_failing_is_a_partial_failure(
+    make_domain: object, mounts: Mounter, tmp_path: Path, run_gfs: RunGfs
+) -> None:
+    target = mounts("tgt", kind="tmpfs", size_mb=512)
+    first: LabDomain = make_domain(action="idle")  # type: ignore[operator]
+    second: LabDomain = make_domain(action="write-pattern", tag="many")  # type: ignore[operator]
+    second.wait_for("GFS-PATTERN-WRITTEN tag=many")
+    second.wait_shutoff()
+    first.wait_for("GFS-GUEST-UP")
+    config = write_config(tmp_path, target, "vm1", "libvirt", "domain", Path(first.name), DAILY)
+    for job, domain in (("vm2", second.name), ("gone", "gfs-test-no-such-domain")):
+        config.write_text(
+            config.read_text()
+            + f'[[job]]\nname = "{job}"\nkind = "libvirt"\ndomain = {json.dumps(domain)}\n'
+            + DAILY
+        )
+    config.write_text("concurrency = 3\n" + config.read_text())
+    result = run_gfs("run", "--config", str(config), "--json")
+    assert result.exit_code == 4, result.output
+    outcomes = {job["job"]: job for job in json.loads(result.stdout)["jobs"]}
+    assert outcomes["vm1"]["status"] == outcomes["vm2"]["status"] == "ok"
+    assert outcomes["gone"]["status"] == "failed"
+    assert "domain 'gfs-test-no-such-domain' does not exist" in outcomes["gone"]["message"]
+    for job in ("vm1", "vm2"):
+        (generation,) = listing(run_gfs("list", job, "--config", str(config), "--json"))
+        verify = run_gfs("verify", job, "--generation", generation["id"], "--config", str(config))
+        assert verify.exit_code == 0, verify.output
+    assert first.is_active()
