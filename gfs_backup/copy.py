@@ -80,13 +80,7 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
 
 def copy_file(source: Path, destination: Path, progress: Progress | None = None) -> CopyResult:
     """Copy a regular file to a new file `destination` (must not exist), sparse, fsynced."""
-    with _open_read(source) as reader:
-        size = os.fstat(reader).st_size
-        extents = data_extents(reader, size)
-        with _Writer(destination) as writer:
-            digest, data = _copy_extents(reader, writer, extents, size, progress)
-            writer.finish(size)
-    return CopyResult(size, data, digest.hexdigest())
+    return _read_through(source, lambda: _Writer(destination), progress)
 
 
 def copy_stream(
@@ -117,11 +111,7 @@ def copy_stream(
 
 def digest_file(path: Path, progress: Progress | None = None) -> CopyResult:
     """Checksum a file as `copy_file` would, reading only its data regions."""
-    with _open_read(path) as reader:
-        size = os.fstat(reader).st_size
-        extents = data_extents(reader, size)
-        digest, data = _copy_extents(reader, None, extents, size, progress)
-    return CopyResult(size, data, digest.hexdigest())
+    return _read_through(path, None, progress)
 
 
 def digest_and_punch_zeros(path: Path, progress: Progress | None = None) -> CopyResult:
@@ -130,12 +120,23 @@ def digest_and_punch_zeros(path: Path, progress: Progress | None = None) -> Copy
     file then takes only its data's space. For images written by a program that writes
     zeros as data (QEMU's backup job of a raw block device). A filesystem that cannot punch
     holes leaves the file as it is. Returns the digest of the (unchanged) content."""
+    return _read_through(path, lambda: _HolePuncher(path), progress)
+
+
+def _read_through(
+    path: Path, make_writer: Callable[[], _Writer] | None, progress: Progress | None
+) -> CopyResult:
+    """Read the data regions of `path`, hash every block, and hand the chunks to the
+    writer `make_writer` opens (none: only the digest); the writer is finished (fsync)."""
     with _open_read(path) as reader:
         size = os.fstat(reader).st_size
         extents = data_extents(reader, size)
-        with _HolePuncher(path) as puncher:
-            digest, data = _copy_extents(reader, puncher, extents, size, progress)
-            puncher.finish(size)
+        if make_writer is None:
+            digest, data = _copy_extents(reader, None, extents, size, progress)
+        else:
+            with make_writer() as writer:
+                digest, data = _copy_extents(reader, writer, extents, size, progress)
+                writer.finish(size)
     return CopyResult(size, data, digest.hexdigest())
 
 

@@ -61,6 +61,25 @@ def boot_restored(conn: libvirt.virConnect, name: str, tmp_path: Path, tag: str)
     raise AssertionError(f"restored domain {name} printed no pattern result")
 
 
+def restore_and_boot(
+    run_gfs: RunGfs,
+    config: Path,
+    conn: libvirt.virConnect,
+    restored_domains: list[str],
+    tmp_path: Path,
+    name: str,
+    tag: str,
+) -> str:
+    """`gfs restore vm --to DIR --as-domain NAME`, then boot the new domain as a pattern
+    checker; its console."""
+    restored_domains.append(name)
+    result = run_gfs(
+        "restore", "vm", "--config", str(config), "--to", str(tmp_path / "r"), "--as-domain", name
+    )
+    assert result.exit_code == 0, result.output
+    return boot_restored(conn, name, tmp_path, tag)
+
+
 def test_running_domain_is_backed_up_while_it_writes_and_restores_to_a_new_domain(
     make_domain: object,
     mounts: Mounter,
@@ -118,20 +137,10 @@ def test_shut_off_domain_is_copied_and_restores(
     manifest = json.loads((Path(generation["path"]) / "manifest.json").read_text())
     assert manifest["source"]["state"] == "shut off"
     assert run_gfs("verify", "--config", str(config)).exit_code == 0
-    new_name = f"{vm.name}-r"
-    restored_domains.append(new_name)
-    result = run_gfs(
-        "restore",
-        "vm",
-        "--config",
-        str(config),
-        "--to",
-        str(tmp_path / "restored"),
-        "--as-domain",
-        new_name,
+    console = restore_and_boot(
+        run_gfs, config, libvirt_conn, restored_domains, tmp_path, f"{vm.name}-r", "off1"
     )
-    assert result.exit_code == 0, result.output
-    assert "GFS-PATTERN-OK tag=off1" in boot_restored(libvirt_conn, new_name, tmp_path, "off1")
+    assert "GFS-PATTERN-OK tag=off1" in console
 
 
 def test_missing_domain_fails_clearly(
@@ -386,20 +395,10 @@ def test_a_domain_named_with_shell_metacharacters_is_backed_up_and_restored(
     (generation,) = listing(run_gfs("list", "--config", str(config), "--json"))
     manifest = json.loads((Path(generation["path"]) / "manifest.json").read_text())
     assert manifest["source"]["domain"] == vm.name
-    new_name = f"{vm.name}-r"
-    restored_domains.append(new_name)
-    restored = run_gfs(
-        "restore",
-        "vm",
-        "--config",
-        str(config),
-        "--to",
-        str(tmp_path / "r"),
-        "--as-domain",
-        new_name,
+    console = restore_and_boot(
+        run_gfs, config, libvirt_conn, restored_domains, tmp_path, f"{vm.name}-r", "meta1"
     )
-    assert restored.exit_code == 0, restored.output
-    assert "GFS-PATTERN-OK tag=meta1" in boot_restored(libvirt_conn, new_name, tmp_path, "meta1")
+    assert "GFS-PATTERN-OK tag=meta1" in console
     assert not marker.exists()
 
 

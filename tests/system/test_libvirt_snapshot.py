@@ -16,7 +16,7 @@ from tests.lab.domains import LabDomain
 from tests.lab.fixtures import guest_image, libvirt_conn, libvirt_daemon, make_domain
 from tests.system.conftest import Mounter
 from tests.system.helpers import gfs_subprocess, listing, write_config
-from tests.system.test_libvirt import DAILY, boot_restored, restored_domains
+from tests.system.test_libvirt import DAILY, restore_and_boot, restored_domains
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 __all__ = ["guest_image", "libvirt_conn", "libvirt_daemon", "make_domain", "restored_domains"]
@@ -82,20 +82,10 @@ def test_snapshot_method_backs_up_a_running_domain_and_puts_it_back_on_its_disk(
     assert source["consistency"] == "crash-consistent"
     check = run_gfs("check", "--config", str(config))
     assert "overlay" not in check.output, check.output
-    new_name = f"{vm.name}-r"
-    restored_domains.append(new_name)
-    result = run_gfs(
-        "restore",
-        "vm",
-        "--config",
-        str(config),
-        "--to",
-        str(tmp_path / "r"),
-        "--as-domain",
-        new_name,
+    console = restore_and_boot(
+        run_gfs, config, libvirt_conn, restored_domains, tmp_path, f"{vm.name}-r", "snap1"
     )
-    assert result.exit_code == 0, result.output
-    assert "GFS-PATTERN-OK tag=snap1" in boot_restored(libvirt_conn, new_name, tmp_path, "snap1")
+    assert "GFS-PATTERN-OK tag=snap1" in console
 
 
 @pytest.mark.parametrize("point", ["after-overlay", "mid-commit"])
