@@ -32,6 +32,7 @@ from gfs_backup.virt import (
     DEFAULT_URI,
     BackupUnsupported,
     Connection,
+    ConnectionLost,
     Disk,
     backup_xml,
     is_gfs_overlay,
@@ -218,10 +219,23 @@ class LibvirtBackend:
             crash_point("mid-export")
             connection.wait_backup(domain, progress, BACKUP_TIMEOUT)
         finally:
+            self._end_backup_job(ctx, connection, domain, entry)
+        return facts
+
+    def _end_backup_job(
+        self, ctx: JobContext, connection: Connection, domain: Any, entry: int
+    ) -> None:
+        """Abort the backup job if one is left, then close its journal entry. When libvirt
+        cannot tell (libvirtd went away) the entry stays open and the next run's reconcile
+        aborts a job that is left. Never raises: it runs while another error may be on its
+        way out."""
+        try:
             if connection.has_backup_job(domain):
                 connection.abort_job(domain)
-            ctx.state.done(entry)
-        return facts
+        except GfsError as exc:
+            ctx.log.warning("job %s: %s; the next run aborts a job left behind", ctx.job.name, exc)
+            return
+        ctx.state.done(entry)
 
     def _backup_by_snapshot(
         self,
@@ -424,6 +438,8 @@ class LibvirtBackend:
                 if connection.has_backup_job(domain):
                     connection.abort_job(domain)
                     ctx.log.info("job %s: aborted stale backup job of %s", ctx.job.name, entry.path)
+            except ConnectionLost:
+                raise  # it cannot tell whether the job is left: keep the entry open
             except GfsError as exc:
                 ctx.log.warning("job %s: %s", ctx.job.name, exc)
             finally:
