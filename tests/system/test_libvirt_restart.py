@@ -105,7 +105,10 @@ def wait_for_backup_job(
     """Waits until `name` has an active backup job; fails if gfs exits first."""
     deadline = time.monotonic() + timeout
     while True:
-        stats = conn.lookupByName(name).jobStats()
+        try:
+            stats = conn.lookupByName(name).jobStats()
+        except libvirt.libvirtError:  # "backup job data missing" while the job starts
+            stats = {}
         if stats.get("operation") == libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP and stats.get(
             "type"
         ) in (libvirt.VIR_DOMAIN_JOB_BOUNDED, libvirt.VIR_DOMAIN_JOB_UNBOUNDED):
