@@ -402,13 +402,12 @@ class Connection:
                 "its gfs overlay is committed back by the next run"
             )
 
-    def pivot_when_ready(self, domain: Any, target: str, timeout: float) -> None:
+    def pivot_when_ready(self, domain: Any, target: str, overlay: str, timeout: float) -> None:
         """Wait until the commit job of `target` has caught up, then pivot the domain onto
-        the disk below the overlay (the job ends; the overlay is no longer used). A libvirtd
-        restart meanwhile is survived: libvirt 9 recovers block jobs; a pivot whose answer
-        was lost in the restart shows as the disk no longer on its overlay."""
+        the disk below its `overlay` (the job ends; the overlay is no longer used). A
+        libvirtd restart meanwhile is survived: libvirt 9 recovers block jobs; a pivot
+        whose answer was lost in the restart shows as the disk no longer on `overlay`."""
         name = domain.name()
-        overlay = self.disk_source(domain, target)
         deadline = time.monotonic() + timeout
         restarted = False
         while True:

@@ -314,7 +314,7 @@ class LibvirtBackend:
                 if connection.disk_source(domain, target) == overlay:
                     connection.start_commit(domain, target, bandwidth_limit(ctx))
                     crash_point("mid-commit")
-                    connection.pivot_when_ready(domain, target, COMMIT_TIMEOUT)
+                    connection.pivot_when_ready(domain, target, overlay, COMMIT_TIMEOUT)
                     ctx.log.info(
                         "job %s: %s: %s is on its own disk again", ctx.job.name, name, target
                     )

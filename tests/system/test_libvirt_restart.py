@@ -27,11 +27,13 @@ import libvirt_qemu
 import pytest
 
 from gfs_backup.virt import RECONNECT_SECONDS
+from tests.conftest import RunGfs
 from tests.lab.daemons import LibvirtDaemons
 from tests.lab.domains import DomainFactory, LabDomain, reap_stale_domains
 from tests.lab.fixtures import guest_image, libvirt_daemon, make_domain
 from tests.system.conftest import Mounter
 from tests.system.helpers import gfs_subprocess, write_config
+from tests.system.test_libvirt_snapshot import SNAPSHOT, disk_sources
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 __all__ = ["guest_image", "libvirt_daemon", "make_domain"]
@@ -302,3 +304,38 @@ def test_libvirtd_that_does_not_come_back_fails_clearly_and_the_next_run_aborts_
     assert has_job(conn, vm.name)  # QEMU went on; libvirt recovered the job gfs left
     healed = assert_next_run_heals(config, target, conn, vm)
     assert f"aborted stale backup job of {vm.name}" in healed
+
+
+def test_libvirtd_restarted_during_the_block_commit_of_the_snapshot_method(
+    libvirt_daemon: LibvirtDaemons,
+    make_domain: DomainFactory,
+    mounts: Mounter,
+    tmp_path: Path,
+    run_gfs: RunGfs,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    target = mounts("tgt", kind="tmpfs", size_mb=512)
+    vm = make_domain(action="churn", tag="rc1")
+    vm.wait_for("GFS-CHURN 100")
+    config = write_config(
+        tmp_path, target, "vm", "libvirt", "domain", Path(vm.name), DAILY, extra=SNAPSHOT
+    )
+
+    def restart_mid_commit(point: str) -> None:
+        if point == "mid-commit":  # an active commit job runs until gfs pivots
+            assert make_domain.conn.lookupByName(vm.name).blockJobInfo("vda", 0)
+            libvirt_daemon.restart_libvirtd()
+
+    monkeypatch.setattr("gfs_backup.backends.libvirt.crash_point", restart_mid_commit)
+    result = run_gfs("run", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert f"reconnected to libvirt at {libvirt_daemon.uri}" in result.stderr
+    assert "vda is on its own disk again" in result.stderr
+    conn = make_domain.reconnect(libvirt_daemon.uri)
+    assert disk_sources(conn, vm.name) == [str(vm.disk)]
+    assert disk_sources(conn, vm.name, inactive=True) == [str(vm.disk)]
+    assert not conn.lookupByName(vm.name).blockJobInfo("vda", 0)
+    assert [p.name for p in vm.disk.parent.iterdir() if ".gfs-overlay-" in p.name] == []
+    assert vm.is_active()
+    assert leftovers(target / "vm")[0].startswith("2")  # one generation, no .partial-*
+    assert gfs_subprocess("verify", "--config", str(config)).returncode == 0
