@@ -74,6 +74,15 @@ def parent_pid(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[1])
 
 
+def command_line(pid: int | None) -> str:
+    """The command line of process `pid`, shortened, for messages ("gone" if it is)."""
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "gone"
+    return " ".join(w.decode(errors="replace") for w in words if w)[:120]
+
+
 def is_alive(record: ProcessRecord) -> bool:
     return process_record(record.name, record.pid) == record
 
@@ -198,11 +207,12 @@ class LibvirtDaemons:
                 "where no libvirtd runs"
             )
         record = daemons[0]
-        if parent_pid(record.pid) != self.session.pid:
+        starter = parent_pid(record.pid)
+        if starter != self.session.pid:
             raise LabError(
                 f"restarting libvirtd needs one this pytest session (PID {self.session.pid}) "
-                f"started, but libvirtd PID {record.pid} was started by PID "
-                f"{parent_pid(record.pid)}: run this test in a session of its own"
+                f"started, but libvirtd PID {record.pid} was started by PID {starter} "
+                f"({command_line(starter)}): run this test in a session of its own"
             )
         others = sorted({u.pid for u in state.users if u.pid != self.session.pid})
         if others:

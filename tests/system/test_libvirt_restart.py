@@ -30,6 +30,7 @@ from gfs_backup.virt import RECONNECT_SECONDS
 from tests.conftest import RunGfs
 from tests.lab.daemons import LibvirtDaemons
 from tests.lab.domains import DomainFactory, LabDomain, reap_stale_domains
+from tests.lab.errors import LabError
 from tests.lab.fixtures import guest_image, libvirt_daemon, make_domain
 from tests.system.conftest import Mounter
 from tests.system.helpers import gfs_subprocess, write_config
@@ -52,11 +53,21 @@ QEMU_STATUS_DIR = Path("/run/libvirt/qemu")  # libvirtd's live status XML of eac
 StartGfs = Callable[..., subprocess.Popen[str]]
 
 
+def require_restartable(daemons: LibvirtDaemons) -> None:
+    """Fails the test, saying why, unless this session may restart libvirtd."""
+    try:
+        daemons.check_restartable()
+    except LabError as why:
+        message = str(why)
+    else:
+        return
+    pytest.fail(message, pytrace=False)
+
+
 @pytest.fixture
 def libvirt_conn(libvirt_daemon: LibvirtDaemons) -> Iterator[libvirt.virConnect]:
     """A connection per test (not per session): these tests restart libvirtd, which breaks
     every connection open before. make_domain uses it; its `reconnect` replaces it."""
-    libvirt_daemon.check_restartable()  # fail before building anything
     conn = libvirt.open(libvirt_daemon.uri)
     try:
         reap_stale_domains(conn)
@@ -231,6 +242,7 @@ def test_libvirtd_restarted_mid_backup_the_recovered_job_makes_a_sound_generatio
     tmp_path: Path,
     start_gfs: StartGfs,
 ) -> None:
+    require_restartable(libvirt_daemon)
     vm, raw, config, target, gfs = start_slowed_backup(make_domain, mounts, tmp_path, start_gfs)
     libvirt_daemon.restart_libvirtd()
     conn = make_domain.reconnect(libvirt_daemon.uri)
@@ -263,6 +275,7 @@ def test_backup_job_lost_in_a_libvirtd_restart_fails_clearly(
     tmp_path: Path,
     start_gfs: StartGfs,
 ) -> None:
+    require_restartable(libvirt_daemon)
     vm, _, config, target, gfs = start_slowed_backup(make_domain, mounts, tmp_path, start_gfs)
     with libvirt_daemon.libvirtd_stopped():
         cancel_qemu_backup_jobs(vm.name)
@@ -288,6 +301,7 @@ def test_libvirtd_that_does_not_come_back_fails_clearly_and_the_next_run_aborts_
     tmp_path: Path,
     start_gfs: StartGfs,
 ) -> None:
+    require_restartable(libvirt_daemon)
     vm, _, config, target, gfs = start_slowed_backup(make_domain, mounts, tmp_path, start_gfs)
     with libvirt_daemon.libvirtd_stopped():
         _, stderr = gfs.communicate(timeout=RECONNECT_SECONDS + 120)
@@ -314,6 +328,7 @@ def test_libvirtd_restarted_during_the_block_commit_of_the_snapshot_method(
     run_gfs: RunGfs,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    require_restartable(libvirt_daemon)
     target = mounts("tgt", kind="tmpfs", size_mb=512)
     vm = make_domain(action="churn", tag="rc1")
     vm.wait_for("GFS-CHURN 100")
