@@ -23,16 +23,7 @@ from gfs_backup.backends.base import (
 from gfs_backup.catalog import Stored
 from gfs_backup.config import Job
 from gfs_backup.copy import digest_file
-from gfs_backup.errors import GfsError
-from gfs_backup.faults import crash_point
-from gfs_backup.manifest import DataFile
-from gfs_backup.runner import Command, LocalRunner, Runner
-from gfs_backup.state import JournalEntry
-from gfs_backup.virt import (
-    DEFAULT_URI,
-    BackupUnsupported,
-    Connection,
-    ConnectionLost,
+from gfs_backup.domainxml import (
     Disk,
     backup_xml,
     is_gfs_overlay,
@@ -41,6 +32,12 @@ from gfs_backup.virt import (
     restore_xml,
     snapshot_xml,
 )
+from gfs_backup.errors import GfsError
+from gfs_backup.faults import crash_point
+from gfs_backup.manifest import DataFile
+from gfs_backup.runner import Command, LocalRunner, Runner
+from gfs_backup.state import JournalEntry
+from gfs_backup.virt import DEFAULT_URI, BackupUnsupported, Connection, ConnectionLost
 
 DISKS = "disks"
 BACKUP_TIMEOUT = 24 * 3600.0
