@@ -1,11 +1,13 @@
-"""libvirtd restarted (or gone) while gfs waits for a push-mode backup job of a running domain.
+"""libvirtd restarted (or gone) while gfs waits for a libvirt job of a running domain.
 
-Every test makes its own libvirtd restart, so the session must have started libvirtd and be
-its only user (`LibvirtDaemons.check_restartable` fails the test with the reason otherwise).
-To be in the middle of the job for sure, the test waits until the backup job is active and
+Every test restarts the lab's libvirtd, so the session must have started it and be its only
+user: `require_restartable` fails the test with the reason otherwise (never skips).
+To be in the middle of a backup job for sure, the test waits until the job is active and
 then slows QEMU's job down to SLOW_BYTES_PER_SECOND (QMP block-job-set-speed through libvirt:
 libvirt has no speed setting for backups); it lets the job run at full speed again after the
-restart when the test wants it to finish.
+restart when the test wants it to finish. The block commit of the snapshot method never ends
+by itself (an active commit waits for the pivot), so that test restarts libvirtd from gfs's
+"mid-commit" crash point, in process.
 """
 
 from __future__ import annotations
