@@ -1,24 +1,30 @@
 """libvirt, through libvirt-python: the only module that imports it.
 
-Domain XML is parsed with ElementTree here (pure functions, tested on recorded XML).
+The domain XML gfs reads and writes is in gfs_backup.domainxml (pure functions).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from gfs_backup.domainxml import Disk, parse_disks, with_disk_sources
 from gfs_backup.errors import ExitCode, GfsError
 
 DEFAULT_URI = "qemu:///system"
 POLL_SECONDS = 0.2
+# libvirtd restarted (package upgrade, admin): how long gfs waits for it to answer again.
+RECONNECT_SECONDS = 60.0
+RECONNECT_POLL_SECONDS = 1.0
+# After a restart libvirt 9 may keep a backup job whose QEMU job is gone (it drops the
+# block job "untracked by qemu"): it never ends and has no disk statistics (measured).
+LOST_JOB_SECONDS = 3.0
 
+log = logging.getLogger("gfs.virt")
 
-OVERLAY_MARK = ".gfs-overlay-"
 PIVOT_POLL_SECONDS = 0.1
 
 
@@ -30,17 +36,9 @@ class BackupUnsupported(VirtError):
     """This libvirt/QEMU cannot do push-mode backups (the snapshot method can)."""
 
 
-def overlay_path(base: str, overlay_dir: Path | None, job: str, run_id: int) -> Path:
-    """Where gfs puts the temporary overlay of disk `base`: next to it, or in overlay_dir.
-
-    The name carries OVERLAY_MARK so that `gfs check` recognises a domain left on one.
-    """
-    folder = overlay_dir if overlay_dir is not None else Path(base).parent
-    return folder / f"{Path(base).name}{OVERLAY_MARK}{job}-r{run_id}.qcow2"
-
-
-def is_gfs_overlay(path: str) -> bool:
-    return OVERLAY_MARK in Path(path).name
+class ConnectionLost(VirtError):
+    """The connection to libvirtd broke and gfs could not (or did not) open it again, so it
+    cannot tell what became of a job it started: the journal entry must stay open."""
 
 
 def _libvirt() -> Any:
@@ -55,136 +53,26 @@ def _libvirt() -> Any:
     return libvirt
 
 
-@dataclass(frozen=True)
-class Disk:
-    """A disk of a domain: target name (vda), source path, format (qcow2/raw), type."""
-
-    target: str
-    source: str
-    format: str
-    source_type: str  # file | block | volume | network
-
-
-def parse_disks(domain_xml: str) -> list[Disk]:
-    """The domain's disks with device='disk' (no cdroms/floppies), in XML order."""
-    root = ET.fromstring(domain_xml)
-    disks = []
-    for disk in root.findall("./devices/disk"):
-        if disk.get("device", "disk") != "disk":
-            continue
-        target = disk.find("target")
-        source = disk.find("source")
-        driver = disk.find("driver")
-        if target is None or source is None:
-            continue
-        path = source.get("file") or source.get("dev") or source.get("volume") or ""
-        disks.append(
-            Disk(
-                target.get("dev", ""),
-                path,
-                driver.get("type", "raw") if driver is not None else "raw",
-                disk.get("type", "file"),
-            )
-        )
-    return disks
-
-
-def backup_xml(disks: list[Disk], into: Path) -> str:
-    """A push-mode <domainbackup>: every listed disk to `into/<target>.qcow2`."""
-    root = ET.Element("domainbackup", mode="push")
-    element = ET.SubElement(root, "disks")
-    for disk in disks:
-        item = ET.SubElement(element, "disk", name=disk.target, backup="yes", type="file")
-        ET.SubElement(item, "driver", type="qcow2")
-        ET.SubElement(item, "target", file=str(into / f"{disk.target}.qcow2"))
-    return ET.tostring(root, encoding="unicode")
-
-
-def snapshot_xml(name: str, all_disks: list[Disk], overlays: dict[str, Path]) -> str:
-    """A disk-only <domainsnapshot>: external overlays for the disks in `overlays`, none for
-    the others (every disk is named, so libvirt's defaults never decide)."""
-    root = ET.Element("domainsnapshot")
-    ET.SubElement(root, "name").text = name
-    element = ET.SubElement(root, "disks")
-    for disk in all_disks:
-        if disk.target in overlays:
-            item = ET.SubElement(element, "disk", name=disk.target, snapshot="external")
-            item.set("type", "file")
-            ET.SubElement(item, "driver", type="qcow2")
-            ET.SubElement(item, "source", file=str(overlays[disk.target]))
-        else:
-            ET.SubElement(element, "disk", name=disk.target, snapshot="no")
-    return ET.tostring(root, encoding="unicode")
-
-
-def with_disk_sources(domain_xml: str, sources: dict[str, Disk]) -> str:
-    """The domain XML with the disks named in `sources` pointed back at those sources
-    (type, path, format), and any <backingStore> of them dropped."""
-    root = ET.fromstring(domain_xml)
-    for disk in root.findall("./devices/disk"):
-        target = disk.find("target")
-        if target is None or target.get("dev") not in sources:
-            continue
-        wanted = sources[target.get("dev", "")]
-        disk.set("type", wanted.source_type)
-        for element in disk.findall("source") + disk.findall("backingStore"):
-            disk.remove(element)
-        attribute = "dev" if wanted.source_type == "block" else "file"
-        source = ET.Element("source", {attribute: wanted.source})
-        disk.insert(list(disk).index(target) if target in list(disk) else 0, source)
-        driver = disk.find("driver")
-        if driver is None:
-            driver = ET.SubElement(disk, "driver", name="qemu")
-        driver.set("type", wanted.format)
-    return ET.tostring(root, encoding="unicode")
-
-
-def restore_xml(
-    domain_xml: str, name: str, disk_paths: dict[str, Path], keep_interfaces: bool
-) -> str:
-    """The saved domain XML as a new domain: new name, no UUID, disks at new qcow2 paths."""
-    root = ET.fromstring(domain_xml)
-    root.find("name").text = name  # type: ignore[union-attr]
-    for tag in ("uuid",):
-        for element in root.findall(tag):
-            root.remove(element)
-    devices = root.find("devices")
-    assert devices is not None
-    for disk in devices.findall("disk"):
-        target = disk.find("target")
-        if target is None or target.get("dev") not in disk_paths:
-            if disk.get("device", "disk") == "disk":
-                devices.remove(disk)
-            continue
-        disk.set("type", "file")
-        for source in disk.findall("source"):
-            disk.remove(source)
-        ET.SubElement(disk, "source", file=str(disk_paths[target.get("dev", "")]))
-        driver = disk.find("driver")
-        if driver is None:
-            driver = ET.SubElement(disk, "driver", name="qemu")
-        driver.set("type", "qcow2")
-        for stale in disk.findall("backingStore"):
-            disk.remove(stale)
-    if not keep_interfaces:
-        for interface in devices.findall("interface"):
-            devices.remove(interface)
-    return ET.tostring(root, encoding="unicode")
-
-
 class Connection:
-    """One libvirt connection; errors become VirtError with the domain named."""
+    """One libvirt connection; errors become VirtError with the domain named.
+
+    Waiting for a job (wait_backup, pivot_when_ready) survives a libvirtd restart: the
+    connection is opened again and domain handles of the broken one are mapped, by UUID, to
+    handles on the new one (see `_live`), so callers keep the handles they hold.
+    """
 
     def __init__(self, uri: str) -> None:
         self.lib = _libvirt()
         self.uri = uri
+        self._handles: dict[str, Any] = {}  # UUID -> handle on self.conn, after a reconnect
         try:
             self.conn = self.lib.open(uri)
         except self.lib.libvirtError as exc:
             raise VirtError(f"cannot connect to libvirt at {uri}: {exc}") from None
 
     def close(self) -> None:
-        self.conn.close()
+        with contextlib.suppress(self.lib.libvirtError):  # a broken connection closes too
+            self.conn.close()
 
     def domain(self, name: str) -> Any:
         try:
@@ -194,12 +82,61 @@ class Connection:
                 f"domain {name!r} does not exist on {self.uri} (virsh list --all shows the domains)"
             ) from None
 
+    def _live(self, domain: Any) -> Any:
+        """The handle of `domain` on the current connection: itself, or after a reconnect
+        the same domain (by UUID) looked up again. Raises libvirtError when it is gone."""
+        if domain.connect() is self.conn:
+            return domain
+        uuid = domain.UUIDString()  # name and UUID are cached in the handle: no call
+        if uuid not in self._handles:
+            self._handles[uuid] = self.conn.lookupByUUIDString(uuid)
+        return self._handles[uuid]
+
+    def _broken(self) -> bool:
+        """True when the connection is dead (libvirtd stopped or restarted)."""
+        try:
+            return not self.conn.isAlive()
+        except self.lib.libvirtError:
+            return True
+
+    def _reconnect(self, what: str) -> None:
+        """Open self.uri again, every RECONNECT_POLL_SECONDS for RECONNECT_SECONDS.
+
+        `what` names the job for the error. Raises ConnectionLost when libvirtd does not
+        answer in time.
+        """
+        log.warning("%s: lost the connection to libvirt at %s; reconnecting", what, self.uri)
+        deadline = time.monotonic() + RECONNECT_SECONDS
+        while True:
+            try:
+                conn = self.lib.open(self.uri)
+                break
+            except self.lib.libvirtError:
+                if time.monotonic() > deadline:
+                    raise ConnectionLost(
+                        f"{what}: libvirtd at {self.uri} went away and did not come back "
+                        f"within {RECONNECT_SECONDS:.0f} s; no generation was made; start "
+                        "libvirtd: the next run aborts the job if it is left"
+                    ) from None
+            time.sleep(RECONNECT_POLL_SECONDS)
+        self.close()
+        self.conn = conn
+        self._handles.clear()
+        log.warning("%s: reconnected to libvirt at %s", what, self.uri)
+
     def is_running(self, domain: Any) -> bool:
-        return bool(domain.state()[0] in (self.lib.VIR_DOMAIN_RUNNING, self.lib.VIR_DOMAIN_PAUSED))
+        try:
+            state = self._live(domain).state()[0]
+        except self.lib.libvirtError as exc:
+            raise VirtError(f"domain {domain.name()}: cannot read its state: {exc}") from None
+        return bool(state in (self.lib.VIR_DOMAIN_RUNNING, self.lib.VIR_DOMAIN_PAUSED))
 
     def xml(self, domain: Any, inactive: bool = False) -> str:
         flags = self.lib.VIR_DOMAIN_XML_INACTIVE if inactive else 0
-        return str(domain.XMLDesc(flags))
+        try:
+            return str(self._live(domain).XMLDesc(flags))
+        except self.lib.libvirtError as exc:
+            raise VirtError(f"domain {domain.name()}: cannot read its XML: {exc}") from None
 
     def define(self, xml: str) -> Any:
         try:
@@ -208,9 +145,17 @@ class Connection:
             raise VirtError(f"libvirt refused the domain definition: {exc}") from None
 
     def has_backup_job(self, domain: Any) -> bool:
+        """True when a backup job runs on `domain`, False when none does (or the domain is
+        not running). Raises ConnectionLost when the connection is broken: then nobody
+        knows, and a gfs journal entry for the job must stay open."""
         try:
-            stats = domain.jobStats()
-        except self.lib.libvirtError:
+            stats = self._live(domain).jobStats()
+        except self.lib.libvirtError as exc:
+            if self._broken():
+                raise ConnectionLost(
+                    f"domain {domain.name()}: cannot tell whether a backup job is left: the "
+                    f"connection to libvirt at {self.uri} is broken ({exc})"
+                ) from None
             return False
         return bool(
             stats.get("type", 0)
@@ -220,7 +165,7 @@ class Connection:
 
     def abort_job(self, domain: Any) -> None:
         try:
-            domain.abortJob()
+            self._live(domain).abortJob()
         except self.lib.libvirtError as exc:
             raise VirtError(f"cannot abort the backup job of {domain.name()}: {exc}") from None
 
@@ -229,7 +174,9 @@ class Connection:
         try:
             import libvirt_qemu
 
-            libvirt_qemu.qemuAgentCommand(domain, '{"execute": "guest-ping"}', timeout, 0)
+            libvirt_qemu.qemuAgentCommand(
+                self._live(domain), '{"execute": "guest-ping"}', timeout, 0
+            )
         except (ImportError, self.lib.libvirtError):
             return False
         return True
@@ -237,8 +184,9 @@ class Connection:
     def freeze(self, domain: Any, timeout: int) -> None:
         """Freeze the guest's filesystems through its agent (fsfreeze)."""
         try:
-            domain.agentSetResponseTimeout(timeout, 0)
-            domain.fsFreeze(None, 0)
+            live = self._live(domain)
+            live.agentSetResponseTimeout(timeout, 0)
+            live.fsFreeze(None, 0)
         except self.lib.libvirtError as exc:
             raise VirtError(
                 f"domain {domain.name()}: the guest agent could not freeze the filesystems: {exc}"
@@ -246,7 +194,7 @@ class Connection:
 
     def thaw(self, domain: Any) -> None:
         try:
-            domain.fsThaw(None, 0)
+            self._live(domain).fsThaw(None, 0)
         except self.lib.libvirtError as exc:
             raise VirtError(
                 f"domain {domain.name()}: thawing the guest filesystems failed: "
@@ -257,7 +205,7 @@ class Connection:
         """Start a push-mode backup job. Raises VirtError when libvirt refuses it
         (BackupUnsupported when this libvirt or QEMU has no backup API)."""
         try:
-            domain.backupBegin(xml, None, 0)
+            self._live(domain).backupBegin(xml, None, 0)
         except self.lib.libvirtError as exc:
             if exc.get_error_code() in (
                 self.lib.VIR_ERR_NO_SUPPORT,
@@ -285,7 +233,7 @@ class Connection:
             | self.lib.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
         )
         try:
-            domain.snapshotCreateXML(xml, flags)
+            self._live(domain).snapshotCreateXML(xml, flags)
         except self.lib.libvirtError as exc:
             raise VirtError(
                 f"domain {domain.name()}: the disk-only snapshot failed: {exc}"
@@ -308,7 +256,7 @@ class Connection:
             if bandwidth:
                 flags |= self.lib.VIR_DOMAIN_BLOCK_COMMIT_BANDWIDTH_BYTES
             try:
-                domain.blockCommit(target, None, None, bandwidth, flags)
+                self._live(domain).blockCommit(target, None, None, bandwidth, flags)
             except self.lib.libvirtError as exc:
                 raise VirtError(
                     f"domain {name}: cannot commit the gfs overlay of {target} back: {exc}; "
@@ -320,21 +268,32 @@ class Connection:
                 "its gfs overlay is committed back by the next run"
             )
 
-    def pivot_when_ready(self, domain: Any, target: str, timeout: float) -> None:
+    def pivot_when_ready(self, domain: Any, target: str, overlay: str, timeout: float) -> None:
         """Wait until the commit job of `target` has caught up, then pivot the domain onto
-        the disk below the overlay (the job ends; the overlay is no longer used)."""
+        the disk below its `overlay` (the job ends; the overlay is no longer used). A
+        libvirtd restart meanwhile is survived: libvirt 9 recovers block jobs; a pivot
+        whose answer was lost in the restart shows as the disk no longer on `overlay`."""
         name = domain.name()
         deadline = time.monotonic() + timeout
+        restarted = False
         while True:
             job = self._block_job(domain, target)
+            if job is None and self._broken():
+                self._reconnect(f"domain {name}: committing the overlay of {target}")
+                restarted = True
+                continue
+            if job is None and restarted and self.disk_source(domain, target) != overlay:
+                return  # pivoted just before libvirtd went away
             if job is None:
                 raise VirtError(f"domain {name}: the commit job of {target} vanished")
             if job.get("end") and job.get("cur") == job.get("end"):
                 try:
-                    domain.blockJobAbort(target, self.lib.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+                    self._live(domain).blockJobAbort(
+                        target, self.lib.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT
+                    )
                     return
                 except self.lib.libvirtError:
-                    pass  # not ready for the pivot yet
+                    pass  # not ready for the pivot yet (or libvirtd went away: see above)
             if time.monotonic() > deadline:
                 raise VirtError(
                     f"domain {name}: committing the overlay of {target} did not finish in "
@@ -344,7 +303,7 @@ class Connection:
 
     def _block_job(self, domain: Any, target: str) -> dict[str, Any] | None:
         try:
-            info = domain.blockJobInfo(target, 0)
+            info = self._live(domain).blockJobInfo(target, 0)
         except self.lib.libvirtError:
             return None
         return dict(info) if info else None
@@ -352,7 +311,7 @@ class Connection:
     def redefine_disks(self, domain: Any, sources: dict[str, Disk]) -> bool:
         """Point the persistent definition's disks back at `sources` where it still names
         something else (an overlay). True when it was changed."""
-        if not domain.isPersistent():
+        if not self._live(domain).isPersistent():
             return False
         xml = self.xml(domain, inactive=True)
         current = {disk.target: disk.source for disk in parse_disks(xml)}
@@ -366,25 +325,30 @@ class Connection:
     ) -> dict[str, Any]:
         """Wait for the backup job; the completed job's statistics.
 
-        Raises VirtError when it fails, the domain stops, libvirtd goes away, or it times
-        out (then the job is aborted).
+        A libvirtd restart meanwhile is survived (the connection is opened again): a job
+        libvirt recovered is waited for, one it lost ends in a VirtError saying so. Raises
+        VirtError when the job fails, the domain stops, or it times out (then the job is
+        aborted); ConnectionLost when libvirtd does not come back (see _reconnect).
         """
         name = domain.name()
         deadline = time.monotonic() + timeout
         done = 0
+        restarted = False
+        lost_since: float | None = None
         while True:
-            try:
-                stats = domain.jobStats()
-            except self.lib.libvirtError as exc:
-                if not self._still_running(domain):
-                    raise VirtError(
-                        f"domain {name} stopped during its backup: no generation "
-                        "was made; the next run backs it up (running or shut "
-                        "off)"
-                    ) from None
-                raise VirtError(f"domain {name}: lost the backup job: {exc}") from None
+            stats = self._backup_stats(domain, name)
+            if stats is None:
+                self._reconnect(f"domain {name}: backup")
+                restarted = True
+                continue
             if stats.get("type", 0) == self.lib.VIR_DOMAIN_JOB_NONE:
                 break
+            if restarted and "disk_total" not in stats:  # a job libvirt lost but kept
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > LOST_JOB_SECONDS:
+                    raise VirtError(_lost_job_message(name))  # the caller aborts it
+            else:
+                lost_since = None
             processed = int(stats.get("disk_processed", stats.get("data_processed", 0)))
             if progress is not None and processed > done:
                 progress(processed - done)
@@ -395,23 +359,50 @@ class Connection:
                     f"domain {name}: backup did not finish in {timeout:.0f} s (aborted)"
                 )
             time.sleep(POLL_SECONDS)
-        return self._completed(domain, name)
+        return self._completed(domain, name, restarted)
+
+    def _backup_stats(self, domain: Any, name: str) -> dict[str, Any] | None:
+        """The current job's statistics; None when the connection is broken. Raises
+        VirtError when the domain stopped or libvirt cannot say."""
+        try:
+            return dict(self._live(domain).jobStats())
+        except self.lib.libvirtError as exc:
+            if self._broken():
+                return None
+            if not self._still_running(domain):
+                raise VirtError(
+                    f"domain {name} stopped during its backup: no generation "
+                    "was made; the next run backs it up (running or shut "
+                    "off)"
+                ) from None
+            raise VirtError(f"domain {name}: lost the backup job: {exc}") from None
 
     def _still_running(self, domain: Any) -> bool:
         try:
             return self.is_running(domain)
-        except self.lib.libvirtError:
+        except VirtError:
             return False
 
-    def _completed(self, domain: Any, name: str) -> dict[str, Any]:
+    def _completed(self, domain: Any, name: str, restarted: bool) -> dict[str, Any]:
+        """The statistics of the job that just ended, if it succeeded. libvirt hands them
+        out once; a restart that loses the job leaves none (`restarted` says so)."""
         try:
-            stats = dict(domain.jobStats(self.lib.VIR_DOMAIN_JOB_STATS_COMPLETED))
+            stats = dict(self._live(domain).jobStats(self.lib.VIR_DOMAIN_JOB_STATS_COMPLETED))
         except self.lib.libvirtError as exc:
             raise VirtError(
                 f"domain {name}: backup ended without a result ({exc}); the "
                 "domain stopped or libvirtd restarted"
             ) from None
-        if stats.get("type") != self.lib.VIR_DOMAIN_JOB_COMPLETED:
-            message = stats.get("errmsg", "no reason given")
-            raise VirtError(f"domain {name}: backup failed: {message}")
-        return stats
+        if stats.get("type") == self.lib.VIR_DOMAIN_JOB_COMPLETED:
+            return stats
+        if restarted and stats.get("type", 0) == self.lib.VIR_DOMAIN_JOB_NONE:
+            raise VirtError(_lost_job_message(name))
+        message = stats.get("errmsg", "no reason given")
+        raise VirtError(f"domain {name}: backup failed: {message}")
+
+
+def _lost_job_message(name: str) -> str:
+    return (
+        f"domain {name}: libvirtd restarted during the backup and the backup job was "
+        "lost; no generation was made; the next run backs it up"
+    )

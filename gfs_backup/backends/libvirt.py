@@ -31,15 +31,7 @@ from gfs_backup.backends.vm_inplace import (
 from gfs_backup.catalog import Stored
 from gfs_backup.config import LOCAL_HOST, Job
 from gfs_backup.copy import digest_and_punch_zeros
-from gfs_backup.errors import GfsError
-from gfs_backup.faults import crash_point
-from gfs_backup.manifest import DataFile
-from gfs_backup.runner import Command, LocalRunner, Runner
-from gfs_backup.state import JournalEntry
-from gfs_backup.virt import (
-    DEFAULT_URI,
-    BackupUnsupported,
-    Connection,
+from gfs_backup.domainxml import (
     Disk,
     backup_xml,
     is_gfs_overlay,
@@ -48,6 +40,12 @@ from gfs_backup.virt import (
     restore_xml,
     snapshot_xml,
 )
+from gfs_backup.errors import GfsError
+from gfs_backup.faults import crash_point
+from gfs_backup.manifest import DataFile
+from gfs_backup.runner import Command, LocalRunner, Runner
+from gfs_backup.state import JournalEntry
+from gfs_backup.virt import DEFAULT_URI, BackupUnsupported, Connection, ConnectionLost
 
 DISKS = "disks"
 BACKUP_TIMEOUT = 24 * 3600.0
@@ -240,10 +238,23 @@ class LibvirtBackend:
             crash_point("mid-export")
             connection.wait_backup(domain, progress, BACKUP_TIMEOUT)
         finally:
+            self._end_backup_job(ctx, connection, domain, entry)
+        return facts
+
+    def _end_backup_job(
+        self, ctx: JobContext, connection: Connection, domain: Any, entry: int
+    ) -> None:
+        """Abort the backup job if one is left, then close its journal entry. When libvirt
+        cannot tell (libvirtd went away) the entry stays open and the next run's reconcile
+        aborts a job that is left. Never raises: it runs while another error may be on its
+        way out."""
+        try:
             if connection.has_backup_job(domain):
                 connection.abort_job(domain)
-            ctx.state.done(entry)
-        return facts
+        except GfsError as exc:
+            ctx.log.warning("job %s: %s; the next run aborts a job left behind", ctx.job.name, exc)
+            return
+        ctx.state.done(entry)
 
     def _backup_by_snapshot(
         self,
@@ -327,7 +338,7 @@ class LibvirtBackend:
                 if connection.disk_source(domain, target) == overlay:
                     connection.start_commit(domain, target, 0)  # local: not the target's bandwidth
                     crash_point("mid-commit")
-                    connection.pivot_when_ready(domain, target, COMMIT_TIMEOUT)
+                    connection.pivot_when_ready(domain, target, overlay, COMMIT_TIMEOUT)
                     ctx.log.info(
                         "job %s: %s: %s is on its own disk again", ctx.job.name, name, target
                     )
@@ -454,6 +465,8 @@ class LibvirtBackend:
                 if connection.has_backup_job(domain):
                     connection.abort_job(domain)
                     ctx.log.info("job %s: aborted stale backup job of %s", ctx.job.name, entry.path)
+            except ConnectionLost:
+                raise  # it cannot tell whether the job is left: keep the entry open
             except GfsError as exc:
                 ctx.log.warning("job %s: %s", ctx.job.name, exc)
             finally:

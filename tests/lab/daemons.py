@@ -9,6 +9,9 @@ So the sessions register in a small state file under STATE_DIR, guarded by a loc
 - `LibvirtDaemons.stop` unregisters the session; the last live session stops the lab-started
   daemons, by PID (checked against the recorded process start time). A libvirtd the lab did
   not start is never stopped.
+- `LibvirtDaemons.restart_libvirtd` / `libvirtd_stopped` (tests of a libvirtd restart) stop
+  the lab-started libvirtd by PID and start a new one, only when this session started it and
+  no other session uses it; otherwise they raise LabError saying why.
 
 Sessions that died are dropped from the state file, as are recorded daemons that are gone.
 The daemons keep their default PID files, whose locks stop a second copy from starting next
@@ -62,6 +65,24 @@ def process_record(name: str, pid: int) -> ProcessRecord | None:
     return ProcessRecord(name, pid, int(fields[19]))
 
 
+def parent_pid(pid: int) -> int | None:
+    """The parent PID of the live process `pid`, or None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def command_line(pid: int | None) -> str:
+    """The command line of process `pid`, shortened, for messages ("gone" if it is)."""
+    try:
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "gone"
+    return " ".join(w.decode(errors="replace") for w in words if w)[:120]
+
+
 def is_alive(record: ProcessRecord) -> bool:
     return process_record(record.name, record.pid) == record
 
@@ -113,10 +134,12 @@ def locked_state(state_dir: Path) -> Iterator[LabState]:
             data = {}  # a torn write of a crashed session: start afresh
         state = LabState.from_json(data)
         state.prune()
-        yield state
-        scratch = path.with_suffix(".tmp")
-        scratch.write_text(json.dumps(asdict(state)))
-        scratch.replace(path)
+        try:
+            yield state
+        finally:  # also after an error: a daemon started or stopped meanwhile is recorded
+            scratch = path.with_suffix(".tmp")
+            scratch.write_text(json.dumps(asdict(state)))
+            scratch.replace(path)
 
 
 @dataclass
@@ -138,7 +161,75 @@ class LibvirtDaemons:
                 self._stop_daemon(record, timeout)
             state.daemons = []
 
+    def check_restartable(self) -> None:
+        """Raises LabError, saying why, when `restart_libvirtd` would refuse to run."""
+        with locked_state(self.state_dir) as state:
+            self._own_libvirtd(state)
+
+    def restart_libvirtd(self, timeout: float = START_TIMEOUT) -> None:
+        """Stops the lab-started libvirtd by its PID and starts a new one the same way (see
+        `libvirtd_stopped`). Raises LabError when this session may not restart it."""
+        with self.libvirtd_stopped(timeout):
+            pass
+
+    @contextlib.contextmanager
+    def libvirtd_stopped(self, timeout: float = START_TIMEOUT) -> Iterator[None]:
+        """libvirtd stopped (SIGTERM by PID) during the body, then started again the same way,
+        also when the body fails; the state file records the new process. Running domains
+        live on: their QEMU processes are not libvirtd's children, and libvirtd reconnects
+        to them. Raises LabError before stopping anything unless this session started that
+        libvirtd and no other session uses it (a restart would break their tests), or when
+        the new libvirtd does not answer within `timeout` seconds. The state file stays
+        locked meanwhile, so no other session starts a libvirtd of its own."""
+        with locked_state(self.state_dir) as state:
+            record = self._own_libvirtd(state)
+            self._terminate(record, 30.0)
+            try:
+                yield
+            finally:
+                state.daemons = [d for d in state.daemons if d != record]
+                self.started = [d for d in self.started if d.process.pid != record.pid]
+                daemon = _spawn("libvirtd", self.state_dir)
+                new = process_record(daemon.name, daemon.process.pid)
+                if new is not None:
+                    state.daemons.append(new)
+                    self.started.append(daemon)
+                _wait_until(lambda: libvirt_answers(self.uri), daemon, timeout)
+
+    def _own_libvirtd(self, state: LabState) -> ProcessRecord:
+        """The lab-started libvirtd, if this session started it and is its only user; raises
+        LabError saying why it may not be restarted otherwise."""
+        daemons = [d for d in state.daemons if d.name == "libvirtd"]
+        if not daemons:
+            raise LabError(
+                "restarting libvirtd needs one the lab started in this pytest session, but the "
+                f"libvirtd answering {self.uri} was not started by the lab: run this test "
+                "where no libvirtd runs"
+            )
+        record = daemons[0]
+        starter = parent_pid(record.pid)
+        if starter != self.session.pid:
+            raise LabError(
+                f"restarting libvirtd needs one this pytest session (PID {self.session.pid}) "
+                f"started, but libvirtd PID {record.pid} was started by PID {starter} "
+                f"({command_line(starter)}): run this test in a session of its own"
+            )
+        others = sorted({u.pid for u in state.users if u.pid != self.session.pid})
+        if others:
+            raise LabError(
+                f"libvirtd PID {record.pid} is also used by pytest session(s) "
+                f"{', '.join(map(str, others))}: restarting it would break their tests; run "
+                "this test when no other session uses the lab"
+            )
+        return record
+
     def _stop_daemon(self, record: ProcessRecord, timeout: float) -> None:
+        self._terminate(record, timeout)
+        with contextlib.suppress(FileNotFoundError):
+            (self.state_dir / f"{record.name}.log").unlink()
+
+    def _terminate(self, record: ProcessRecord, timeout: float) -> None:
+        """SIGTERM (SIGKILL after `timeout` s) to the daemon `record`; reaped if our child."""
         own = [d.process for d in self.started if d.process.pid == record.pid]
         with contextlib.suppress(ProcessLookupError):
             os.kill(record.pid, signal.SIGTERM)
@@ -151,8 +242,9 @@ class LibvirtDaemons:
             time.sleep(0.1)
         for process in own:
             process.wait(timeout)  # reap our own child
-        with contextlib.suppress(FileNotFoundError):
-            (self.state_dir / f"{record.name}.log").unlink()
+        if not own:  # started by another LibvirtDaemons of this session, or not ours
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(record.pid, os.WNOHANG)
 
 
 def libvirt_answers(uri: str = SYSTEM_URI, timeout: float = 15.0) -> bool:

@@ -277,7 +277,18 @@ class DomainFactory:
         self.workdir = workdir
         self.token = uuid.uuid4().hex[:6]
         self.domains: list[LabDomain] = []
+        self.own_connections: list[libvirt.virConnect] = []
         workdir.mkdir(parents=True, exist_ok=True)
+
+    def reconnect(self, uri: str) -> libvirt.virConnect:
+        """After a libvirtd restart: a new connection to `uri` (closed by `cleanup`), with the
+        handles of this factory's domains looked up again on it (by UUID); returns it."""
+        conn = libvirt.open(uri)
+        self.own_connections.append(conn)
+        self.conn = conn
+        for lab_domain in self.domains:
+            lab_domain.domain = conn.lookupByUUIDString(lab_domain.domain.UUIDString())
+        return conn
 
     def path(self, filename: str) -> Path:
         """A path in the factory's directory (removed by `cleanup`), e.g. for disk copies."""
@@ -336,4 +347,7 @@ class DomainFactory:
         for lab_domain in reversed(self.domains):
             lab_domain.remove()
         self.domains.clear()
+        for conn in self.own_connections:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.close()
         shutil.rmtree(self.workdir, ignore_errors=True)

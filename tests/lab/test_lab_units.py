@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
-from tests.lab.daemons import LabState, ProcessRecord, process_record
+from tests.lab.daemons import LabState, LibvirtDaemons, ProcessRecord, process_record
 from tests.lab.domains import DomainSpec, domain_xml
 from tests.lab.errors import LabError
 from tests.lab.guest import (
@@ -131,6 +132,28 @@ def test_lab_state_forgets_processes_that_are_gone() -> None:
     state = LabState(users=[me, gone], daemons=[gone])
     state.prune()
     assert (state.users, state.daemons) == ([me], [])
+
+
+def test_only_a_libvirtd_this_session_started_and_alone_uses_may_be_restarted() -> None:
+    me = process_record("pytest", os.getpid())
+    other_session = process_record("pytest", 1)
+    assert me is not None and other_session is not None
+    child = subprocess.Popen(["sleep", "60"])  # stands in for a libvirtd we started
+    try:
+        ours = process_record("libvirtd", child.pid)
+        assert ours is not None
+        daemons = LibvirtDaemons("qemu:///system", Path("/nonexistent"), me)
+        assert daemons._own_libvirtd(LabState(users=[me, me], daemons=[ours])) == ours
+        with pytest.raises(LabError, match=r"also used by pytest session\(s\) 1: restarting"):
+            daemons._own_libvirtd(LabState(users=[me, other_session], daemons=[ours]))
+        theirs = LabState(users=[me], daemons=[ProcessRecord("libvirtd", 1, 0)])
+        with pytest.raises(LabError, match="libvirtd PID 1 was started by PID 0"):
+            daemons._own_libvirtd(theirs)
+        with pytest.raises(LabError, match="was not started by the lab"):
+            daemons._own_libvirtd(LabState(users=[me]))
+    finally:
+        child.kill()
+        child.wait()
 
 
 REMOTE_IMAGE = RemoteHostImage(
