@@ -527,7 +527,7 @@ def report(rounds: list[Round], size: int, facts: dict[str, object], cipher: str
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", type=int, default=1024, help="LV size in MiB (1024)")
+    parser.add_argument("--size", type=int, default=256, help="LV size in MiB (256)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, median counts (3)")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -550,6 +550,9 @@ def main() -> int:
     except (Abort, LabError) as exc:
         print(f"lvm_export: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("lvm_export: interrupted; removing what it made", file=sys.stderr)
+        return 130
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
