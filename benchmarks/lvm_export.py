@@ -123,14 +123,6 @@ def evict(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def allocated(path: Path) -> int:
     return path.stat().st_blocks * 512
 
