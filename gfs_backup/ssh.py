@@ -78,6 +78,14 @@ DEFAULT_IDENTITIES = ("id_ed25519", "id_ecdsa", "id_rsa")
 STDERR_KEPT = 64 << 10
 WINDOW = 16 << 20  # a larger SSH window than paramiko's 2 MiB: faster bulk streams
 PACKET = 32 << 10
+# paramiko starts a key exchange itself every 512 MiB either way. If the server's
+# CHANNEL_CLOSE arrives after paramiko's KEXINIT went out and before the server's answer,
+# paramiko's transport thread blocks sending its own close (it waits for the key exchange
+# it is itself meant to read) and the stream fails after 30 s with "Key-exchange timed
+# out": 3 of 4 reads of 512 MiB from a local sshd did. So the client never starts one
+# before this many bytes; the server still rekeys by its own limit (OpenSSH: every 2**32
+# cipher blocks, 64 GiB of AES), and a key exchange the server starts cannot deadlock so.
+CLIENT_REKEY_BYTES = 1 << 40
 STREAM_IDLE = 30.0  # seconds without stream data before gfs checks the server answers
 PROBE_TIMEOUT = 15.0  # seconds the server has to answer that check
 
@@ -160,6 +168,7 @@ def _handshake(host: Host, timeout: float) -> paramiko.Transport:
     """TCP connection and SSH key exchange, not yet authenticated or verified."""
     sock = _open_socket(host, timeout)
     transport = paramiko.Transport(sock, default_window_size=WINDOW, default_max_packet_size=PACKET)
+    transport.packetizer.REKEY_BYTES = CLIENT_REKEY_BYTES  # see CLIENT_REKEY_BYTES
     transport.banner_timeout = timeout
     transport.auth_timeout = timeout
     known = recorded_keys(

@@ -98,6 +98,28 @@ def test_streams_64_mib_both_ways_unchanged(runner: SSHRunner, tmp_path: Path) -
             feed.write(bytes(1 << 20))
 
 
+def test_streams_ending_at_paramikos_rekey_point_do_not_stall(sshd: Sshd) -> None:
+    # paramiko used to start a key exchange after 512 MiB received; with the server's
+    # CHANNEL_CLOSE already on its way, its transport thread deadlocked for 30 s and the
+    # stream failed ("Key-exchange timed out"): 3 of 4 reads of 512 MiB did.
+    sshd.trust()
+    for _ in range(4):  # timing decides whether the close overtakes the key exchange
+        ssh = SSHRunner(sshd.host())
+        try:
+            started = time.monotonic()
+            size = 0
+            with ssh.reading(
+                Command(("dd", "if=/dev/zero", "bs=1M", "count=512", "status=none"), timeout=600)
+            ) as stream:
+                while data := stream.read(1 << 20):
+                    size += len(data)
+            elapsed = time.monotonic() - started
+        finally:
+            ssh.close()
+        assert size == 512 << 20
+        assert elapsed < 25, f"512 MiB took {elapsed:.0f} s: a stalled key exchange?"
+
+
 HOSTILE = [
     "; rm -rf /",
     "$(touch {canary})",
