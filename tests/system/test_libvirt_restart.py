@@ -180,8 +180,9 @@ def cancel_qemu_backup_jobs(name: str) -> None:
 
             json.loads(qmp.readline())  # the greeting
             command("qmp_capabilities")
-            jobs = [job for job in command("query-jobs") if job["type"] == "backup"]
-            assert jobs, f"{name}: QEMU runs no backup job"
+            every = command("query-jobs")
+            jobs = [job for job in every if job["type"] == "backup"]
+            assert jobs, f"{name}: QEMU runs no backup job (its jobs: {every})"
             for job in jobs:
                 command("block-job-cancel", device=job["id"], force=True)
             deadline = time.monotonic() + 30
