@@ -36,6 +36,10 @@ class TargetIOError(GfsError):
     exit_code = ExitCode.FAILED
 
 
+class TargetStalled(TargetIOError):
+    """The target stopped answering within its io_timeout: more I/O there would hang too."""
+
+
 @dataclass(frozen=True)
 class Entry:
     """A directory entry: `kind` is "d" (directory), "f" (file) or "l" (symlink)."""
@@ -73,7 +77,7 @@ class TargetFS(Protocol):
         ...
 
     def make_dir(self, path: Path, mode: int) -> None:
-        """Create `path` (its parents if needed); FileExistsError if it exists."""
+        """Create `path` (its parents if needed); an error if it exists."""
         ...
 
     def chmod(self, path: Path, mode: int) -> None: ...
@@ -249,7 +253,7 @@ class RemoteFS:
     def failure(self, path: Path, detail: str) -> TargetIOError:
         """The error for an operation that did not finish in time or lost its connection."""
         if "timed out" in detail:
-            return TargetIOError(
+            return TargetStalled(
                 f"{self._where(path)} stopped answering: no result within "
                 f"{self.io_timeout:.0f} s (io_timeout; NFS server down or unreachable?); "
                 "nothing was published, the next run cleans up"
@@ -293,8 +297,6 @@ class RemoteFS:
     def make_dir(self, path: Path, mode: int) -> None:
         self._inside(path)
         self._run(("mkdir", "-p", "--", str(path.parent)), path, mutating=True)
-        if self.exists(path):
-            raise FileExistsError(17, "File exists", str(path))
         self._run(("mkdir", "-m", f"{mode:o}", "--", str(path)), path, mutating=True)
 
     def chmod(self, path: Path, mode: int) -> None:

@@ -30,7 +30,7 @@ from gfs_backup.retention import Generation, plan
 from gfs_backup.ssh import close_runners, runner_for
 from gfs_backup.state import State
 from gfs_backup.target import check_target
-from gfs_backup.targetfs import LOCAL_FS, TargetFS
+from gfs_backup.targetfs import LOCAL_FS, TargetFS, TargetStalled
 
 log = logging.getLogger("gfs")
 Clock = Callable[[], datetime]
@@ -227,8 +227,8 @@ def _pipeline(
             manifest = _manifest(ctx, partial, exported, listing.generations)
             crash_point("before-publish")
             partial.publish(manifest)
-        except BaseException:
-            _abort(ctx, partial)
+        except BaseException as exc:
+            _abort(ctx, partial, exc)
             raise
     finally:
         if snapshot is not None:
@@ -246,15 +246,20 @@ def _pipeline(
     )
 
 
-def _abort(ctx: JobContext, partial: PartialGeneration) -> None:
-    """Remove the partial export; if the target cannot do that now (a hung NFS server),
-    its journal entry stays open and the next run removes it."""
-    try:
-        partial.abort()
-    except GfsError as exc:
-        ctx.log.warning(
-            "job %s: partial export %s left for the next run: %s", ctx.job.name, partial.path, exc
-        )
+def _abort(ctx: JobContext, partial: PartialGeneration, why: BaseException) -> None:
+    """Remove the partial export; if the target cannot do that now (a hung NFS server:
+    not even tried after it stopped answering), its journal entry stays open and the next
+    run removes it."""
+    reason: BaseException = why
+    if not isinstance(why, TargetStalled):
+        try:
+            partial.abort()
+            return
+        except GfsError as exc:
+            reason = exc
+    ctx.log.warning(
+        "job %s: partial export %s left for the next run: %s", ctx.job.name, partial.path, reason
+    )
 
 
 def periodic_verify(job: Job, job_dir: Path, now: datetime, fs: TargetFS = LOCAL_FS) -> list[str]:

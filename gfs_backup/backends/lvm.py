@@ -40,7 +40,7 @@ from gfs_backup.manifest import DataFile
 from gfs_backup.runner import Command, CommandError, LocalRunner, Runner
 from gfs_backup.ssh import IdleTimeout
 from gfs_backup.state import JournalEntry
-from gfs_backup.targetfs import LOCAL_FS, WHOLE_FILE_SHA256, TargetIOError, sha256_file
+from gfs_backup.targetfs import LOCAL_FS, WHOLE_FILE_SHA256, TargetStalled, sha256_file
 
 IMAGE = "volume.raw"
 QCOW2_IMAGE = "volume.qcow2"
@@ -171,7 +171,7 @@ class LvmBackend:
                         progress(grown)
         except IdleTimeout:
             self._stop_pipeline(ctx, output.pgid)
-            raise TargetIOError(
+            raise TargetStalled(
                 f"job {ctx.job.name}: target {ctx.job.target} ({image} on host "
                 f"{ctx.runner.host}) stopped answering: no progress writing the image for "
                 f"{idle:.0f} s (io_timeout; NFS server down or unreachable?): export stopped, "
