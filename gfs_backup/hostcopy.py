@@ -33,16 +33,27 @@ mkfifo -- "$work/fifo" || exit 91
 sha256sum <"$work/fifo" >"$work/sum" &
 hasher=$!
 failed() { echo "$1 (exit status $2)" >>"$work/failed"; }
-{ dd if="$dev" bs=1M iflag=direct status=none || failed "reading $dev" $?; } |
+{ dd if="$dev" bs=1M iflag=direct status=none 2>"$work/err" || failed "reading $dev" $?; } |
   { tee -- "$work/fifo" || failed "tee" $?; } |
   { dd of="$out" bs=1M conv=sparse,fsync status=progress 2>&1 || failed "writing $out" $?; }
 wait "$hasher" || failed "sha256sum" $?
 if [ -s "$work/failed" ]; then
+  cat -- "$work/err" >>"$work/failed"
   while read -r line; do echo "gfs-failed $line"; done <"$work/failed"
   exit 1
 fi
 read -r digest rest <"$work/sum"
 echo "gfs-result $(stat -c '%s %b %B' -- "$out") $digest"
+"""
+
+# `gfs verify` of a remote image: sha256sum fed by a dd that reports its progress, so a file
+# on a stuck NFS mount fails at the idle timeout instead of after the whole-run timeout.
+DIGEST_SCRIPT = r"""
+exec 3>&1
+sum=$( { dd if="$1" bs=1M status=progress 2>&3 || echo "gfs-failed reading $1 ($?)" >&3; } |
+  sha256sum ) || exit 1
+digest=${sum%% *}
+echo "gfs-result $(stat -c '%s %b %B' -- "$1") $digest"
 """
 
 _BYTES_RE = re.compile(rb"(?:^|[\r\n])(\d+) bytes")
@@ -64,6 +75,13 @@ def make_device_copy_command(
         mutating=True,
         timeout=timeout,
         idle_timeout=idle_timeout,
+    )
+
+
+def make_file_digest_command(path: str, timeout: float, idle_timeout: float) -> Command:
+    """Size and whole-file sha256 of `path` on its host, with progress (see CopyOutput)."""
+    return Command(
+        ("sh", "-c", DIGEST_SCRIPT, "sh", path), timeout=timeout, idle_timeout=idle_timeout
     )
 
 

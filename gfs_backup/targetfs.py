@@ -10,6 +10,7 @@ TargetIOError instead of hanging gfs.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -22,6 +23,7 @@ from typing import IO, Protocol
 from gfs_backup.copy import digest_file
 from gfs_backup.digest import ALGORITHM
 from gfs_backup.errors import ExitCode, GfsError
+from gfs_backup.hostcopy import CopyOutput, make_file_digest_command
 from gfs_backup.mounts import Mount, parse_mountinfo, read_mounts
 from gfs_backup.runner import Command, CommandError, Runner
 
@@ -214,7 +216,6 @@ LIST_SCRIPT = (
 )
 WRITE_SCRIPT = 'cat >"$1" && sync -- "$1" && mv -f -- "$1" "$2" && sync -- "$3"'
 RENAME_SCRIPT = 'mv -T -- "$1" "$2" && sync -- "$3"'
-DIGEST_SCRIPT = 'stat -c %s -- "$1" && sha256sum -- "$1"'
 
 
 def _sh(script: str, *args: str) -> tuple[str, ...]:
@@ -329,20 +330,30 @@ class RemoteFS:
                 f"{self._where(path)}: checksums of kind {algorithm!r} cannot be computed on "
                 f"the remote host (only {WHOLE_FILE_SHA256!r})"
             )
-        command = Command(_sh(DIGEST_SCRIPT, str(path)), timeout=STREAM_TIMEOUT)
-        try:
-            done = self.runner.run(command, check=False)
-        except CommandError as exc:
-            raise self.failure(path, str(exc)) from None
-        if done.returncode != 0 and "No such file or directory" in done.stderr:
+        if not self.exists(path):
             raise FileNotFoundError(2, "No such file or directory", str(path))
-        if done.returncode != 0:
-            raise TargetIOError(f"{self._where(path)}: cannot checksum: {done.stderr.strip()}")
-        return parse_size_and_sha256(done.stdout, self._where(path))
+        command = make_file_digest_command(str(path), STREAM_TIMEOUT, self.io_timeout)
+        output = CopyOutput()
+        try:
+            with self.runner.reading(command) as stream:
+                while chunk := stream.read(1 << 12):
+                    output.feed(chunk)
+        except CommandError as exc:
+            if "idle timeout" in str(exc) or "timed out" in str(exc):
+                raise self.failure(path, "timed out") from None
+            why = "; ".join(output.failures()[-3:]) or str(exc)
+            raise OSError(errno.EIO, why, str(path)) from None
+        result = output.result()
+        if result is None or output.failures():
+            why = "; ".join(output.failures()[-3:]) or "no checksum in the output"
+            raise OSError(errno.EIO, why, str(path))  # verify reports it as unreadable
+        return FileDigest(result.size, result.digest)
 
     @contextmanager
     def open_read(self, path: Path) -> Iterator[IO[bytes]]:
-        command = Command(("cat", "--", str(path)), timeout=STREAM_TIMEOUT)
+        command = Command(
+            ("cat", "--", str(path)), timeout=STREAM_TIMEOUT, idle_timeout=self.io_timeout
+        )
         with self.runner.reading(command) as stream:
             yield stream
 
@@ -364,16 +375,3 @@ def parse_find_entries(text: str) -> list[Entry]:
         if name and "/" not in name:
             found.append(Entry(name, kind if kind in ("d", "l") else "f"))
     return sorted(found, key=lambda entry: entry.name)
-
-
-def parse_size_and_sha256(text: str, where: str) -> FileDigest:
-    """`stat -c %s FILE && sha256sum FILE` output: the size line, then "DIGEST  FILE"."""
-    lines = text.splitlines()
-    try:
-        size = int(lines[0])
-        digest = lines[1].split()[0].lstrip("\\")
-    except (IndexError, ValueError):
-        raise TargetIOError(f"{where}: unexpected checksum output {text[:80]!r}") from None
-    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise TargetIOError(f"{where}: unexpected checksum {digest[:80]!r}")
-    return FileDigest(size, digest)

@@ -142,6 +142,9 @@ def test_an_lv_is_exported_on_its_host_to_its_nfs_target_verified_restored_prune
     setup = make_setup(keep_last=1)  # type: ignore[operator]
     config = str(setup.config)
     expected = setup.lv_sha256()
+    preview = run_gfs("run", "--dry-run", "--config", config)
+    assert preview.exit_code == 0, preview.output
+    assert setup.entries() == [] and gfs_snapshots(setup.host) == []  # dry-run wrote nothing
     started = time.monotonic()
     first = gfs_subprocess("run", "--config", config)
     elapsed = time.monotonic() - started
@@ -161,7 +164,13 @@ def test_an_lv_is_exported_on_its_host_to_its_nfs_target_verified_restored_prune
     assert manifest["verify"][-1]["result"] == "ok"  # verified after the export, remotely
     size, blocks = ok(setup.host, ["stat", "-c", "%s %b", image]).split()
     assert int(size) == 96 * MIB and int(blocks) * 512 < 48 * MIB  # holes stayed holes
+    started = time.monotonic()
     assert run_gfs("verify", "--config", config).exit_code == 0
+    print(f"gfs verify (sha256sum on the host): {time.monotonic() - started:.1f} s")
+    status = json.loads(run_gfs("status", "--config", config, "--json").stdout)
+    assert status["jobs"][0]["generations"] == 1, status
+    assert not [w for w in status["jobs"][0]["warnings"] if "NFS" in w or "mount" in w], status
+    assert setup.job in run_gfs("plan", setup.job, "--config", config).stdout
     restored = tmp_path / "restored.raw"
     result = run_gfs("restore", setup.job, "--config", config, "--to", str(restored))
     assert result.exit_code == 0, result.output
@@ -183,6 +192,33 @@ def test_an_lv_is_exported_on_its_host_to_its_nfs_target_verified_restored_prune
     damaged = run_gfs("verify", "--config", config)
     assert damaged.exit_code == 5, damaged.output
     assert "checksum mismatch" in damaged.output
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (("iflag=direct status=none", "iflag=direct count=10 status=none"), "short read or write"),
+        (('dd if="$dev"', 'dd if="$dev.missing"'), ".missing': No such file or directory"),
+    ],
+)
+def test_a_short_or_failed_copy_fails_clearly_and_leaves_nothing(
+    change: tuple[str, str],
+    message: str,
+    make_setup: object,
+    run_gfs: RunGfs,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gfs_backup.hostcopy as hostcopy
+
+    assert change[0] in hostcopy.EXPORT_SCRIPT
+    monkeypatch.setattr(hostcopy, "EXPORT_SCRIPT", hostcopy.EXPORT_SCRIPT.replace(*change))
+    setup = make_setup()  # type: ignore[operator]
+    result = run_gfs("run", "--config", str(setup.config))
+    assert result.exit_code == 5, result.output
+    (line,) = [line for line in result.stderr.splitlines() if "failed:" in line]
+    assert message in line and "on host lab" in line, line
+    assert setup.entries() == []  # the partial export was removed
+    assert gfs_snapshots(setup.host) == []
 
 
 @pytest.mark.parametrize("where", ["plain-directory", "tmpfs"])
@@ -255,6 +291,9 @@ def test_nfs_server_stopped_mid_export_fails_in_bounded_time_and_the_next_run_he
         remote_host.start_nfs_server()
     healed = _run_until_the_mount_recovers(setup.config)
     assert "removed leftover partial" in healed
+    done = DONE_RE.search(healed)
+    print(f"after the restart: {done and done.group(0)}; {ssh_bytes_received(healed)} B over SSH")
+    assert gfs_snapshots(remote_host) == []
     (generation,) = listing(run_gfs("list", "--config", str(setup.config), "--json"))
     assert setup.entries() == [generation["id"]]
     assert gfs_snapshots(remote_host) == []

@@ -27,7 +27,6 @@ from gfs_backup.targetfs import (
     TargetIOError,
     TargetStalled,
     parse_find_entries,
-    parse_size_and_sha256,
 )
 
 pytestmark = pytest.mark.unit
@@ -144,7 +143,7 @@ def test_copy_output_failures_name_the_step() -> None:
     ]
 
 
-def test_find_entries_and_digest_output_parsers() -> None:
+def test_find_entries_parser() -> None:
     text = "d 20260101T000000Z\0f manifest.json\0l link\0d .partial-x\0d weird name\nx\0"
     assert parse_find_entries(text) == [
         Entry(".partial-x", "d"),
@@ -153,9 +152,6 @@ def test_find_entries_and_digest_output_parsers() -> None:
         Entry("manifest.json", "f"),
         Entry("weird name\nx", "d"),
     ]
-    assert parse_size_and_sha256(f"42\n{DIGEST}  /t/f\n", "here").size == 42
-    with pytest.raises(TargetIOError, match="unexpected checksum"):
-        parse_size_and_sha256("42\nnot-a-digest  /t/f\n", "here")
 
 
 class FakeRunner:
