@@ -250,15 +250,18 @@ def _abort(ctx: JobContext, partial: PartialGeneration, why: BaseException) -> N
     """Remove the partial export; if the target cannot do that now (a hung NFS server:
     not even tried after it stopped answering), its journal entry stays open and the next
     run removes it."""
-    reason: BaseException = why
+    reason = "the target does not answer"
     if not isinstance(why, TargetStalled):
         try:
             partial.abort()
             return
         except GfsError as exc:
-            reason = exc
+            reason = str(exc)
     ctx.log.warning(
-        "job %s: partial export %s left for the next run: %s", ctx.job.name, partial.path, reason
+        "job %s: partial export %s left for the next run to remove (%s)",
+        ctx.job.name,
+        partial.path,
+        reason,
     )
 
 

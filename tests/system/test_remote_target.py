@@ -286,6 +286,7 @@ def test_nfs_server_stopped_mid_export_fails_in_bounded_time_and_the_next_run_he
         assert "Traceback" not in failed.stderr
         assert elapsed < 240, f"gfs took {elapsed:.0f} s on a stopped NFS server"
         assert [name for name in setup.entries() if not name.startswith(".")] == []
+        assert gfs_snapshots(remote_host) == []  # the pipeline was killed, the LV freed
     finally:
         stopper.join()
         remote_host.start_nfs_server()
@@ -293,7 +294,6 @@ def test_nfs_server_stopped_mid_export_fails_in_bounded_time_and_the_next_run_he
     assert "removed leftover partial" in healed
     done = DONE_RE.search(healed)
     print(f"after the restart: {done and done.group(0)}; {ssh_bytes_received(healed)} B over SSH")
-    assert gfs_snapshots(remote_host) == []
     (generation,) = listing(run_gfs("list", "--config", str(setup.config), "--json"))
     assert setup.entries() == [generation["id"]]
     assert gfs_snapshots(remote_host) == []
