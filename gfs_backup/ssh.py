@@ -297,7 +297,7 @@ class _Session:
             if not data:
                 return
             self._stderr += data
-            self.runner.received += len(data)
+            self.runner.count(received=len(data))
             del self._stderr[:-STDERR_KEPT]
 
     def failure(self, message: str) -> CommandError:
@@ -330,7 +330,7 @@ class _Session:
         if not data and not self.channel.eof_received:
             raise self.failure("the channel closed before the end of the output")
         self.last_data = time.monotonic()
-        self.runner.received += len(data)
+        self.runner.count(received=len(data))
         return data
 
     def _check_idle(self) -> None:
@@ -347,7 +347,7 @@ class _Session:
         try:
             for offset in range(0, data.nbytes, PACKET):
                 self.channel.sendall(bytes(data[offset : offset + PACKET]))
-                self.runner.sent += min(PACKET, data.nbytes - offset)
+                self.runner.count(sent=min(PACKET, data.nbytes - offset))
         except OSError:
             if self.channel.exit_status_ready() and self.channel.exit_status > 0:
                 self.runner.check(self.command, *self.finish())  # its status and stderr
@@ -410,6 +410,13 @@ class SSHRunner:
         self._transport: paramiko.Transport | None = None
         self.received = 0  # bytes of command output (stdout, stderr) received from the host
         self.sent = 0  # bytes of command input sent to it
+        self._counting = threading.Lock()  # channels' threads count at once
+
+    def count(self, received: int = 0, sent: int = 0) -> None:
+        """Account command data that crossed the connection (logged by `close`)."""
+        with self._counting:
+            self.received += received
+            self.sent += sent
 
     def _connected(self) -> paramiko.Transport:
         with self._lock:
