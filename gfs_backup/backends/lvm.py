@@ -7,6 +7,7 @@ copy is one pipeline there (hostcopy.py): the image never passes through this ma
 from __future__ import annotations
 
 import io
+import time
 from contextlib import suppress
 from pathlib import Path
 from typing import BinaryIO, cast
@@ -163,6 +164,7 @@ class LvmBackend:
         output = CopyOutput()
         idle = ctx.target.io_timeout
         command = make_device_copy_command(str(snapshot.path), str(image), EXPORT_TIMEOUT, idle)
+        started = time.monotonic()
         try:
             with ctx.runner.reading(command) as stream:
                 while chunk := cast(io.BufferedIOBase, stream).read1(1 << 16):
@@ -197,6 +199,16 @@ class LvmBackend:
                 f"job {ctx.job.name}: copied {got} of {vg}/{name} to {image} on host "
                 f"{ctx.runner.host}, expected {size} bytes (short read or write)"
             )
+        seconds = max(time.monotonic() - started, 1e-3)
+        ctx.log.info(
+            "job %s: copied %d bytes (%d allocated) on host %s in %.1f s (%.1f MiB/s)",
+            ctx.job.name,
+            result.size,
+            result.allocated,
+            ctx.runner.host,
+            seconds,
+            result.size / seconds / (1 << 20),
+        )
         source = {**snapshot.metadata, "host": ctx.runner.host, "format": "raw"}
         return Exported(
             files=(DataFile(IMAGE, result.size, result.digest),),

@@ -29,6 +29,7 @@ VG = "gfslab"
 MIB = 1 << 20
 TRAFFIC_RE = re.compile(r"host lab: (\d+) bytes of command output received, (\d+) bytes")
 DONE_RE = re.compile(r"done: generation \S+, (\d+) bytes in ([\d.]+) s")
+COPIED_RE = re.compile(r"copied \d+ bytes .*MiB/s\)")
 
 
 def policy(keep_last: int) -> str:
@@ -152,7 +153,9 @@ def test_an_lv_is_exported_on_its_host_to_its_nfs_target_verified_restored_prune
     received = ssh_bytes_received(first.stderr)
     assert received < 1 * MIB, f"{received} bytes came over SSH for a 96 MiB image"
     done = DONE_RE.search(first.stderr)
+    copied = COPIED_RE.search(first.stderr)
     print(f"export run: {elapsed:.1f} s, {received} bytes over SSH; {done and done.group(0)}")
+    print(f"the copy on the host: {copied and copied.group(0)}")
     assert gfs_snapshots(setup.host) == []
     (generation,) = listing(run_gfs("list", "--config", config, "--json"))
     image = f"{generation['path']}/volume.raw"
@@ -292,8 +295,9 @@ def test_nfs_server_stopped_mid_export_fails_in_bounded_time_and_the_next_run_he
         remote_host.start_nfs_server()
     healed = _run_until_the_mount_recovers(setup.config)
     assert "removed leftover partial" in healed
-    done = DONE_RE.search(healed)
+    done, copied = DONE_RE.search(healed), COPIED_RE.search(healed)
     print(f"after the restart: {done and done.group(0)}; {ssh_bytes_received(healed)} B over SSH")
+    print(f"the copy on the host: {copied and copied.group(0)}")
     (generation,) = listing(run_gfs("list", "--config", str(setup.config), "--json"))
     assert setup.entries() == [generation["id"]]
     assert gfs_snapshots(remote_host) == []
