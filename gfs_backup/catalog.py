@@ -7,12 +7,13 @@ valid manifest is not a generation and is reported, never planned, pruned or res
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gfs_backup.errors import Problem
 from gfs_backup.manifest import MANIFEST, Manifest, ManifestError, read_manifest
 from gfs_backup.retention import Generation
+from gfs_backup.targetfs import LOCAL_FS, TargetFS
 
 PARTIAL_PREFIX = ".partial-"
 PRUNING_PREFIX = ".pruning-"
@@ -24,6 +25,7 @@ class Stored:
 
     path: Path
     manifest: Manifest
+    fs: TargetFS = field(default=LOCAL_FS, compare=False)  # where `path` is
 
     @property
     def id(self) -> str:
@@ -46,24 +48,24 @@ class Listing:
         return {item.id: item for item in self.stored}
 
 
-def list_generations(job_dir: Path) -> Listing:
+def list_generations(job_dir: Path, fs: TargetFS = LOCAL_FS) -> Listing:
     """Generations of one job, oldest first, and a problem per unreadable manifest.
 
-    A missing `job_dir` is an empty listing: no export has happened yet.
+    A missing `job_dir` is an empty listing: no export has happened yet. `fs` is where
+    the target is mounted (this machine or a remote host).
     """
     stored: list[Stored] = []
     problems: list[Problem] = []
-    if not job_dir.is_dir():
-        return Listing(stored, problems)
-    for entry in sorted(job_dir.iterdir()):
-        if entry.name.startswith(".") or not entry.is_dir() or entry.is_symlink():
+    for entry in fs.entries(job_dir):
+        if entry.name.startswith(".") or entry.kind != "d":
             continue
-        if not (entry / MANIFEST).exists():
-            problems.append(Problem(str(entry), "no manifest: not a generation, left alone"))
-            continue
+        path = job_dir / entry.name
         try:
-            stored.append(Stored(entry, read_manifest(entry)))
+            stored.append(Stored(path, read_manifest(path, fs), fs))
         except ManifestError as exc:
-            problems.append(Problem("", f"{exc}; generation left out of planning and pruning"))
+            if str(exc).endswith(f"{MANIFEST}: missing"):
+                problems.append(Problem(str(path), "no manifest: not a generation, left alone"))
+            else:
+                problems.append(Problem("", f"{exc}; generation left out of planning and pruning"))
     stored.sort(key=lambda item: item.manifest.created_at)
     return Listing(stored, problems)

@@ -5,6 +5,8 @@ policy_dir = "/etc/gfs/policies"    # where policy names are looked up first
 [target.nas]
 path = "/mnt/backup"                # must be an NFS mount unless require_nfs = false
 require_nfs = true
+host = "local"                      # the host that mounts it (path as that host sees it)
+io_timeout = 600                    # seconds a remote target may not answer (hard NFS)
 [hosts.kvm2]                        # remote host; "local" needs no entry
 address = "kvm2.example.net"
 user = "backup"
@@ -35,7 +37,8 @@ DEFAULT_CONFIG = Path("/etc/gfs/gfs.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/gfs")
 LOCAL_HOST = "local"
 TOP_KEYS = ("state_dir", "policy_dir", "concurrency", "target", "hosts", "job")
-TARGET_KEYS = ("path", "require_nfs", "bandwidth")
+TARGET_KEYS = ("path", "require_nfs", "bandwidth", "host", "io_timeout")
+DEFAULT_IO_TIMEOUT = 600.0
 HOST_KEYS = ("address", "user", "port", "identity_file", "known_hosts")
 JOB_COMMON_KEYS = ("name", "kind", "host", "target", "policy", "scratch_dir")
 PATH_KEYS = ("path", "subvolume", "snapshot_dir", "overlay_dir", "scratch_dir")
@@ -54,6 +57,8 @@ class Target:
     path: Path
     require_nfs: bool = True
     bandwidth: int = 0  # bytes/s all jobs together may write to it; 0 = no limit
+    host: str = "local"  # the host that mounts it; a job writing to it must run there
+    io_timeout: float = DEFAULT_IO_TIMEOUT  # seconds without progress on a remote target
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,12 @@ def load_config(path: Path) -> Config:
         name: _host(name, value, collector)
         for name, value in _named_tables(table, "hosts", collector)
     }
+    for target in targets.values():
+        if target.host != LOCAL_HOST and target.host not in hosts:
+            collector.add(
+                join_key(f"target.{target.name}", "host"),
+                f"unknown host {target.host!r}: add [hosts.{target.host}] or use 'local'",
+            )
     jobs = _jobs(table, collector, targets, hosts, policy_dir)
     concurrency = collector.get(table, "concurrency", "", int, 1, "a number of jobs")
     if not 1 <= concurrency <= 64:
@@ -141,7 +152,20 @@ def _target(name: str, table: Table, collector: Collector) -> Target:
         bandwidth = parse_rate(table.get("bandwidth", 0))
     except ValueError as exc:
         collector.add(join_key(path, "bandwidth"), str(exc))
-    return Target(name, Path(where), require_nfs, bandwidth)
+    host = collector.get(table, "host", path, str, LOCAL_HOST, "a host name")
+    io_timeout = table.get("io_timeout", DEFAULT_IO_TIMEOUT)
+    if isinstance(io_timeout, bool) or not isinstance(io_timeout, (int, float)):
+        collector.add(join_key(path, "io_timeout"), "expected a number of seconds")
+        io_timeout = DEFAULT_IO_TIMEOUT
+    elif not 1 <= io_timeout <= 86400:
+        collector.add(join_key(path, "io_timeout"), f"{io_timeout} is not 1 to 86400 seconds")
+    if bandwidth and host != LOCAL_HOST:
+        collector.add(
+            join_key(path, "bandwidth"),
+            f"cannot be enforced on a target of host {host!r}: the copy runs there; "
+            "remove it (limit the host's NFS traffic there instead)",
+        )
+    return Target(name, Path(where), require_nfs, bandwidth, host, float(io_timeout))
 
 
 def _host(name: str, table: Table, collector: Collector) -> Host:
@@ -226,6 +250,8 @@ def _job(
             join_key(path, "host"), f"unknown host {host!r}: add [hosts.{host}] or use 'local'"
         )
     target = _job_target(table, path, collector, targets)
+    if target in targets:
+        _check_target_host(targets[target], host, kind, table, path, collector)
     policy = _job_policy(table, path, collector, policy_dir)
     if policy is None:
         return None
@@ -252,6 +278,28 @@ def _job(
     if not isinstance(disks, list) or not all(isinstance(d, str) and d for d in disks):
         collector.add(join_key(path, "disks"), 'must be a list of disk targets, e.g. ["vda"]')
     return Job(name, kind, host, target, policy, options)
+
+
+def _check_target_host(
+    target: Target, host: str, kind: str, table: Table, path: str, collector: Collector
+) -> None:
+    """A target mounted by a remote host takes data only from jobs on that host (the data
+    would need a third path otherwise), and so far only raw LVM images."""
+    if target.host == LOCAL_HOST:
+        return
+    key = join_key(path, "target")
+    if host != target.host:
+        collector.add(
+            key,
+            f"target {target.name} is mounted on host {target.host!r} but the job runs on "
+            f"{host!r}: set host = {target.host!r} or use a target mounted there",
+        )
+    elif kind != "lvm" or table.get("format", "raw") != "raw":
+        collector.add(
+            key,
+            f"target {target.name} is on host {target.host!r}: only lvm jobs with format "
+            '"raw" can export to a remote target so far',
+        )
 
 
 def _check_lvm(options: Table, path: str, collector: Collector) -> None:

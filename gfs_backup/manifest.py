@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -11,6 +10,9 @@ from typing import Any
 
 from gfs_backup import __version__
 from gfs_backup.digest import ALGORITHM
+from gfs_backup.targetfs import LOCAL_FS, TargetFS, fsync_dir
+
+__all__ = ["MANIFEST", "DataFile", "Manifest", "ManifestError", "fsync_dir", "read_manifest"]
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -137,10 +139,11 @@ def parse_manifest(text: str, where: str) -> Manifest:
     )
 
 
-def read_manifest(generation_dir: Path) -> Manifest:
+def read_manifest(generation_dir: Path, fs: TargetFS = LOCAL_FS) -> Manifest:
+    """The generation's manifest, read through `fs`. Raises ManifestError naming the file."""
     path = generation_dir / MANIFEST
     try:
-        text = path.read_text(encoding="utf-8")
+        text = fs.read_text(path)
     except FileNotFoundError:
         raise ManifestError(f"{path}: missing") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -148,24 +151,8 @@ def read_manifest(generation_dir: Path) -> Manifest:
     return parse_manifest(text, str(path))
 
 
-def write_manifest(generation_dir: Path, manifest: Manifest) -> None:
-    """Write atomically: a temporary file, fsynced, renamed over, directory fsynced."""
-    path = generation_dir / MANIFEST
-    temporary = generation_dir / f".{MANIFEST}.tmp"
+def write_manifest(generation_dir: Path, manifest: Manifest, fs: TargetFS = LOCAL_FS) -> None:
+    """Write atomically through `fs`: a temporary file, fsynced, renamed over, directory
+    fsynced."""
     data = json.dumps(manifest.to_json(), indent=2, sort_keys=False).encode() + b"\n"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(temporary, path)
-    fsync_dir(generation_dir)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fs.write_file(generation_dir / MANIFEST, data)

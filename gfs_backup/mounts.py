@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,9 +59,13 @@ def parse_mountinfo(text: str) -> list[Mount]:
     return mounts
 
 
-def mount_of(path: Path, mounts: list[Mount]) -> Mount:
-    """The mount that holds `path` (resolved): the last-mounted longest matching mount point."""
-    resolved = os.path.realpath(path)
+Resolve = Callable[[Path], str]
+
+
+def mount_of(path: Path, mounts: list[Mount], resolve: Resolve = os.path.realpath) -> Mount:
+    """The mount that holds `path` (resolved by `resolve`, on the host of `mounts`): the
+    last-mounted longest matching mount point."""
+    resolved = resolve(path)
     best: Mount | None = None
     for mount in mounts:
         point = mount.mount_point
@@ -76,6 +81,6 @@ def read_mounts() -> list[Mount]:
     return parse_mountinfo(MOUNTINFO.read_text(encoding="utf-8"))
 
 
-def is_mount_point(path: Path, mounts: list[Mount]) -> bool:
-    resolved = os.path.realpath(path)
+def is_mount_point(path: Path, mounts: list[Mount], resolve: Resolve = os.path.realpath) -> bool:
+    resolved = resolve(path)
     return any(mount.mount_point == resolved for mount in mounts)

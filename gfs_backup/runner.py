@@ -27,11 +27,17 @@ STDERR_TAIL = 400
 
 @dataclass(frozen=True)
 class Command:
-    """An argv list and what it does; `timeout` in seconds (None = no limit)."""
+    """An argv list and what it does; `timeout` in seconds (None = no limit).
+
+    `idle_timeout`: a stream read from a remote host (SSHRunner.reading) that brings no
+    data for this many seconds fails, even while the host itself still answers (a command
+    stuck on a hard NFS mount).
+    """
 
     argv: tuple[str, ...]
     mutating: bool = False
     timeout: float | None = DEFAULT_TIMEOUT
+    idle_timeout: float | None = None
 
     def __str__(self) -> str:
         return shlex.join(self.argv)

@@ -29,6 +29,7 @@ import logging
 import shlex
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -62,7 +63,7 @@ from gfs_backup.runner import (
     timed_out,
 )
 
-__all__ = ["HostKeyError", "SSHError", "SSHRunner", "close_runners", "runner_for"]
+__all__ = ["HostKeyError", "IdleTimeout", "SSHError", "SSHRunner", "close_runners", "runner_for"]
 
 log = logging.getLogger("gfs.ssh")
 # paramiko's transport thread logs lost connections with tracebacks; they reach the user
@@ -88,6 +89,10 @@ PACKET = 32 << 10
 CLIENT_REKEY_BYTES = 1 << 40
 STREAM_IDLE = 30.0  # seconds without stream data before gfs checks the server answers
 PROBE_TIMEOUT = 15.0  # seconds the server has to answer that check
+
+
+class IdleTimeout(CommandError):
+    """A stream with an `idle_timeout` brought no data for that long."""
 
 
 class SSHError(GfsError):
@@ -276,6 +281,7 @@ class _Session:
         self.command = command
         self.channel = channel
         self.expired = False
+        self.last_data = time.monotonic()
         self._stderr = bytearray()
         self._drain = threading.Thread(target=self._read_stderr, daemon=True)
         self._drain.start()
@@ -300,6 +306,7 @@ class _Session:
             if not data:
                 return
             self._stderr += data
+            self.runner.count(received=len(data))
             del self._stderr[:-STDERR_KEPT]
 
     def failure(self, message: str) -> CommandError:
@@ -320,6 +327,7 @@ class _Session:
                 data: bytes = self.channel.recv(size)
                 break
             except TimeoutError:  # only streams being read have one (STREAM_IDLE)
+                self._check_idle()
                 if not self.runner.answers(PROBE_TIMEOUT):
                     self.runner.close()
                     raise CommandError(
@@ -330,7 +338,17 @@ class _Session:
                     ) from None
         if not data and not self.channel.eof_received:
             raise self.failure("the channel closed before the end of the output")
+        self.last_data = time.monotonic()
+        self.runner.count(received=len(data))
         return data
+
+    def _check_idle(self) -> None:
+        """Raise IdleTimeout when the command's `idle_timeout` passed without data."""
+        idle = self.command.idle_timeout
+        if idle is not None and time.monotonic() - self.last_data >= idle:
+            raise IdleTimeout(
+                self.command, f"{self.runner.where}no output for {idle:.0f} s (idle timeout)"
+            )
 
     def send(self, data: memoryview) -> None:
         # Packet by packet: paramiko's sendall re-slices its whole argument per packet,
@@ -338,6 +356,7 @@ class _Session:
         try:
             for offset in range(0, data.nbytes, PACKET):
                 self.channel.sendall(bytes(data[offset : offset + PACKET]))
+                self.runner.count(sent=min(PACKET, data.nbytes - offset))
         except OSError:
             if self.channel.exit_status_ready() and self.channel.exit_status > 0:
                 self.runner.check(self.command, *self.finish())  # its status and stderr
@@ -398,6 +417,15 @@ class SSHRunner:
         self.where = f"on host {host.name}: "
         self._lock = threading.Lock()
         self._transport: paramiko.Transport | None = None
+        self.received = 0  # bytes of command output (stdout, stderr) received from the host
+        self.sent = 0  # bytes of command input sent to it
+        self._counting = threading.Lock()  # channels' threads count at once
+
+    def count(self, received: int = 0, sent: int = 0) -> None:
+        """Account command data that crossed the connection (logged by `close`)."""
+        with self._counting:
+            self.received += received
+            self.sent += sent
 
     def _connected(self) -> paramiko.Transport:
         with self._lock:
@@ -430,9 +458,15 @@ class SSHRunner:
         return replied.wait(timeout) and transport.is_active()
 
     def close(self) -> None:
-        """Close the connection (the next command opens a new one)."""
+        """Close the connection (the next command opens a new one); logs the traffic."""
         with self._lock:
             if self._transport is not None:
+                log.info(
+                    "host %s: %d bytes of command output received, %d bytes of input sent over SSH",
+                    self.host,
+                    self.received,
+                    self.sent,
+                )
                 self._transport.close()
                 self._transport = None
 
@@ -483,7 +517,7 @@ class SSHRunner:
         refuse_streaming_in_dry_run(self.dry_run, command)
         with self._session(command) as session:
             session.channel.shutdown_write()
-            session.channel.settimeout(STREAM_IDLE)
+            session.channel.settimeout(min(STREAM_IDLE, command.idle_timeout or STREAM_IDLE))
             with io.BufferedReader(_ChannelReader(session), 1 << 20) as stream:
                 yield stream
                 if not stream.closed and stream.read(

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from gfs_backup.config import Target
 from gfs_backup.errors import ExitCode, GfsError
-from gfs_backup.mounts import NFS_TYPES, Mount, is_mount_point, mount_of, read_mounts
+from gfs_backup.mounts import NFS_TYPES, Mount, is_mount_point, mount_of
+from gfs_backup.targetfs import LOCAL_FS, TargetFS
 
 
 class TargetError(GfsError):
@@ -30,21 +31,29 @@ class TargetCheck:
 
 
 def check_target(
-    target: Target, sources: Sequence[Path], mounts: list[Mount] | None = None
+    target: Target,
+    sources: Sequence[Path],
+    mounts: list[Mount] | None = None,
+    fs: TargetFS = LOCAL_FS,
 ) -> TargetCheck:
-    """Check `target` against the invariants; raise TargetError naming what to fix."""
-    mounts = read_mounts() if mounts is None else mounts
+    """Check `target` against the invariants on the host that mounts it (`fs`: this
+    machine, or the remote host whose mount table is read); raise TargetError naming what
+    to fix. `sources` are paths on that same host."""
     where = f"target {target.name} ({target.path})"
-    if not target.path.is_dir():
+    if fs.host != "local":
+        where = f"target {target.name} ({target.path} on host {fs.host})"
+    if not fs.is_dir(target.path):
         raise TargetError(f"{where} does not exist: create the mount point and mount the share")
-    if not is_mount_point(target.path, mounts):
+    mounts = fs.mounts() if mounts is None else mounts
+    resolve = fs.realpath
+    if not is_mount_point(target.path, mounts, resolve):
         raise TargetError(
             f"{where} is not a mounted filesystem (is the share mounted? gfs "
             "never writes into an unmounted mount point on the root disk)"
         )
-    mount = mount_of(target.path, mounts)
+    mount = mount_of(target.path, mounts, resolve)
     for source in sources:
-        if mount_of(source, mounts).device == mount.device:
+        if mount_of(source, mounts, resolve).device == mount.device:
             raise TargetError(
                 f"{where} is on the same filesystem as the source {source} "
                 f"({mount.fstype} {mount.source}): a copy there is not a backup; "

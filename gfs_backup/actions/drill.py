@@ -42,6 +42,7 @@ from gfs_backup.manifest import read_manifest, write_manifest
 from gfs_backup.mounts import mount_of, read_mounts
 from gfs_backup.runner import LocalRunner
 from gfs_backup.state import State
+from gfs_backup.targetfs import LOCAL_FS, TargetFS
 
 log = logging.getLogger("gfs")
 DEFAULT_SCRATCH = Path("/var/tmp")
@@ -268,8 +269,8 @@ def remove_leftover_drills(state: State, job: Job) -> None:
 def _record(stored: Stored, result: DrillResult) -> None:
     """Append the result to the generation's manifest (re-read: it may have changed)."""
     try:
-        manifest = read_manifest(stored.path)
-        write_manifest(stored.path, manifest.with_drill(result.record()))
+        manifest = read_manifest(stored.path, stored.fs)
+        write_manifest(stored.path, manifest.with_drill(result.record()), stored.fs)
     except (OSError, ValueError) as exc:
         log.warning("job %s: drill result not recorded in %s: %s", result.job, stored.path, exc)
 
@@ -309,12 +310,16 @@ def last_drill_time(stored: list[Stored]) -> datetime | None:
     return max(times, default=None)
 
 
-def periodic_drill(job: Job, job_dir: Path, state: State, now: datetime) -> list[str]:
+def periodic_drill(
+    job: Job, job_dir: Path, state: State, now: datetime, fs: TargetFS = LOCAL_FS
+) -> list[str]:
     """After a run: drill the selected generation when the policy's drill schedule fired
     since the last drill (or since the oldest generation). A warning if it failed."""
     schedule = job.policy.drill_schedule
     if schedule is None:
         return []
+    if fs is not LOCAL_FS:
+        return [f"scheduled drill not run: the target is on host {fs.host} (not supported yet)"]
     stored = list_generations(job_dir).stored
     chosen = select_for_schedule(job, stored)
     if chosen is None:

@@ -8,6 +8,7 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
+from gfs_backup.actions.targets import job_location
 from gfs_backup.catalog import list_generations
 from gfs_backup.config import Config, Job
 from gfs_backup.errors import InputError, Problem
@@ -87,8 +88,8 @@ def rules_from_options(
 
 def plan_job(job: Job, config: Config, now: datetime) -> JobPlan:
     """Plan one configured job from the generations on its target (none yet: empty plan)."""
-    job_dir = config.targets[job.target].path / job.name
-    listing = list_generations(job_dir)
+    job_dir, fs = job_location(config, job)
+    listing = list_generations(job_dir, fs)
     result = plan(listing.generations, job.policy.rules, now, job.policy.zone)
     return JobPlan(job, job_dir, result, listing.problems)
 

@@ -14,6 +14,7 @@ from gfs_backup.catalog import Listing, list_generations
 from gfs_backup.config import Job
 from gfs_backup.generation import delete_generation
 from gfs_backup.retention import Plan, plan
+from gfs_backup.targetfs import LOCAL_FS, TargetFS
 
 log = logging.getLogger("gfs")
 
@@ -31,14 +32,19 @@ def newest_verified(listing: Listing) -> str | None:
 
 
 def prune_job(
-    job: Job, job_dir: Path, now: datetime, delete: Callable[[Path], None] | None
+    job: Job,
+    job_dir: Path,
+    now: datetime,
+    delete: Callable[[Path], None] | None,
+    fs: TargetFS = LOCAL_FS,
 ) -> PruneResult:
-    """Plan the job's generations and delete what the plan prunes (`delete` None: dry-run).
+    """Plan the job's generations (on `fs`) and delete what the plan prunes (`delete`
+    None: dry-run).
 
     Never the newest verified generation, never a protected one, only directories of
     this job's own directory on the target.
     """
-    listing = list_generations(job_dir)
+    listing = list_generations(job_dir, fs)
     result = plan(listing.generations, job.policy.rules, now, job.policy.zone)
     keep_anyway = newest_verified(listing)
     stored = listing.by_id()
@@ -60,4 +66,4 @@ def prune_job(
 
 def journaled_delete(ctx: JobContext) -> Callable[[Path], None]:
     """Deletion of generations journaled under the context's run."""
-    return lambda path: delete_generation(path, ctx.state, ctx.run_id, ctx.job.name)
+    return lambda path: delete_generation(path, ctx.state, ctx.run_id, ctx.job.name, ctx.target)

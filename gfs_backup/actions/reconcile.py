@@ -7,8 +7,8 @@ from pathlib import Path
 from gfs_backup.backends.base import Backend, JobContext
 from gfs_backup.btrfs import is_subvolume_root, make_delete_command
 from gfs_backup.catalog import PARTIAL_PREFIX, PRUNING_PREFIX
-from gfs_backup.generation import remove_tree
 from gfs_backup.runner import Runner
+from gfs_backup.targetfs import LOCAL_FS, TargetFS
 
 
 def reconcile(ctx: JobContext, backend: Backend, job_dir: Path) -> list[str]:
@@ -25,26 +25,27 @@ def reconcile(ctx: JobContext, backend: Backend, job_dir: Path) -> list[str]:
         if entry.run_id == ctx.run_id:
             continue
         if entry.action in ("partial", "prune", "drill"):  # all only ever under dot-names
-            remove_leftover(ctx.runner, Path(entry.path))
+            fs = LOCAL_FS if entry.action == "drill" else ctx.target  # drills: here
+            remove_leftover(ctx.runner, Path(entry.path), fs)
             ctx.state.done(entry.id)
             done.append(f"removed leftover {entry.action} {entry.path}")
         else:  # the backend's own: a snapshot, a hypervisor backup job, ...
             backend.undo_entry(ctx, entry)
             done.append(f"undid leftover {entry.action} {entry.path}")
-    if job_dir.is_dir():
-        for path in sorted(job_dir.iterdir()):
-            if path.name.startswith((PARTIAL_PREFIX, PRUNING_PREFIX)):
-                remove_tree(path)
-                done.append(f"removed unjournaled leftover {path}")
+    for found in ctx.target.entries(job_dir):
+        if found.name.startswith((PARTIAL_PREFIX, PRUNING_PREFIX)):
+            ctx.target.remove_tree(job_dir / found.name)
+            done.append(f"removed unjournaled leftover {job_dir / found.name}")
     for line in done:
         ctx.log.info("job %s: reconcile: %s", ctx.job.name, line)
     return done
 
 
-def remove_leftover(runner: Runner, path: Path) -> None:
-    """Remove a dot-named leftover tree; btrfs subvolumes in it (a drill's) first."""
-    if path.is_dir() and path.name.startswith("."):
+def remove_leftover(runner: Runner, path: Path, fs: TargetFS = LOCAL_FS) -> None:
+    """Remove a dot-named leftover tree (on `fs`); btrfs subvolumes in it (a drill's,
+    always on this machine) first."""
+    if fs is LOCAL_FS and path.is_dir() and path.name.startswith("."):
         for child in path.iterdir():
             if is_subvolume_root(child):
                 runner.run(make_delete_command(child), check=False)
-    remove_tree(path)
+    fs.remove_tree(path)

@@ -8,6 +8,7 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
+from gfs_backup.actions.targets import job_location
 from gfs_backup.actions.verify import Verified, check_data, verify_stored
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import JobContext, Progress, RestoreOptions
@@ -28,8 +29,8 @@ class RestoreError(GfsError):
 
 def find_generation(config: Config, job: Job, generation: str | None) -> Stored:
     """The named generation of `job`, or its newest. InputError if there is none."""
-    job_dir = config.targets[job.target].path / job.name
-    listing = list_generations(job_dir)
+    job_dir, fs = job_location(config, job)
+    listing = list_generations(job_dir, fs)
     if not listing.stored:
         raise InputError(Problem(str(job_dir), f"job {job.name} has no generation to use"))
     if generation is None:
@@ -140,7 +141,7 @@ def verify_jobs(
         if generation is not None:
             targets = [find_generation(config, job, generation)]
         else:
-            targets = list_generations(config.targets[job.target].path / job.name).stored
+            targets = list_generations(*job_location(config, job)).stored
         for stored in targets:
             result = verify_stored(stored, now)
             verdict = "ok" if result.ok else f"FAILED: {'; '.join(result.problems[:5])}"
@@ -152,5 +153,5 @@ def verify_jobs(
 def set_protected(config: Config, job: Job, generation: str, protected: bool) -> Stored:
     stored = find_generation(config, job, generation)
     manifest = replace(stored.manifest, protected=protected)
-    write_manifest(stored.path, manifest)
+    write_manifest(stored.path, manifest, stored.fs)
     return replace(stored, manifest=manifest)

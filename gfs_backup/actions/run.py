@@ -15,6 +15,7 @@ from pathlib import Path
 from gfs_backup.actions.drill import periodic_drill
 from gfs_backup.actions.prune import journaled_delete, prune_job
 from gfs_backup.actions.reconcile import reconcile
+from gfs_backup.actions.targets import job_location
 from gfs_backup.actions.verify import check_data, last_check_time, verify_stored
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import Backend, Exported, JobContext, Progress, Snapshot
@@ -29,6 +30,7 @@ from gfs_backup.retention import Generation, plan
 from gfs_backup.ssh import close_runners, runner_for
 from gfs_backup.state import State
 from gfs_backup.target import check_target
+from gfs_backup.targetfs import LOCAL_FS, TargetFS, TargetStalled
 from gfs_backup.throttle import Throttle, format_rate, shares
 
 log = logging.getLogger("gfs")
@@ -76,13 +78,15 @@ def exit_code(outcomes: list[JobOutcome]) -> ExitCode:
     return ExitCode.OK
 
 
-def next_due(job: Job, state: State | None, job_dir: Path, now: datetime) -> datetime | None:
+def next_due(
+    job: Job, state: State | None, job_dir: Path, now: datetime, fs: TargetFS = LOCAL_FS
+) -> datetime | None:
     """When the job is due next: after its last success (or newest generation on the
     target, for a fresh machine); `now` if it never ran. A missed run is caught up once."""
     last = state.last_success(job.name) if state is not None else None
     reference = last.started_at if last is not None else None
     if reference is None:
-        stored = list_generations(job_dir).stored
+        stored = list_generations(job_dir, fs).stored
         reference = stored[-1].manifest.created_at if stored else None
     if reference is None:
         return now
@@ -129,18 +133,23 @@ def _run_one(
     options: RunOptions,
     bandwidth: int = 0,
 ) -> JobOutcome:
-    job_dir = config.targets[job.target].path / job.name
+    job_dir, fs = job_location(config, job, options.dry_run)
     if options.dry_run:
-        return _preview(config, job, state, job_dir, clock())
+        return _preview(config, job, state, job_dir, clock(), fs)
     assert state is not None
     try:
         with job_lock(config.state_dir, job.name, options.wait):
             now = clock()
-            due = next_due(job, state, job_dir, now)
+            try:
+                due = next_due(job, state, job_dir, now, fs)
+            except GfsError as exc:  # a remote target that does not answer
+                state.finish_run(state.start_run(job.name), "failed", message=str(exc))
+                log.error("job %s: failed: %s", job.name, exc)
+                return JobOutcome(job.name, "failed", message=str(exc))
             if not options.force and (due is None or due > now):
                 when = due.isoformat() if due else "never (the schedule does not fire)"
                 return JobOutcome(job.name, "not-due", message=f"next due {when}")
-            return _run_locked(config, job, state, job_dir, now, options, bandwidth)
+            return _run_locked(config, job, state, (job_dir, fs), now, options, bandwidth)
     except LockHeld as exc:
         log.warning("%s", exc)
         return JobOutcome(job.name, "locked", message=str(exc))
@@ -150,13 +159,15 @@ def _run_locked(
     config: Config,
     job: Job,
     state: State,
-    job_dir: Path,
+    location: tuple[Path, TargetFS],
     now: datetime,
     options: RunOptions,
     bandwidth: int = 0,
 ) -> JobOutcome:
+    job_dir, fs = location
     run_id = state.start_run(job.name)
-    ctx = JobContext(job, runner_for(job.host, config), state, run_id, now, log, bandwidth)
+    runner = runner_for(job.host, config)
+    ctx = JobContext(job, runner, state, run_id, now, log, bandwidth=bandwidth, target=fs)
     backend = backend_for(job.kind)
     started = time.monotonic()
     try:
@@ -208,9 +219,10 @@ def _pipeline(
     ctx: JobContext, backend: Backend, config: Config, job_dir: Path, options: RunOptions
 ) -> JobOutcome:
     job = ctx.job
+    fs = ctx.target
     reconcile(ctx, backend, job_dir)
     backend.check_source(ctx)
-    target = check_target(config.targets[job.target], backend.sources(job))
+    target = check_target(config.targets[job.target], backend.sources(job), fs=fs)
     warnings = list(target.warnings)
     progress = options.progress(job) if options.progress else None
     if ctx.bandwidth:
@@ -224,10 +236,10 @@ def _pipeline(
     snapshot = backend.snapshot(ctx)
     crash_point("after-snapshot")
     try:
-        listing = list_generations(job_dir)
+        listing = list_generations(job_dir, fs)
         previous = listing.stored[-1] if listing.stored else None
         partial = PartialGeneration(
-            job_dir, generation_id(ctx.now, job_dir), ctx.state, ctx.run_id, job.name
+            job_dir, generation_id(ctx.now, job_dir, fs), ctx.state, ctx.run_id, job.name, fs
         )
         ctx.log.info("job %s: exporting to %s", job.name, partial.path)
         try:
@@ -237,8 +249,8 @@ def _pipeline(
             manifest = _manifest(ctx, partial, exported, listing.generations)
             crash_point("before-publish")
             partial.publish(manifest)
-        except BaseException:
-            partial.abort()
+        except BaseException as exc:
+            _abort(ctx, partial, exc)
             raise
     finally:
         if snapshot is not None:
@@ -248,15 +260,34 @@ def _pipeline(
         ctx.log.warning("job %s: %s", job.name, warning)
     pruned: list[str] = []
     if options.prune:
-        pruned = prune_job(job, job_dir, ctx.now, journaled_delete(ctx)).deleted
-    warnings += periodic_verify(job, job_dir, ctx.now)
-    warnings += periodic_drill(job, job_dir, ctx.state, ctx.now)
+        pruned = prune_job(job, job_dir, ctx.now, journaled_delete(ctx), fs).deleted
+    warnings += periodic_verify(job, job_dir, ctx.now, fs)
+    warnings += periodic_drill(job, job_dir, ctx.state, ctx.now, fs)
     return JobOutcome(
         job.name, "ok", partial.generation, exported.bytes_written, warnings=warnings, pruned=pruned
     )
 
 
-def periodic_verify(job: Job, job_dir: Path, now: datetime) -> list[str]:
+def _abort(ctx: JobContext, partial: PartialGeneration, why: BaseException) -> None:
+    """Remove the partial export; if the target cannot do that now (a hung NFS server:
+    not even tried after it stopped answering), its journal entry stays open and the next
+    run removes it."""
+    reason = "the target does not answer"
+    if not isinstance(why, TargetStalled):
+        try:
+            partial.abort()
+            return
+        except GfsError as exc:
+            reason = str(exc)
+    ctx.log.warning(
+        "job %s: partial export %s left for the next run to remove (%s)",
+        ctx.job.name,
+        partial.path,
+        reason,
+    )
+
+
+def periodic_verify(job: Job, job_dir: Path, now: datetime, fs: TargetFS = LOCAL_FS) -> list[str]:
     """Re-verify each generation whose policy verify schedule fired since its last check.
 
     Returns a warning per damaged generation (it stays; a human decides).
@@ -265,7 +296,7 @@ def periodic_verify(job: Job, job_dir: Path, now: datetime) -> list[str]:
     if schedule is None:
         return []
     warnings = []
-    for stored in list_generations(job_dir).stored:
+    for stored in list_generations(job_dir, fs).stored:
         due = schedule.next_after(last_check_time(stored), job.policy.zone)
         if due is None or due > now:
             continue
@@ -315,9 +346,10 @@ def _manifest(
         tree=exported.tree,
         point_in_time=exported.point_in_time,
         source=exported.source,
+        digest_algorithm=exported.digest_algorithm,
     )
     if job.policy.verify_after_export:
-        problems = check_data(Stored(partial.path, manifest))
+        problems = check_data(Stored(partial.path, manifest, partial.fs))
         if problems:
             raise ExportError(
                 f"job {job.name}: the export does not read back as written: "
@@ -346,16 +378,17 @@ def _preview(
     state: State | None,
     job_dir: Path,
     now: datetime,
+    fs: TargetFS = LOCAL_FS,
 ) -> JobOutcome:
     """--dry-run: say what a run would do; write nothing, not even the state database."""
     backend = backend_for(job.kind)
     warnings: list[str] = []
-    due = next_due(job, state, job_dir, now)
+    due = next_due(job, state, job_dir, now, fs)
     if due is not None and due > now:
         warnings.append(f"not due until {due.isoformat()} (a real run needs --force)")
-    target = check_target(config.targets[job.target], backend.sources(job))
+    target = check_target(config.targets[job.target], backend.sources(job), fs=fs)
     warnings += target.warnings
-    listing = list_generations(job_dir)
+    listing = list_generations(job_dir, fs)
     new = Generation("(new)", now)
     result = plan([*listing.generations, new], job.policy.rules, now, job.policy.zone)
     pruned = [gen.id for gen in result.prune]

@@ -7,13 +7,15 @@ from datetime import datetime
 from pathlib import Path
 
 from gfs_backup.actions.run import next_due
+from gfs_backup.actions.targets import job_location
 from gfs_backup.actions.verify import last_verified_ok
 from gfs_backup.backends import backend_for
 from gfs_backup.catalog import Listing, Stored, list_generations
 from gfs_backup.config import Config, Job
-from gfs_backup.errors import GfsError
+from gfs_backup.errors import GfsError, Problem
 from gfs_backup.state import RunRecord, State
 from gfs_backup.target import check_target
+from gfs_backup.targetfs import TargetFS
 
 
 def generation_size(stored: Stored) -> int:
@@ -35,8 +37,11 @@ class JobStatus:
 
 
 def job_status(config: Config, job: Job, state: State | None, now: datetime) -> JobStatus:
-    job_dir = config.targets[job.target].path / job.name
-    listing = list_generations(job_dir)
+    job_dir, fs = job_location(config, job)
+    try:
+        listing = list_generations(job_dir, fs)
+    except GfsError as exc:  # a remote target that does not answer: say so, go on
+        listing = Listing([], [Problem(str(job_dir), str(exc))])
     runs = state.runs(job.name, 1) if state is not None else []
     last_success = state.last_success(job.name) if state is not None else None
     last_drill = state.last_drill(job.name) if state is not None else None
@@ -53,10 +58,19 @@ def job_status(config: Config, job: Job, state: State | None, now: datetime) -> 
         listing,
         runs[0] if runs else None,
         last_success,
-        next_due(job, state, job_dir, now),
+        _next_due(job, state, job_dir, now, fs),
         warnings,
         last_drill,
     )
+
+
+def _next_due(
+    job: Job, state: State | None, job_dir: Path, now: datetime, fs: TargetFS
+) -> datetime | None:
+    try:
+        return next_due(job, state, job_dir, now, fs)
+    except GfsError:  # reported with the listing
+        return None
 
 
 def health_warnings(
@@ -67,7 +81,9 @@ def health_warnings(
     warnings = []
     target = config.targets[job.target]
     try:
-        check = check_target(target, backend_for(job.kind).sources(job))
+        check = check_target(
+            target, backend_for(job.kind).sources(job), fs=job_location(config, job)[1]
+        )
         warnings += check.warnings
     except GfsError as exc:
         warnings.append(str(exc))

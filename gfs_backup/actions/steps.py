@@ -7,6 +7,7 @@ from datetime import datetime
 
 from gfs_backup.actions.prune import PruneResult, journaled_delete, prune_job
 from gfs_backup.actions.reconcile import reconcile
+from gfs_backup.actions.targets import job_location
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import JobContext
 from gfs_backup.config import Config, Job
@@ -58,16 +59,17 @@ def prune_jobs(
     state = State(config.state_dir) if not dry_run else None
     try:
         for job in jobs:
-            job_dir = config.targets[job.target].path / job.name
+            job_dir, fs = job_location(config, job, dry_run)
             if dry_run:
-                results[job.name] = prune_job(job, job_dir, now, delete=None)
+                results[job.name] = prune_job(job, job_dir, now, None, fs)
                 continue
             assert state is not None
             with job_lock(config.state_dir, job.name, wait):
                 run_id = state.start_run(job.name)
-                ctx = JobContext(job, runner_for(job.host, config), state, run_id, now, log)
+                runner = runner_for(job.host, config)
+                ctx = JobContext(job, runner, state, run_id, now, log, target=fs)
                 reconcile(ctx, backend_for(job.kind), job_dir)
-                results[job.name] = prune_job(job, job_dir, now, journaled_delete(ctx))
+                results[job.name] = prune_job(job, job_dir, now, journaled_delete(ctx), fs)
                 state.finish_run(
                     run_id, "pruned", message=f"pruned {len(results[job.name].deleted)}"
                 )

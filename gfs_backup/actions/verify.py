@@ -9,7 +9,9 @@ from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import Progress
 from gfs_backup.catalog import Stored
 from gfs_backup.copy import digest_file
-from gfs_backup.manifest import write_manifest
+from gfs_backup.digest import ALGORITHM
+from gfs_backup.manifest import DataFile, write_manifest
+from gfs_backup.targetfs import LOCAL_FS, FileDigest
 
 
 @dataclass(frozen=True)
@@ -23,12 +25,12 @@ class Verified:
 
 
 def check_data(stored: Stored, progress: Progress | None = None) -> list[str]:
-    """Every data file's size and sha256-1m, then the kind's own checks; one line each."""
+    """Every data file's size and checksum (the manifest's digest_algorithm, computed where
+    the target is mounted), then the kind's own checks; one line each."""
     problems = []
     for data in stored.manifest.files:
-        path = stored.path / data.path
         try:
-            result = digest_file(path, progress)
+            result = _digest(stored, data, progress)
         except FileNotFoundError:
             problems.append(f"{data.path}: missing")
             continue
@@ -43,6 +45,17 @@ def check_data(stored: Stored, progress: Progress | None = None) -> list[str]:
     return problems
 
 
+def _digest(stored: Stored, data: DataFile, progress: Progress | None) -> FileDigest:
+    """A data file's size and checksum; sha256-1m here with progress, else through the
+    target's filesystem (a remote target: `sha256sum` on its host, only the digest comes
+    back). OSError for a missing or unreadable file."""
+    path = stored.path / data.path
+    if stored.fs is LOCAL_FS and stored.manifest.digest_algorithm == ALGORITHM:
+        result = digest_file(path, progress)
+        return FileDigest(result.size, result.digest)
+    return stored.fs.file_digest(path, stored.manifest.digest_algorithm)
+
+
 def verify_stored(
     stored: Stored, now: datetime, record: bool = True, progress: Progress | None = None
 ) -> Verified:
@@ -55,7 +68,7 @@ def verify_stored(
             "problems": problems[:20],
         }
         manifest = stored.manifest.with_verify(entry)
-        write_manifest(stored.path, manifest)
+        write_manifest(stored.path, manifest, stored.fs)
         stored = replace(stored, manifest=manifest)
     return Verified(stored, problems)
 

@@ -11,10 +11,12 @@ from typing import Any, Protocol
 
 from gfs_backup.catalog import Stored
 from gfs_backup.config import Job
+from gfs_backup.digest import ALGORITHM
 from gfs_backup.errors import ExitCode, GfsError
 from gfs_backup.manifest import DataFile
 from gfs_backup.runner import Runner
 from gfs_backup.state import JournalEntry, State
+from gfs_backup.targetfs import LOCAL_FS, TargetFS
 
 Progress = Callable[[int], None]
 SNAPSHOT_PREFIX = "gfs-"
@@ -37,6 +39,7 @@ class JobContext:
     now: datetime
     log: logging.Logger
     bandwidth: int = 0  # bytes/s this job may write to its target (its share); 0 = no limit
+    target: TargetFS = LOCAL_FS  # the filesystem of the job's target (here or remote)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Exported:
     point_in_time: bool = True
     bytes_written: int = 0
     warnings: tuple[str, ...] = ()
+    digest_algorithm: str = ALGORITHM  # of the files' digests (see digest.py, targetfs.py)
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,14 @@
 """LVM logical volumes: a gfs-named snapshot (classic with a computed size, or thin), read
 as a raw stream by the job's host and written sparse, checksummed, on the target; the
 snapshot is removed right after. Every command goes through the job's runner, so the
-volume group may live on a remote host (SSH)."""
+volume group may live on a remote host (SSH). When that host also mounts the target, the
+copy is one pipeline there (hostcopy.py): the image never passes through this machine."""
 
 from __future__ import annotations
 
+import io
+import time
+from contextlib import suppress
 from pathlib import Path
 from typing import BinaryIO, cast
 
@@ -21,6 +25,7 @@ from gfs_backup.catalog import Stored
 from gfs_backup.config import Job
 from gfs_backup.copy import copy_file, copy_stream, digest_file
 from gfs_backup.errors import GfsError
+from gfs_backup.hostcopy import CopyOutput, make_device_copy_command, make_kill_group_command
 from gfs_backup.lvm import (
     LvmInputError,
     Volume,
@@ -34,7 +39,9 @@ from gfs_backup.lvm import (
 )
 from gfs_backup.manifest import DataFile
 from gfs_backup.runner import Command, CommandError, LocalRunner, Runner
+from gfs_backup.ssh import IdleTimeout
 from gfs_backup.state import JournalEntry
+from gfs_backup.targetfs import LOCAL_FS, WHOLE_FILE_SHA256, TargetStalled, sha256_file
 
 IMAGE = "volume.raw"
 QCOW2_IMAGE = "volume.qcow2"
@@ -122,6 +129,8 @@ class LvmBackend:
         assert snapshot is not None
         vg, name = str(snapshot.subvolume).split("/")
         self._still_valid(ctx, vg, name)
+        if ctx.target is not LOCAL_FS:
+            return self._export_on_host(ctx, snapshot, into, progress)
         read = make_read_command(str(snapshot.path), EXPORT_TIMEOUT)
         try:
             with ctx.runner.reading(read) as stream:
@@ -144,6 +153,77 @@ class LvmBackend:
             source=source,
             bytes_written=result.data_bytes,
         )
+
+    def _export_on_host(
+        self, ctx: JobContext, snapshot: Snapshot, into: Path, progress: Progress | None
+    ) -> Exported:
+        """The target is mounted by the job's own host: copy and checksum there in one
+        pipeline (whole-file sha256); only progress and the digest come back."""
+        vg, name = str(snapshot.subvolume).split("/")
+        image = into / IMAGE
+        output = CopyOutput()
+        idle = ctx.target.io_timeout
+        command = make_device_copy_command(str(snapshot.path), str(image), EXPORT_TIMEOUT, idle)
+        started = time.monotonic()
+        try:
+            with ctx.runner.reading(command) as stream:
+                while chunk := cast(io.BufferedIOBase, stream).read1(1 << 16):
+                    grown = output.feed(chunk)
+                    if grown and progress is not None:
+                        progress(grown)
+        except IdleTimeout:
+            self._stop_pipeline(ctx, output.pgid)
+            raise TargetStalled(
+                f"job {ctx.job.name}: target {ctx.job.target} ({image} on host "
+                f"{ctx.runner.host}) stopped answering: no progress writing the image for "
+                f"{idle:.0f} s (io_timeout; NFS server down or unreachable?): export stopped, "
+                "nothing published; the next run removes the partial"
+            ) from None
+        except CommandError as exc:
+            self._stop_pipeline(ctx, output.pgid)
+            self._still_valid(ctx, vg, name)  # an invalid snapshot reads as EIO: say why
+            why = "; ".join(output.failures()[-3:]) or str(exc)
+            raise GfsError(
+                f"job {ctx.job.name}: export of {vg}/{name} to {image} on host "
+                f"{ctx.runner.host} failed: {why}"
+            ) from None
+        except BaseException:
+            self._stop_pipeline(ctx, output.pgid)
+            raise
+        self._still_valid(ctx, vg, name)  # an overflow during the read spoils the copy
+        result = output.result()
+        size = int(snapshot.metadata["size"])
+        if result is None or result.size != size:
+            got = "no result" if result is None else f"{result.size} bytes"
+            raise GfsError(
+                f"job {ctx.job.name}: copied {got} of {vg}/{name} to {image} on host "
+                f"{ctx.runner.host}, expected {size} bytes (short read or write)"
+            )
+        seconds = max(time.monotonic() - started, 1e-3)
+        ctx.log.info(
+            "job %s: copied %d bytes (%d allocated) on host %s in %.1f s (%.1f MiB/s)",
+            ctx.job.name,
+            result.size,
+            result.allocated,
+            ctx.runner.host,
+            seconds,
+            result.size / seconds / (1 << 20),
+        )
+        source = {**snapshot.metadata, "host": ctx.runner.host, "format": "raw"}
+        return Exported(
+            files=(DataFile(IMAGE, result.size, result.digest),),
+            source=source,
+            bytes_written=result.allocated,
+            digest_algorithm=WHOLE_FILE_SHA256,
+        )
+
+    def _stop_pipeline(self, ctx: JobContext, pgid: int | None) -> None:
+        """End the remote pipeline by its process group (a writer stuck on a hard NFS
+        mount dies of SIGKILL when it can; gfs goes on either way)."""
+        if pgid is None:
+            return
+        with suppress(GfsError, ValueError):
+            ctx.runner.run(make_kill_group_command(pgid), check=False)
 
     def _as_qcow2(
         self, ctx: JobContext, into: Path, raw_digest: str, source: dict[str, object]
@@ -212,6 +292,9 @@ class LvmBackend:
         """The raw image to the new file `to` (sparse), checked against the manifest;
         write it onto a volume with dd."""
         data = stored.manifest.files[0]
+        if stored.fs is not LOCAL_FS:
+            self._restore_from_host(stored, to, progress)
+            return
         if data.path == QCOW2_IMAGE:
             LocalRunner().run(  # `to` is on this machine
                 Command(
@@ -237,3 +320,16 @@ class LvmBackend:
         if result.digest != expected:
             to.unlink(missing_ok=True)
             raise ValueError(f"{data.path}: restored image has checksum {result.digest}")
+
+    def _restore_from_host(self, stored: Stored, to: Path, progress: Progress | None) -> None:
+        """A raw image on a remote target, streamed from its host to the new file `to`
+        (sparse), checked against the manifest's digest."""
+        data = stored.manifest.files[0]
+        with stored.fs.open_read(stored.path / data.path) as stream:
+            result = copy_stream(cast(BinaryIO, stream), to, progress)
+        digest = result.digest
+        if stored.manifest.digest_algorithm == WHOLE_FILE_SHA256:
+            digest = sha256_file(to).digest
+        if result.size != data.size or digest != data.digest:
+            to.unlink(missing_ok=True)
+            raise ValueError(f"{data.path}: restored image has checksum {digest}")

@@ -15,6 +15,7 @@ from gfs_backup import __version__
 from gfs_backup.cli import check, data, drill, hosts, inspect, jobs, plan
 from gfs_backup.cli.progress import setup_logging
 from gfs_backup.errors import ExitCode, GfsError
+from gfs_backup.ssh import close_runners
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -32,6 +33,7 @@ class GfsGroup(click.Group):
     """Turns errors into one-line messages and documented exit codes."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        ctx.call_on_close(close_runners)  # SSH connections of remote hosts and targets
         try:
             return super().invoke(ctx)
         except GfsError as exc:

@@ -173,6 +173,12 @@ father-weekday = "someday"
             'job[vm].method: "backup-api" cannot be rate limited, and target nas has a '
             "bandwidth limit",
         ),
+        (
+            "[hosts.kvm2]\naddress = '127.0.0.1'\n"
+            "[target.nas]\npath = '/mnt/nas'\nhost = 'kvm2'\nbandwidth = '50M'\n",
+            "target.nas.bandwidth: cannot be enforced on a target of host 'kvm2': the copy "
+            "runs there",
+        ),
     ],
 )
 def test_check_names_file_key_and_fix(

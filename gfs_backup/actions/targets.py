@@ -1,0 +1,30 @@
+"""Where a job's generations live: the target's directory and the filesystem that holds it
+(this machine, or the remote host that mounts the target)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gfs_backup.config import LOCAL_HOST, Config, Job
+from gfs_backup.ssh import runner_for
+from gfs_backup.targetfs import LOCAL_FS, RemoteFS, TargetFS
+
+
+def target_fs(config: Config, target_name: str, dry_run: bool = False) -> TargetFS:
+    """LOCAL_FS for a target mounted here, else a RemoteFS through its host's runner (the
+    SSH connection the host's jobs share)."""
+    target = config.targets[target_name]
+    if target.host == LOCAL_HOST:
+        return LOCAL_FS
+    runner = runner_for(target.host, config, dry_run)
+    return RemoteFS(runner, target.name, target.path, target.io_timeout)
+
+
+def job_dir(config: Config, job: Job) -> Path:
+    """`<target>/<job>`, as the target's host sees it."""
+    return config.targets[job.target].path / job.name
+
+
+def job_location(config: Config, job: Job, dry_run: bool = False) -> tuple[Path, TargetFS]:
+    """The job's directory on its target and the filesystem that holds it."""
+    return job_dir(config, job), target_fs(config, job.target, dry_run)
