@@ -20,8 +20,11 @@ POLL_SECONDS = 0.2
 RECONNECT_SECONDS = 60.0
 RECONNECT_POLL_SECONDS = 1.0
 # After a restart libvirt 9 may keep a backup job whose QEMU job is gone (it drops the
-# block job "untracked by qemu"): it never ends and has no disk statistics (measured).
-LOST_JOB_SECONDS = 3.0
+# block job "untracked by qemu"): it never ends and has no disk statistics (measured). And
+# until its reconnect thread has recovered the domain, a restarted libvirtd reports no job
+# at all for a job it is about to recover (seen in CI under load). So after a restart, "no
+# job" or "a job without disk statistics" is believed only once it held this long.
+LOST_JOB_SECONDS = 15.0
 
 log = logging.getLogger("gfs.virt")
 
@@ -341,14 +344,17 @@ class Connection:
                 self._reconnect(f"domain {name}: backup")
                 restarted = True
                 continue
-            if stats.get("type", 0) == self.lib.VIR_DOMAIN_JOB_NONE:
-                break
-            if restarted and "disk_total" not in stats:  # a job libvirt lost but kept
+            if restarted and self._unsure(stats):  # lost, or not recovered yet
+                if (result := self._ended_job(domain, name, stats)) is not None:
+                    return self._judged(result, name, restarted)
                 lost_since = lost_since or time.monotonic()
                 if time.monotonic() - lost_since > LOST_JOB_SECONDS:
-                    raise VirtError(_lost_job_message(name))  # the caller aborts it
-            else:
-                lost_since = None
+                    raise VirtError(_lost_job_message(name))  # the caller aborts one kept
+                time.sleep(POLL_SECONDS)
+                continue
+            if stats.get("type", 0) == self.lib.VIR_DOMAIN_JOB_NONE:
+                break
+            lost_since = None
             processed = int(stats.get("disk_processed", stats.get("data_processed", 0)))
             if progress is not None and processed > done:
                 progress(processed - done)
@@ -359,7 +365,18 @@ class Connection:
                     f"domain {name}: backup did not finish in {timeout:.0f} s (aborted)"
                 )
             time.sleep(POLL_SECONDS)
-        return self._completed(domain, name, restarted)
+        return self._judged(self._job_result(domain, name), name, restarted)
+
+    def _unsure(self, stats: dict[str, Any]) -> bool:
+        """After a restart: no job, or a job without disk statistics (see LOST_JOB_SECONDS)."""
+        return stats.get("type", 0) == self.lib.VIR_DOMAIN_JOB_NONE or "disk_total" not in stats
+
+    def _ended_job(self, domain: Any, name: str, stats: dict[str, Any]) -> dict[str, Any] | None:
+        """The result of a job that ended (while libvirtd was away, or since), else None."""
+        if stats.get("type", 0) != self.lib.VIR_DOMAIN_JOB_NONE:
+            return None
+        result = self._job_result(domain, name)
+        return None if result.get("type", 0) == self.lib.VIR_DOMAIN_JOB_NONE else result
 
     def _backup_stats(self, domain: Any, name: str) -> dict[str, Any] | None:
         """The current job's statistics; None when the connection is broken. Raises
@@ -383,22 +400,26 @@ class Connection:
         except VirtError:
             return False
 
-    def _completed(self, domain: Any, name: str, restarted: bool) -> dict[str, Any]:
-        """The statistics of the job that just ended, if it succeeded. libvirt hands them
-        out once; a restart that loses the job leaves none (`restarted` says so)."""
+    def _judged(self, result: dict[str, Any], name: str, restarted: bool) -> dict[str, Any]:
+        """`result`, the statistics of the job that just ended, if it succeeded; else a
+        VirtError saying why. libvirt hands them out once; a restart that loses the job
+        leaves none (`restarted` says so)."""
+        if result.get("type") == self.lib.VIR_DOMAIN_JOB_COMPLETED:
+            return result
+        if restarted and result.get("type", 0) == self.lib.VIR_DOMAIN_JOB_NONE:
+            raise VirtError(_lost_job_message(name))
+        message = result.get("errmsg", "no reason given")
+        raise VirtError(f"domain {name}: backup failed: {message}")
+
+    def _job_result(self, domain: Any, name: str) -> dict[str, Any]:
+        """libvirt's statistics of the domain's last ended job."""
         try:
-            stats = dict(self._live(domain).jobStats(self.lib.VIR_DOMAIN_JOB_STATS_COMPLETED))
+            return dict(self._live(domain).jobStats(self.lib.VIR_DOMAIN_JOB_STATS_COMPLETED))
         except self.lib.libvirtError as exc:
             raise VirtError(
                 f"domain {name}: backup ended without a result ({exc}); the "
                 "domain stopped or libvirtd restarted"
             ) from None
-        if stats.get("type") == self.lib.VIR_DOMAIN_JOB_COMPLETED:
-            return stats
-        if restarted and stats.get("type", 0) == self.lib.VIR_DOMAIN_JOB_NONE:
-            raise VirtError(_lost_job_message(name))
-        message = stats.get("errmsg", "no reason given")
-        raise VirtError(f"domain {name}: backup failed: {message}")
 
 
 def _lost_job_message(name: str) -> str:

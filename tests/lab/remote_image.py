@@ -205,7 +205,13 @@ must sh -c 'echo probe >@MOUNT@/.gfs-lab-probe && rm @MOUNT@/.gfs-lab-probe'
 
 begin sshd
 must /usr/sbin/sshd -f /etc/ssh/sshd_config -E /var/log/sshd.log
-netstat -ltn | grep -q ':22 ' || fail "sshd: nothing listens on port 22"
+# sshd's parent returns before its daemon child listens: wait for it (up to 20 s, the guest
+# is slow when the host's two cores are busy; a listener missing in CI failed the lab).
+i=0
+until netstat -ltn | grep -q ':22 '; do
+    [ $i -lt 200 ] || fail "sshd: nothing listens on port 22 after 20 s: $(tail -n 3 /var/log/sshd.log)"
+    usleep 100000; i=$((i + 1))
+done
 
 echo "@READY@ uptime=$(uptime_s) kernel=$(uname -r)"
 while true; do sleep 3600; done

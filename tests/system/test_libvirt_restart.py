@@ -197,6 +197,16 @@ def has_job(conn: libvirt.virConnect, name: str) -> bool:
     return bool(conn.lookupByName(name).jobStats().get("type"))
 
 
+def wait_for_job(conn: libvirt.virConnect, name: str, timeout: float = 30.0) -> bool:
+    """True once `name` has a job again after a restart; False if none in `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not has_job(conn, name):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def failure_lines(stderr: str) -> list[str]:
     """The lines gfs reports the job's failure with."""
     return [line for line in stderr.splitlines() if "job vm: failed:" in line]
@@ -249,8 +259,9 @@ def test_libvirtd_restarted_mid_backup_the_recovered_job_makes_a_sound_generatio
     vm, raw, config, target, gfs = start_slowed_backup(make_domain, mounts, tmp_path, start_gfs)
     libvirt_daemon.restart_libvirtd()
     conn = make_domain.reconnect(libvirt_daemon.uri)
-    # Measured on libvirt 9.0: the restarted libvirtd reconnects to QEMU and keeps the job.
-    assert has_job(conn, vm.name), "libvirt lost the backup job in the restart"
+    # Measured on libvirt 9.0: the restarted libvirtd reconnects to QEMU and keeps the job,
+    # once its reconnect thread has recovered the domain (until then: no job, seen in CI).
+    assert wait_for_job(conn, vm.name), "libvirt lost the backup job in the restart"
     set_backup_speed(conn, vm.name, 0)
     _, stderr = gfs.communicate(timeout=600)
     assert gfs.returncode == 0, stderr
@@ -318,7 +329,7 @@ def test_libvirtd_that_does_not_come_back_fails_clearly_and_the_next_run_aborts_
     ) in line
     assert leftovers(target / "vm") == []
     assert vm.is_active()
-    assert has_job(conn, vm.name)  # QEMU went on; libvirt recovered the job gfs left
+    assert wait_for_job(conn, vm.name)  # QEMU went on; libvirt recovered the job gfs left
     healed = assert_next_run_heals(config, target, conn, vm)
     assert f"aborted stale backup job of {vm.name}" in healed
 

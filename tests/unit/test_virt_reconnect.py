@@ -27,9 +27,12 @@ class FakeError(Exception):
 
 
 class FakeDomain:
-    """A domain on one FakeConn: jobStats answers from `script` (the last entry repeats)."""
+    """A domain on one FakeConn: jobStats answers from `script`, and with the completed flag
+    from `completed` (in each, the last entry repeats)."""
 
-    def __init__(self, conn: FakeConn, script: list[dict[str, Any]], completed: dict[str, Any]):
+    def __init__(
+        self, conn: FakeConn, script: list[dict[str, Any]], completed: list[dict[str, Any]]
+    ):
         self.conn = conn
         self.script = script
         self.completed = completed
@@ -46,9 +49,8 @@ class FakeDomain:
     def jobStats(self, flags: int = 0) -> dict[str, Any]:
         if not self.conn.alive:
             raise FakeError("internal error: client socket is closed")
-        if flags:
-            return self.completed
-        step = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        script = self.completed if flags else self.script
+        step = script.pop(0) if len(script) > 1 else script[0]
         if step is DIE:
             self.conn.alive = False
             raise FakeError("Cannot write data: Broken pipe")
@@ -61,10 +63,15 @@ class FakeDomain:
 
 
 class FakeConn:
-    def __init__(self, script: list[dict[str, Any]], completed: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        script: list[dict[str, Any]],
+        completed: dict[str, Any] | list[dict[str, Any]] = NONE,
+    ):
         self.alive = True
         self.closed = False
-        self.dom = FakeDomain(self, script, completed or NONE)
+        results = completed if isinstance(completed, list) else [completed]
+        self.dom = FakeDomain(self, script, results)
 
     def isAlive(self) -> int:
         return int(self.alive)
@@ -132,6 +139,25 @@ def test_a_job_recovered_after_a_restart_is_waited_for_on_the_new_connection(
     assert connection.conn is second and first.closed
     assert connection.is_running(domain)  # the old handle is mapped to the new connection
     assert not connection.has_backup_job(domain)
+
+
+def test_no_job_right_after_a_restart_is_not_believed_until_libvirt_recovered_the_domain(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A restarted libvirtd answers "no job" until its reconnect thread has recovered the
+    # domain's backup job; the job then shows again and ends normally.
+    second = FakeConn([NONE, NONE, NONE, ACTIVE, ACTIVE, NONE], [NONE, NONE, NONE, COMPLETED])
+    connection = connect(monkeypatch, FakeConn([ACTIVE, DIE]), second)
+    assert connection.wait_backup(connection.domain("web01"), None, 60) == COMPLETED
+
+
+def test_a_job_that_failed_while_libvirtd_was_away_reports_its_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    failed = {"type": 4, "operation": 9, "errmsg": "No space left on device"}
+    connection = connect(monkeypatch, FakeConn([ACTIVE, DIE]), FakeConn([NONE], failed))
+    with pytest.raises(VirtError, match="backup failed: No space left on device"):
+        connection.wait_backup(connection.domain("web01"), None, 60)
 
 
 def test_a_job_gone_after_a_restart_fails_with_one_clear_message(
