@@ -6,6 +6,10 @@
   Pass when the policy's console regex appears and/or the guest agent answers in time.
 - files: the tree is restored with owners, modes, times and xattrs, and every restored file
   is re-read and compared with the manifest's checksums.
+- lvm: the raw image is restored into the scratch directory (from a target on another
+  host: streamed from that host) and checked against the manifest; the filesystem `blkid`
+  finds in it is checked read-only by its own tool (see fscheck). An image without a
+  filesystem (a partition table, raw data) passes on its checksum, and the result says so.
 - btrfs: the stream's checksum is checked, `btrfs receive` (which checks every command's
   CRC) restores it on a btrfs scratch directory, its received UUID must be the snapshot's,
   then every file of the restored subvolume is read back (btrfs checks its data checksums
@@ -37,6 +41,7 @@ from gfs_backup.copy import copy_file
 from gfs_backup.drillboot import AGENT_SOCKET, BootCheck, boot_and_check
 from gfs_backup.drillvm import DrillLimits, make_qemu_argv, parse_drill_machine
 from gfs_backup.errors import GfsError, InputError, Problem
+from gfs_backup.fscheck import check_image
 from gfs_backup.lock import job_lock
 from gfs_backup.manifest import read_manifest, write_manifest
 from gfs_backup.mounts import mount_of, read_mounts
@@ -167,6 +172,8 @@ def describe_check(job: Job, stored: Stored) -> str:
         return f"boot: {job.policy.drill.describe()}"
     if kind == "btrfs":
         return "btrfs receive + received UUID + read back"
+    if kind == "lvm":
+        return "restore + image checksum + read-only filesystem check"
     return "restore + checksums of every file"
 
 
@@ -176,6 +183,8 @@ def _drill_kind(ctx: JobContext, stored: Stored, workdir: Path) -> str:
         return _drill_vm(ctx, stored, workdir)
     if kind == "btrfs":
         return _drill_btrfs(ctx, stored, workdir)
+    if kind == "lvm":
+        return _drill_volume(ctx, stored, workdir)
     if kind == "files":
         restored = workdir / "restored"
         backend_for(kind).restore(ctx, stored, restored, None, RestoreOptions())
@@ -232,6 +241,23 @@ def _drill_btrfs(ctx: JobContext, stored: Stored, workdir: Path) -> str:
     backend_for("btrfs").restore(ctx, stored, restored, None, RestoreOptions())
     files, size = read_back(restored)
     return f"received, UUID matches, read back {files} files ({size:,d} bytes)"
+
+
+def _drill_volume(ctx: JobContext, stored: Stored, workdir: Path) -> str:
+    """The volume image restored here (from a remote target: streamed from its host) and
+    checked against the manifest, then its filesystem checked read-only."""
+    image = workdir / "volume.raw"
+    try:
+        backend_for("lvm").restore(ctx, stored, image, None, RestoreOptions())
+    except ValueError as exc:
+        raise DrillCheckFailed(
+            f"the restored image does not match the manifest (the generation's data is "
+            f"corrupted): {exc}"
+        ) from None
+    checked = check_image(ctx.runner, image)
+    if not checked.clean:
+        raise DrillCheckFailed(checked.detail)
+    return f"restored {image.stat().st_size:,d} bytes, checksum matches; {checked.detail}"
 
 
 def read_back(root: Path) -> tuple[int, int]:
@@ -318,9 +344,7 @@ def periodic_drill(
     schedule = job.policy.drill_schedule
     if schedule is None:
         return []
-    if fs is not LOCAL_FS:
-        return [f"scheduled drill not run: the target is on host {fs.host} (not supported yet)"]
-    stored = list_generations(job_dir).stored
+    stored = list_generations(job_dir, fs).stored
     chosen = select_for_schedule(job, stored)
     if chosen is None:
         return []

@@ -207,9 +207,9 @@ begin sshd
 must /usr/sbin/sshd -f /etc/ssh/sshd_config -E /var/log/sshd.log
 # sshd's parent returns before its daemon child listens: wait for it (up to 20 s, the guest
 # is slow when the host's two cores are busy; a listener missing in CI failed the lab).
-i=0
+i=0 log=/var/log/sshd.log
 until netstat -ltn | grep -q ':22 '; do
-    [ $i -lt 200 ] || fail "sshd: nothing listens on port 22 after 20 s: $(tail -n 3 /var/log/sshd.log)"
+    [ $i -lt 200 ] || fail "sshd: nothing listens on port 22 after 20 s: $(tail -n 3 "$log")"
     usleep 100000; i=$((i + 1))
 done
 
