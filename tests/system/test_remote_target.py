@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
 import threading
 import time
 import uuid
@@ -315,3 +316,97 @@ def _run_until_the_mount_recovers(config: Path) -> str:
             return logs
         assert time.monotonic() < deadline, f"no successful run after the restart: {result.stderr}"
         time.sleep(5)
+
+
+def ext4_image(folder: Path, mib: int, broken: bool) -> Path:
+    """An ext4 image of `mib` MiB holding a few files; `broken`: its root directory's inode
+    cleared (debugfs clri), so a filesystem check must find errors."""
+    content = folder / "content"
+    (content / "etc").mkdir(parents=True, exist_ok=True)
+    (content / "etc" / "hostname").write_text("db01\n")
+    (content / "table.dat").write_bytes(bytes(range(256)) * 8192)
+    image = folder / ("broken.img" if broken else "clean.img")
+    with image.open("wb") as handle:
+        handle.truncate(mib * MIB)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(content), str(image)], check=True)
+    if broken:
+        subprocess.run(["debugfs", "-w", "-R", "clri <2>", str(image)], check=True)
+    return image
+
+
+def put_on_volume(setup: Setup, image: Path) -> None:
+    """Writes `image` onto the job's LV (through sftp and dd in the lab host)."""
+    staged = f"/tmp/{image.name}"
+    client = setup.host.connect()
+    try:
+        with client.open_sftp() as sftp:
+            sftp.put(str(image), staged)
+    finally:
+        client.close()
+    device = f"/dev/{VG}/{setup.volume}"
+    ok(setup.host, ["dd", f"if={staged}", f"of={device}", "bs=1M", "conv=fsync", "status=none"])
+    ok(setup.host, ["rm", staged])
+
+
+def drill_json(config: Path, job: str, *args: str) -> tuple[int, dict[str, object]]:
+    done = gfs_subprocess("drill", job, "--config", str(config), "--json", *args)
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+def test_a_drill_of_an_lv_generation_on_a_remote_target_checks_its_filesystem(
+    make_setup: object, run_gfs: RunGfs, tmp_path: Path
+) -> None:
+    setup = make_setup(size_mib=48, data_mib=0)  # type: ignore[operator]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    text = setup.config.read_text()
+    volume_line = f"volume = {json.dumps(f'{VG}/{setup.volume}')}\n"
+    setup.config.write_text(
+        text.replace(volume_line, f"{volume_line}scratch_dir = {json.dumps(str(scratch))}\n")
+    )
+    put_on_volume(setup, ext4_image(tmp_path, 48, broken=False))
+    first = gfs_subprocess("run", "--config", str(setup.config))
+    assert first.returncode == 0, first.stderr
+    (good,) = listing(run_gfs("list", "--config", str(setup.config), "--json"))
+
+    started = time.monotonic()
+    status, result = drill_json(setup.config, setup.job)
+    print(
+        f"drill of a 48 MiB ext4 LV image on the remote target: {time.monotonic() - started:.1f} s"
+    )
+    assert status == 0, result
+    assert result["outcome"] == "pass" and result["generation"] == good["id"]
+    assert result["check"] == "restore + image checksum + read-only filesystem check"
+    assert str(result["reason"]).endswith("checksum matches; ext4: e2fsck found no errors")
+    assert list(scratch.iterdir()) == []  # the scratch copy is gone
+    manifest = json.loads(ok(setup.host, ["cat", f"{good['path']}/manifest.json"]))
+    assert manifest["drills"][-1]["outcome"] == "pass"
+
+    # The volume's filesystem was already broken when it was backed up: the generation's
+    # checksums are right, the drill must still fail.
+    put_on_volume(setup, ext4_image(tmp_path, 48, broken=True))
+    time.sleep(1.1)  # a new generation id (one per second)
+    second = gfs_subprocess("run", "--force", "--config", str(setup.config))
+    assert second.returncode == 0, second.stderr
+    broken = listing(run_gfs("list", "--config", str(setup.config), "--json"))[-1]
+    status, result = drill_json(setup.config, setup.job)
+    assert status == 5, result
+    assert result["outcome"] == "fail" and result["generation"] == broken["id"]
+    assert "ext4: e2fsck exit status" in str(result["reason"])
+    assert "Root inode is not a directory" in str(result["reason"])
+    manifest = json.loads(ok(setup.host, ["cat", f"{broken['path']}/manifest.json"]))
+    assert manifest["drills"][-1]["outcome"] == "fail"
+
+    # A byte of the good generation flipped on the target: the drill fails on the checksum.
+    ok(
+        setup.host,
+        ["sh", "-c", f"printf x | dd of={good['path']}/volume.raw bs=1 seek=1234567 conv=notrunc"],
+    )
+    status, result = drill_json(setup.config, setup.job, "--generation", good["id"])
+    assert status == 5, result
+    assert "does not match the manifest" in str(result["reason"])
+    assert list(scratch.iterdir()) == []
+    (job,) = json.loads(run_gfs("status", "--config", str(setup.config), "--json").stdout)["jobs"]
+    assert job["last_drill"]["generation"] == good["id"]
+    assert job["last_drill"]["outcome"] == "fail"
