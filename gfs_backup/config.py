@@ -249,6 +249,14 @@ def _job(
         collector.add(
             join_key(path, "host"), f"unknown host {host!r}: add [hosts.{host}] or use 'local'"
         )
+    if kind == "libvirt" and host != LOCAL_HOST:
+        # The job would talk to this machine's libvirt and back up a domain of that name
+        # here, or fail: refuse rather than back up the wrong VM under kvm2's job.
+        collector.add(
+            join_key(path, "host"),
+            f"libvirt jobs back up domains of the libvirt on the machine gfs runs on; to "
+            f"back up domains of host {host!r}, run gfs there and remove host here",
+        )
     target = _job_target(table, path, collector, targets)
     if target in targets:
         _check_target_host(targets[target], host, kind, table, path, collector)

@@ -80,7 +80,7 @@ def test_hourly_policy_snapshots_hourly_and_exports_daily() -> None:
 def test_example_config_is_valid(run_gfs: RunGfs) -> None:
     result = run_gfs("check", "--lint-only", "--config", str(REPO / "contrib" / "gfs.example.toml"))
     assert result.exit_code == 0, result.output
-    assert "valid, 3 job(s), 1 target(s)" in result.stdout
+    assert "valid, 4 job(s), 1 target(s)" in result.stdout
 
 
 def test_check_reports_every_error_at_once(run_gfs: RunGfs, tmp_path: Path) -> None:

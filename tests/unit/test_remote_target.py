@@ -87,6 +87,14 @@ def test_only_raw_lvm_jobs_export_to_a_remote_target(tmp_path: Path, job: str) -
     assert 'only lvm jobs with format "raw" can export to a remote target' in problem
 
 
+def test_a_libvirt_job_on_a_remote_host_is_refused_naming_the_host(tmp_path: Path) -> None:
+    path = config_with(tmp_path, "", 'kind = "libvirt"\nhost = "kvm2"\ndomain = "web01"')
+    assert problems(path) == [
+        f"{path}: job[db].host: libvirt jobs back up domains of the libvirt on the machine gfs "
+        "runs on; to back up domains of host 'kvm2', run gfs there and remove host here"
+    ]
+
+
 def test_bad_target_host_and_io_timeout_are_reported_together(tmp_path: Path) -> None:
     path = config_with(tmp_path, 'host = "nope"\nio_timeout = 0', 'kind = "lvm"\nvolume = "a/b"')
     found = problems(path)
