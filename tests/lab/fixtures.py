@@ -7,9 +7,12 @@
 - `make_domain` (function): a `DomainFactory`; `make_domain(action=..., tag=..., disk=...)`
   returns a started `LabDomain` with name, disk, console_log and `wait_for(marker, timeout)`.
   Its domains are destroyed and undefined, its files deleted, also when the test fails.
-- `remote_host` (session): a running nested "remote KVM host" (`tests.lab.remote_host.RemoteHost`,
-  plain QEMU, no libvirt) with LVM, NFS and sshd, booted once per session; its QEMU is killed
-  by PID and its files deleted at the end.
+- `remote_host` (module): a running nested "remote KVM host" (`tests.lab.remote_host.RemoteHost`,
+  plain QEMU, no libvirt) with LVM, NFS and sshd, booted once per test module that imports
+  it (a fixture imported into a module is that module's own anyway); its QEMU is killed by
+  PID and its files deleted when the module ends, so no two of these guests share the
+  two cores (in CI, three idle guests to the end of the session slowed the third's boot
+  until its sshd came up late).
 
 A machine without the lab's setup fails the test (never skips) with a hint at scripts/lab-setup.
 """
@@ -85,7 +88,7 @@ def make_domain(
         factory.cleanup()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def remote_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteHost]:
     workdir = tmp_path_factory.mktemp("remote-host")
     try:
