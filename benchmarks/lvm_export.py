@@ -212,11 +212,11 @@ def mount_target(lab: Lab) -> None:
     lab.target = point
 
 
-def start_lab(lab: Lab, size_mib: int) -> None:
+def start_lab(lab: Lab, size_mib: int, cpus: int = 1) -> None:
     keys = generate_ssh_keys(lab.workdir / "keys")
     image = build_remote_host_image(lab.workdir, keys)
     run_dir = lab.workdir / "run"
-    host = start_remote_host(run_dir, image)
+    host = start_remote_host(run_dir, image, cpus=cpus)
     lab.host = host
     lab.cleanups.append(host.stop)
     lab.pv_image = run_dir / f"{host.name}-pv.qcow2"

@@ -1,8 +1,14 @@
 """A block device copied to a file on the same remote host, in one pipeline: the data never
 leaves that host; only progress lines and the checksum come back over SSH.
 
-    dd if=DEVICE bs=1M iflag=direct | tee FIFO | dd of=IMAGE bs=1M conv=sparse,fsync
+    dd if=DEVICE bs=1M iflag=direct | tee FIFO | dd of=IMAGE bs=1M iflag=fullblock conv=sparse,fsync
     sha256sum <FIFO                   (the whole-file sha256, computed in the same pass)
+
+The device is read once (tee), not once for the copy and once for the checksum: on a real
+host the extra processes cost spare cores, a second read would cost the source's disks.
+`iflag=fullblock` makes the writer see whole 1 MiB blocks (a pipe hands out 64 KiB), so
+zero blocks are skipped and the NFS writes are large (measured: ~1 s less per 256 MiB
+in the lab guest).
 
 The script is a constant (POSIX sh, GNU coreutils); the device and image paths reach it only
 as positional parameters. It first prints its process group (GNU `timeout` made one), so gfs
@@ -35,7 +41,8 @@ hasher=$!
 failed() { echo "$1 (exit status $2)" >>"$work/failed"; }
 { dd if="$dev" bs=1M iflag=direct status=none 2>"$work/err" || failed "reading $dev" $?; } |
   { tee -- "$work/fifo" || failed "tee" $?; } |
-  { dd of="$out" bs=1M conv=sparse,fsync status=progress 2>&1 || failed "writing $out" $?; }
+  { dd of="$out" bs=1M iflag=fullblock conv=sparse,fsync status=progress 2>&1 ||
+    failed "writing $out" $?; }
 wait "$hasher" || failed "sha256sum" $?
 if [ -s "$work/failed" ]; then
   cat -- "$work/err" >>"$work/failed"
