@@ -2,7 +2,8 @@
 
 `blkid -p` says what the image holds; a filesystem gfs knows is checked by its own tool in
 a mode that never writes (`e2fsck -n`, `btrfs check --readonly`, `xfs_repair -n`,
-`fsck.vfat -n`). Argv builders and the blkid parser are pure; `check_image` runs them.
+`fsck.vfat -n`); a partition table (a VM disk on an LV) is listed with `partx` and each
+partition's filesystem checked. Argv builders and parsers are pure; `check_image` runs them.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gfs_backup.runner import Command, CommandError, Runner
+from gfs_backup.runner import Command, CommandError, Runner, check_exit_status
 
 FSCK_TIMEOUT = 3600.0
 OUTPUT_TAIL = 300
 PROGRESS_LINE = re.compile(r"Pass \d+[A-Z]?: |\[\d+/\d+\] |[\w.]+ \d+\.\d+[.\d]* \(\d")
+SECTOR = 512  # partx counts in 512-byte sectors, whatever the disk's own sector size
 # blkid's exit status when it found nothing it knows in the image.
 BLKID_NOTHING_FOUND = 2
 
@@ -28,6 +30,13 @@ FSCK_COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
     "xfs": (("xfs_repair", "-n", "-f"), "xfsprogs"),
     "vfat": (("fsck.vfat", "-n"), "dosfstools"),
 }
+
+
+@dataclass(frozen=True)
+class Partition:
+    number: int
+    start: int  # bytes from the start of the image
+    size: int  # bytes
 
 
 @dataclass(frozen=True)
@@ -71,27 +80,87 @@ def make_fsck_command(fstype: str, image: Path) -> Command | None:
     return Command((*known[0], str(image)), timeout=FSCK_TIMEOUT)
 
 
+def make_partx_command(image: Path) -> Command:
+    """The partitions of a disk image: number, start and length in 512-byte sectors."""
+    return Command(("partx", "--raw", "--noheadings", "-o", "NR,START,SECTORS", "--", str(image)))
+
+
+def parse_partx(output: str) -> list[Partition]:
+    """`partx --raw --noheadings -o NR,START,SECTORS` lines as partitions (in bytes).
+    Raises ValueError on a line that is not three whole numbers."""
+    found = []
+    for line in output.splitlines():
+        if not line.strip():
+            continue
+        number, start, sectors = (int(field) for field in line.split())
+        found.append(Partition(number, start * SECTOR, sectors * SECTOR))
+    return found
+
+
+def make_extract_command(image: Path, partition: Partition, into: Path) -> Command:
+    """Copy one partition of `image` to the new sparse file `into`."""
+    return Command(
+        ("dd", f"if={image}", f"of={into}", "bs=1M", "iflag=skip_bytes,count_bytes",
+         f"skip={partition.start}", f"count={partition.size}", "conv=sparse", "status=none"),
+        mutating=True,
+        timeout=FSCK_TIMEOUT,
+    )  # fmt: skip
+
+
 def check_image(runner: Runner, image: Path) -> FsCheck:
-    """Probe `image` and check the filesystem it holds, never writing to it.
+    """Probe `image` and check the filesystem it holds, never writing to it; an image with
+    a partition table (a VM disk on an LV): the filesystem of each partition, each copied
+    beside `image` in turn (and removed) because the checkers read whole files only.
 
     A filesystem with errors, or one whose checker is missing, is not clean. An image with
-    no filesystem (a partition table, raw data) is clean on its checksum alone, and
-    `detail` says so. `runner` runs where `image` is. Raises CommandError when blkid
-    cannot run.
+    no filesystem (raw data, swap) is clean on its checksum alone, and `detail` says so.
+    `runner` runs where `image` is (the drill: here). Raises CommandError when blkid,
+    partx or dd cannot run.
     """
+    fields = _probe(runner, image)
+    if fields is None or "PTTYPE" not in fields:
+        return _check_filesystem(runner, image, fields, "the volume")
+    listed = runner.run(make_partx_command(image))
+    try:
+        partitions = parse_partx(listed.stdout)
+    except ValueError:
+        return FsCheck(False, f"partx listed no partitions gfs can read: {listed.stdout[:200]!r}")
+    results = [_check_partition(runner, image, partition) for partition in partitions]
+    details = "; ".join(result.detail for result in results)
+    return FsCheck(
+        all(result.clean for result in results),
+        f"{fields['PTTYPE']} partition table, {len(partitions)} partition(s): {details}",
+    )
+
+
+def _check_partition(runner: Runner, image: Path, partition: Partition) -> FsCheck:
+    piece = image.with_name(f"{image.stem}-partition{partition.number}.raw")
+    try:
+        runner.run(make_extract_command(image, partition, piece))
+        found = _check_filesystem(runner, piece, _probe(runner, piece), "it")
+        return FsCheck(found.clean, f"partition {partition.number}: {found.detail}")
+    finally:
+        piece.unlink(missing_ok=True)
+
+
+def _probe(runner: Runner, image: Path) -> dict[str, str] | None:
+    """blkid's fields of `image`; None when it finds nothing it knows."""
     probed = runner.run(make_blkid_command(image), check=False)
     if probed.returncode == BLKID_NOTHING_FOUND:
-        return FsCheck(True, "no filesystem on the volume: checked by its checksum only")
-    if probed.returncode != 0:
-        return FsCheck(False, f"blkid failed with exit status {probed.returncode}")
-    fields = parse_blkid_export(probed.stdout)
-    fstype = fields.get("TYPE")
+        return None
+    check_exit_status(probed.command, probed.returncode, probed.stderr)
+    return parse_blkid_export(probed.stdout)
+
+
+def _check_filesystem(
+    runner: Runner, image: Path, fields: dict[str, str] | None, what: str
+) -> FsCheck:
+    fstype = (fields or {}).get("TYPE")
     if fstype is None:
-        what = f"a {fields['PTTYPE']} partition table" if "PTTYPE" in fields else "no filesystem"
-        return FsCheck(True, f"{what} on the volume: checked by its checksum only")
+        return FsCheck(True, f"no filesystem on {what}: checked by its checksum only")
     command = make_fsck_command(fstype, image)
     if command is None:
-        return FsCheck(True, f"{fstype} filesystem: no checker known to gfs, checksum only")
+        return FsCheck(True, f"{fstype}: no checker known to gfs, checksum only")
     try:
         done = runner.run(command, check=False)
     except CommandError as exc:  # not installed, or timed out

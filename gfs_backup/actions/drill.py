@@ -8,8 +8,9 @@
   is re-read and compared with the manifest's checksums.
 - lvm: the raw image is restored into the scratch directory (from a target on another
   host: streamed from that host) and checked against the manifest; the filesystem `blkid`
-  finds in it is checked read-only by its own tool (see fscheck). An image without a
-  filesystem (a partition table, raw data) passes on its checksum, and the result says so.
+  finds in it (with a partition table: in each partition) is checked read-only by its own
+  tool (see fscheck). An image without a filesystem passes on its checksum, and the result
+  says so.
 - btrfs: the stream's checksum is checked, `btrfs receive` (which checks every command's
   CRC) restores it on a btrfs scratch directory, its received UUID must be the snapshot's,
   then every file of the restored subvolume is read back (btrfs checks its data checksums

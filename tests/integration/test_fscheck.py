@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from gfs_backup.fscheck import (
+    Partition,
     check_image,
     make_fsck_command,
     parse_blkid_export,
+    parse_partx,
     summarize_findings,
 )
 from gfs_backup.runner import Command, LocalRunner
@@ -117,19 +119,53 @@ def test_a_volume_without_a_filesystem_passes_on_its_checksum_and_says_so(
     assert check_image(LocalRunner(), zeros).detail == (
         "no filesystem on the volume: checked by its checksum only"
     )
-    disk = blank(tmp_path / "disk.raw", 4)
+
+
+def partitioned_disk(folder: Path, first_partition: Path) -> Path:
+    """A 64 MiB disk image with a dos partition table: partition 1 (1 MiB on, 32 MiB) holds
+    `first_partition`, partition 2 (the next 16 MiB) holds no filesystem."""
+    disk = blank(folder / "disk.raw", 64)
     mbr = bytearray(512)
-    mbr[446:462] = (
-        bytes([0, 0, 0, 0, 0x83, 0, 0, 0])
-        + (2048).to_bytes(4, "little")
-        + (4096).to_bytes(4, "little")
-    )
+    for index, (start, sectors) in enumerate([(2048, 65536), (67584, 32768)]):
+        offset = 446 + 16 * index
+        mbr[offset : offset + 16] = (
+            bytes([0, 0, 0, 0, 0x83, 0, 0, 0])
+            + start.to_bytes(4, "little")
+            + sectors.to_bytes(4, "little")
+        )
     mbr[510:512] = b"\x55\xaa"
     with disk.open("r+b") as handle:
         handle.write(mbr)
+        handle.seek(2048 * 512)
+        handle.write(first_partition.read_bytes())
+    return disk
+
+
+def test_a_disk_image_has_the_filesystem_of_each_partition_checked(tmp_path: Path) -> None:
+    clean = ext4_image(tmp_path)
+    disk = partitioned_disk(tmp_path, clean)
     checked = check_image(LocalRunner(), disk)
-    assert checked.clean
-    assert checked.detail == "a dos partition table on the volume: checked by its checksum only"
+    assert checked.clean, checked.detail
+    assert checked.detail == (
+        "dos partition table, 2 partition(s): partition 1: ext4: e2fsck found no errors; "
+        "partition 2: no filesystem on it: checked by its checksum only"
+    )
+    assert sorted(p.name for p in tmp_path.glob("disk-partition*")) == []  # copies removed
+    sh("debugfs", "-w", "-R", "clri <2>", str(clean))
+    broken = check_image(LocalRunner(), partitioned_disk(tmp_path, clean))
+    assert not broken.clean
+    assert "partition 1: ext4: e2fsck exit status 12: Root inode is not a directory" in (
+        broken.detail
+    )
+
+
+def test_partx_output_is_read_in_bytes() -> None:
+    assert parse_partx("1 2048 65536\n2 67584 32768\n\n") == [
+        Partition(1, 2048 * 512, 65536 * 512),
+        Partition(2, 67584 * 512, 32768 * 512),
+    ]
+    with pytest.raises(ValueError):
+        parse_partx("1 2048\n")
 
 
 def test_a_missing_checker_is_a_failed_check_naming_the_package(
