@@ -36,6 +36,12 @@ from gfs_backup.validate import Collector, Table, join_key, read_toml
 DEFAULT_CONFIG = Path("/etc/gfs/gfs.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/gfs")
 LOCAL_HOST = "local"
+# Kinds whose backends read this machine only so far: what they back up, for the error.
+LOCAL_ONLY_KINDS = {
+    "libvirt": "libvirt jobs back up domains of the libvirt",
+    "btrfs": "btrfs jobs snapshot and list subvolumes",
+    "files": "files jobs copy directories",
+}
 TOP_KEYS = ("state_dir", "policy_dir", "concurrency", "target", "hosts", "job")
 TARGET_KEYS = ("path", "require_nfs", "bandwidth", "host", "io_timeout")
 DEFAULT_IO_TIMEOUT = 600.0
@@ -249,13 +255,14 @@ def _job(
         collector.add(
             join_key(path, "host"), f"unknown host {host!r}: add [hosts.{host}] or use 'local'"
         )
-    if kind == "libvirt" and host != LOCAL_HOST:
-        # The job would talk to this machine's libvirt and back up a domain of that name
-        # here, or fail: refuse rather than back up the wrong VM under kvm2's job.
+    if kind in LOCAL_ONLY_KINDS and host != LOCAL_HOST:
+        # Such a job would read this machine's libvirt or paths (and journal, list and
+        # clean up snapshots here): refuse rather than back up the wrong data under the
+        # remote host's job, or leave its snapshots there unseen.
         collector.add(
             join_key(path, "host"),
-            f"libvirt jobs back up domains of the libvirt on the machine gfs runs on; to "
-            f"back up domains of host {host!r}, run gfs there and remove host here",
+            f"{LOCAL_ONLY_KINDS[kind]} on the machine gfs runs on; for host {host!r}, "
+            "run gfs there and remove host here (lvm jobs can run on remote hosts)",
         )
     target = _job_target(table, path, collector, targets)
     if target in targets:
