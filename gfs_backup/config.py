@@ -12,10 +12,10 @@ address = "kvm2.example.net"
 user = "backup"
 port = 22
 [[job]]
-name = "web01"
-kind = "libvirt"                    # libvirt | lvm | btrfs | files
-domain = "web01"
-host = "kvm2"
+name = "db01"
+kind = "lvm"                        # libvirt | lvm | btrfs | files
+volume = "vg0/db01"
+host = "kvm2"                       # lvm jobs only: the others read this machine
 target = "nas"
 policy = "classic-gfs"              # a policy name, a path, or an inline table
 scratch_dir = "/var/tmp"            # where `gfs drill` restores (btrfs jobs: on btrfs)
