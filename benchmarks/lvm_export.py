@@ -137,6 +137,7 @@ class Lab:
     volume: str = ""
     snapshot: str = ""
     pv_image: Path | None = None
+    size_mib: int = 0
     data_mib: int = 0
     cleanups: list[Callable[[], object]] = field(default_factory=list)
 
@@ -166,7 +167,7 @@ def fill_script(device: str, size_mib: int, seed: int) -> tuple[str, int]:
 
 def make_volume(lab: Lab, size_mib: int) -> None:
     host = cast(RemoteHost, lab.host)
-    lab.volume = f"bench{uuid.uuid4().hex[:8]}"
+    lab.volume, lab.size_mib = f"bench{uuid.uuid4().hex[:8]}", size_mib
     guest(
         host,
         ["lvcreate", "-q", "-y", "-Zy", "-Wy", "-L", f"{size_mib}m", "-n", lab.volume, VG_NAME],
@@ -517,18 +518,36 @@ def report(rounds: list[Round], size: int, facts: dict[str, object], cipher: str
     return met
 
 
+def with_lab(name: str, size_mib: int, cpus: int, body: Callable[[Lab], int]) -> int:
+    """Boots the lab with a `size_mib` LV, runs `body(lab)` and returns its exit code; 2 when
+    the lab cannot run, 130 on Ctrl-C or SIGTERM. Whatever the lab made is removed."""
+    if os.geteuid() != 0:
+        print("run as root (nested QEMU, loop device, mount)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _terminate)
+    lab = Lab(Path(tempfile.mkdtemp(prefix=f"gfs-{name}-", dir="/var/tmp")))
+    try:
+        start_lab(lab, size_mib, cpus)
+        return body(lab)
+    except (Abort, LabError) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; removing what it made", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        lab.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=256, help="LV size in MiB (256)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, median counts (3)")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("run as root (nested QEMU, loop device, mount)", file=sys.stderr)
-        return 2
-    signal.signal(signal.SIGTERM, _terminate)
-    lab = Lab(Path(tempfile.mkdtemp(prefix="gfs-lvm-bench-", dir="/var/tmp")))
-    try:
-        start_lab(lab, args.size)
+
+    def measure(lab: Lab) -> int:
         cipher = ssh_cipher(cast(RemoteHost, lab.host))
         rounds: list[Round] = []
         facts: dict[str, object] = {}
@@ -539,16 +558,8 @@ def main() -> int:
             cells = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
             print(f"round {index + 1}: {cells}", flush=True)
         return 0 if report(rounds, args.size * MiB, facts, cipher) else 1
-    except (Abort, LabError) as exc:
-        print(f"lvm_export: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("lvm_export: interrupted; removing what it made", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        lab.close()
+
+    return with_lab("lvm_export", args.size, 1, measure)
 
 
 if __name__ == "__main__":

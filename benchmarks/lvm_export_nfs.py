@@ -28,11 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import cast
@@ -46,11 +44,10 @@ from benchmarks.lvm_export import (  # noqa: E402
     POLICY,
     Abort,
     Lab,
-    _terminate,
     guest,
     rate,
     snapshot_device,
-    start_lab,
+    with_lab,
 )
 from tests.lab.remote_host import RemoteHost  # noqa: E402
 from tests.lab.remote_image import NFS_MOUNT, VG_NAME  # noqa: E402
@@ -116,6 +113,40 @@ def gfs_run(config: Path) -> tuple[float, float, int, int]:
     return seconds, float(found.group(3)), int(found.group(1)), int(found.group(2))
 
 
+def measure(lab: Lab, rounds: int) -> int:
+    """`rounds` rounds of dd, dd sparse and gfs; prints them and the medians; 0 if the goal
+    is met, else 1."""
+    host = cast(RemoteHost, lab.host)
+    lab.cleanups.append(lambda: host.run(["rm", "-rf", f"{NFS_MOUNT}/{JOB}"]))
+    config = write_config(lab, lab.workdir)
+    size = lab.size_mib << 20
+    times: dict[str, list[float]] = {"dd": [], "dd sparse": [], "gfs copy": [], "gfs run": []}
+    allocated = 0
+    for index in range(rounds):
+        order = ["dd", "dd sparse", "gfs"]
+        for name in order[index % 3 :] + order[: index % 3]:
+            if name == "gfs":
+                wall, copy, copied, allocated = gfs_run(config)
+                if copied != size:
+                    raise Abort(f"gfs copied {copied} bytes of {size}")
+                times["gfs copy"].append(copy)
+                times["gfs run"].append(wall)
+            else:
+                times[name].append(dd_to_nfs(lab, sparse=name == "dd sparse"))
+        print(f"round {index + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items()))
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    print(f"\nmedians of {rounds} rounds, {lab.size_mib} MiB LV, {lab.data_mib} MiB data:")
+    for name, seconds in medians.items():
+        print(f"  {name:10s} {seconds:6.1f} s  {rate(size, seconds)}")
+    print(f"  gfs wrote {allocated >> 20} MiB allocated of {lab.size_mib} MiB")
+    to_sparse = medians["gfs copy"] / medians["dd sparse"]
+    to_plain = medians["gfs copy"] / medians["dd"]
+    print(f"  gfs copy / dd sparse = {to_sparse:.2f}, gfs copy / dd = {to_plain:.2f}")
+    met = to_sparse <= GOAL
+    print(f"goal (gfs copy within 10% of dd sparse): {'met' if met else 'NOT met'}")
+    return 0 if met else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=256, help="LV size in MiB (default 256)")
@@ -124,53 +155,10 @@ def main() -> int:
         "--cpus", type=int, default=1, help="the guest's vCPUs (default 1, as the tests)"
     )
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, _terminate)
-    lab = Lab(Path(tempfile.mkdtemp(prefix="gfs-bench-nfs-", dir="/var/tmp")))
-    try:
-        start_lab(lab, args.size, args.cpus)
-        host = cast(RemoteHost, lab.host)
-        lab.cleanups.append(lambda: host.run(["rm", "-rf", f"{NFS_MOUNT}/{JOB}"]))
-        config = write_config(lab, lab.workdir)
-        size = args.size << 20
-        times: dict[str, list[float]] = {"dd": [], "dd sparse": [], "gfs copy": [], "gfs run": []}
-        allocated = 0
-        for index in range(args.rounds):
-            order = ["dd", "dd sparse", "gfs"]
-            order = order[index % 3 :] + order[: index % 3]
-            for name in order:
-                if name == "gfs":
-                    wall, copy, copied, allocated = gfs_run(config)
-                    if copied != size:
-                        raise Abort(f"gfs copied {copied} bytes of {size}")
-                    times["gfs copy"].append(copy)
-                    times["gfs run"].append(wall)
-                else:
-                    times[name].append(dd_to_nfs(lab, sparse=name == "dd sparse"))
-            print(
-                f"round {index + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items())
-            )
-        medians = {name: statistics.median(values) for name, values in times.items()}
-        print(
-            f"\nmedians of {args.rounds} rounds, {args.size} MiB LV, {lab.data_mib} MiB data, "
-            f"{args.cpus} vCPU(s):"
-        )
-        for name, seconds in medians.items():
-            print(f"  {name:10s} {seconds:6.1f} s  {rate(size, seconds)}")
-        print(f"  gfs wrote {allocated >> 20} MiB allocated of {args.size} MiB")
-        to_sparse = medians["gfs copy"] / medians["dd sparse"]
-        to_plain = medians["gfs copy"] / medians["dd"]
-        print(f"  gfs copy / dd sparse = {to_sparse:.2f}, gfs copy / dd = {to_plain:.2f}")
-        met = to_sparse <= GOAL
-        print(f"goal (gfs copy within 10% of dd sparse): {'met' if met else 'NOT met'}")
-        return 0 if met else 1
-    except Abort as why:
-        print(f"lvm_export_nfs: {why}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("lvm_export_nfs: interrupted; cleaned up", file=sys.stderr)
-        return 2
-    finally:
-        lab.close()
+    print(f"guest: {args.cpus} vCPU(s)")
+    return with_lab(
+        "lvm_export_nfs", args.size, args.cpus, lambda lab: measure(lab, max(1, args.rounds))
+    )
 
 
 if __name__ == "__main__":
