@@ -118,7 +118,8 @@ def check_image(runner: Runner, image: Path) -> FsCheck:
     partx or dd cannot run.
     """
     fields = _probe(runner, image)
-    if fields is None or "PTTYPE" not in fields:
+    # A filesystem first: blkid may report a FAT or ISO filesystem with a PTTYPE as well.
+    if fields is None or "TYPE" in fields or "PTTYPE" not in fields:
         return _check_filesystem(runner, image, fields, "the volume")
     listed = runner.run(make_partx_command(image))
     try:

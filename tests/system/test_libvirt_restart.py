@@ -242,10 +242,32 @@ def start_slowed_backup(
     vm.wait_for("GFS-GUEST-UP")
     config = write_config(tmp_path, target, "vm", "libvirt", "domain", Path(vm.name), DAILY)
     gfs = start_gfs("run", "--config", str(config))
+    slow_down_as_it_starts(make_domain.conn, vm.name, gfs)
+    (job,) = qemu_backup_jobs(make_domain.conn, vm.name)
+    assert job["offset"] < job["len"], f"the backup ended before it was slowed down: {job}"
     wait_for_backup_job(make_domain.conn, vm.name, gfs)
-    (job,) = set_backup_speed(make_domain.conn, vm.name, SLOW_BYTES_PER_SECOND)
-    assert job["offset"] < job["len"]
     return vm, raw, config, target, gfs
+
+
+def slow_down_as_it_starts(
+    conn: libvirt.virConnect, name: str, gfs: subprocess.Popen[str], timeout: float = 120.0
+) -> None:
+    """Slows QEMU's backup job of `name` down the moment QEMU has one. Waiting for libvirt
+    to report its job first left a window in which QEMU copied the whole disk to the tmpfs
+    target (seen in CI); QMP answers as soon as libvirt's backupBegin has started it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if qemu_backup_jobs(conn, name):
+                set_backup_speed(conn, name, SLOW_BYTES_PER_SECOND)
+                return
+        except libvirt.libvirtError:  # the monitor is busy while the backup starts
+            pass
+        if gfs.poll() is not None:
+            pytest.fail(f"gfs ended before its backup job was seen: {gfs.communicate()[1]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no backup job in QEMU for {name} within {timeout:.0f} s")
+        time.sleep(0.01)
 
 
 def test_libvirtd_restarted_mid_backup_the_recovered_job_makes_a_sound_generation(
