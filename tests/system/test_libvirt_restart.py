@@ -49,7 +49,9 @@ schedule = "daily"
 [job.policy.retention]
 keep-last = 3
 """
-DATA_MIB = 384  # random data: the unthrottled job cannot end before the test sees it
+# Random data. Until libvirt's backupBegin lets go of the monitor, QEMU's job runs at full
+# speed to tmpfs: 384 MiB once ended before the test could slow it down (seen here).
+DATA_MIB = 1536
 SLOW_BYTES_PER_SECOND = 1 << 20
 QEMU_STATUS_DIR = Path("/run/libvirt/qemu")  # libvirtd's live status XML of each domain
 StartGfs = Callable[..., subprocess.Popen[str]]
@@ -114,25 +116,39 @@ def data_disk(tmp_path: Path, mib: int) -> tuple[Path, Path]:
     return raw, disk
 
 
-def wait_for_backup_job(
-    conn: libvirt.virConnect, name: str, gfs: subprocess.Popen[str], timeout: float = 120.0
+def poll_while_gfs_runs(
+    ready: Callable[[], bool],
+    what: str,
+    gfs: subprocess.Popen[str],
+    timeout: float = 120.0,
+    interval: float = 0.05,
 ) -> None:
-    """Waits until `name` has an active backup job; fails if gfs exits first."""
+    """Calls `ready` every `interval` s until it is true; fails the test, saying `what` was
+    awaited, when gfs exits first or `timeout` s pass. A libvirtError counts as not yet."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            stats = conn.lookupByName(name).jobStats()
-        except libvirt.libvirtError:  # "backup job data missing" while the job starts
-            stats = {}
-        if stats.get("operation") == libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP and stats.get(
-            "type"
-        ) in (libvirt.VIR_DOMAIN_JOB_BOUNDED, libvirt.VIR_DOMAIN_JOB_UNBOUNDED):
-            return
+            if ready():
+                return
+        except libvirt.libvirtError:  # e.g. "backup job data missing" while the job starts
+            pass
         if gfs.poll() is not None:
-            pytest.fail(f"gfs ended before its backup job was seen: {gfs.communicate()[1]}")
+            pytest.fail(f"gfs ended before {what}: {gfs.communicate()[1]}")
         if time.monotonic() > deadline:
-            pytest.fail(f"no backup job on {name} within {timeout:.0f} s")
-        time.sleep(0.05)
+            pytest.fail(f"no {what} within {timeout:.0f} s")
+        time.sleep(interval)
+
+
+def wait_for_backup_job(conn: libvirt.virConnect, name: str, gfs: subprocess.Popen[str]) -> None:
+    """Waits until libvirt reports an active backup job of `name`."""
+
+    def active() -> bool:
+        stats = conn.lookupByName(name).jobStats()
+        return stats.get("operation") == libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP and stats.get(
+            "type"
+        ) in (libvirt.VIR_DOMAIN_JOB_BOUNDED, libvirt.VIR_DOMAIN_JOB_UNBOUNDED)
+
+    poll_while_gfs_runs(active, f"libvirt's backup job of {name}", gfs)
 
 
 def qemu_backup_jobs(conn: libvirt.virConnect, name: str) -> list[dict[str, Any]]:
@@ -249,25 +265,15 @@ def start_slowed_backup(
     return vm, raw, config, target, gfs
 
 
-def slow_down_as_it_starts(
-    conn: libvirt.virConnect, name: str, gfs: subprocess.Popen[str], timeout: float = 120.0
-) -> None:
+def slow_down_as_it_starts(conn: libvirt.virConnect, name: str, gfs: subprocess.Popen[str]) -> None:
     """Slows QEMU's backup job of `name` down the moment QEMU has one. Waiting for libvirt
     to report its job first left a window in which QEMU copied the whole disk to the tmpfs
     target (seen in CI); QMP answers as soon as libvirt's backupBegin has started it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if qemu_backup_jobs(conn, name):
-                set_backup_speed(conn, name, SLOW_BYTES_PER_SECOND)
-                return
-        except libvirt.libvirtError:  # the monitor is busy while the backup starts
-            pass
-        if gfs.poll() is not None:
-            pytest.fail(f"gfs ended before its backup job was seen: {gfs.communicate()[1]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"no backup job in QEMU for {name} within {timeout:.0f} s")
-        time.sleep(0.01)
+    poll_while_gfs_runs(
+        lambda: bool(qemu_backup_jobs(conn, name)), f"QEMU's backup job of {name}", gfs,
+        interval=0.01,
+    )  # fmt: skip
+    set_backup_speed(conn, name, SLOW_BYTES_PER_SECOND)
 
 
 def test_libvirtd_restarted_mid_backup_the_recovered_job_makes_a_sound_generation(
