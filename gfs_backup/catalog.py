@@ -35,6 +35,16 @@ class Stored:
         return Generation(self.id, self.manifest.created_at, self.manifest.protected)
 
 
+def last_verified_ok(stored: Stored) -> bool:
+    """Whether the generation's latest verify (after export, or later) passed."""
+    return bool(stored.manifest.verify) and stored.manifest.verify[-1].get("result") == "ok"
+
+
+def newest_verified(stored: list[Stored]) -> Stored | None:
+    """The newest generation whose latest verify passed: what a new export may build on."""
+    return next((item for item in reversed(stored) if last_verified_ok(item)), None)
+
+
 @dataclass(frozen=True)
 class Listing:
     stored: list[Stored]

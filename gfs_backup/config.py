@@ -19,6 +19,8 @@ host = "kvm2"                       # lvm jobs only: the others read this machin
 target = "nas"
 policy = "classic-gfs"              # a policy name, a path, or an inline table
 scratch_dir = "/var/tmp"            # where `gfs drill` restores (btrfs jobs: on btrfs)
+[files]                             # defaults of files jobs (a job may set its own)
+rehash_every = "30d"                # read every file again this often ("off": never)
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from typing import Any
 
 from gfs_backup.errors import InputError, Problem
 from gfs_backup.lvm import LvmInputError, parse_size, split_volume
-from gfs_backup.policy import NAME_RE, Policy, find_policy, load_policy_file, policy_from_table
+from gfs_backup.policy import (
+    NAME_RE,
+    Policy,
+    find_policy,
+    load_policy_file,
+    parse_duration,
+    policy_from_table,
+)
 from gfs_backup.throttle import parse_rate
 from gfs_backup.validate import Collector, Table, join_key, read_toml
 
@@ -42,7 +51,9 @@ LOCAL_ONLY_KINDS = {
     "btrfs": "btrfs jobs snapshot and list subvolumes",
     "files": "files jobs copy directories",
 }
-TOP_KEYS = ("state_dir", "policy_dir", "concurrency", "target", "hosts", "job")
+TOP_KEYS = ("state_dir", "policy_dir", "concurrency", "target", "hosts", "job", "files")
+FILES_KEYS = ("rehash_every",)
+DEFAULT_REHASH_EVERY = "30d"
 TARGET_KEYS = ("path", "require_nfs", "bandwidth", "host", "io_timeout")
 DEFAULT_IO_TIMEOUT = 600.0
 HOST_KEYS = ("address", "user", "port", "identity_file", "known_hosts")
@@ -53,7 +64,7 @@ KIND_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "libvirt": (("domain",), ("disks", "uri", "quiesce", "method", "overlay_dir")),
     "lvm": (("volume",), ("snapshot_size", "format")),
     "btrfs": (("subvolume",), ("snapshot_dir",)),
-    "files": (("path",), ("snapshot_dir",)),
+    "files": (("path",), ("snapshot_dir", "rehash_every")),
 }
 
 
@@ -125,7 +136,12 @@ def load_config(path: Path) -> Config:
                 join_key(f"target.{target.name}", "host"),
                 f"unknown host {target.host!r}: add [hosts.{target.host}] or use 'local'",
             )
+    files_defaults = collector.get(table, "files", "", dict, {}, "a [files] table")
+    collector.unknown_keys(files_defaults, FILES_KEYS, "files")
     jobs = _jobs(table, collector, targets, hosts, policy_dir)
+    for job in jobs:
+        if job.kind == "files":
+            _set_rehash_every(job, files_defaults, collector)
     concurrency = collector.get(table, "concurrency", "", int, 1, "a number of jobs")
     if not 1 <= concurrency <= 64:
         collector.add("concurrency", f"{concurrency} is not allowed: run 1 to 64 jobs at once")
@@ -293,6 +309,24 @@ def _job(
     if not isinstance(disks, list) or not all(isinstance(d, str) and d for d in disks):
         collector.add(join_key(path, "disks"), 'must be a list of disk targets, e.g. ["vda"]')
     return Job(name, kind, host, target, policy, options)
+
+
+def _set_rehash_every(job: Job, defaults: Table, collector: Collector) -> None:
+    """options["rehash_every"]: seconds between full reads of a files job, 0 = never."""
+    own = "rehash_every" in job.options
+    value = job.options.get("rehash_every", defaults.get("rehash_every", DEFAULT_REHASH_EVERY))
+    key = f"job[{job.name}].rehash_every" if own else "files.rehash_every"
+    if value in ("off", "never"):
+        job.options["rehash_every"] = 0
+        return
+    try:
+        seconds = parse_duration(value)
+        if seconds < 3600:
+            raise ValueError(f'{seconds} s is too short: at least 1h, or "off"')
+    except ValueError as exc:
+        collector.add(key, f'{exc} (e.g. "30d", or "off" to never read every file again)')
+        return
+    job.options["rehash_every"] = seconds
 
 
 def _check_target_host(

@@ -1,183 +1,155 @@
-"""A data directory exported as a plain file tree: export, restore and verify.
+"""A data directory exported as a plain file tree, hard-linked to a base generation.
 
 A generation's tree is readable without gfs: directories, regular files (sparse stays
-sparse), symlinks, with owners, modes, ns mtimes and xattrs. Its manifest entries
-(`TreeEntry`) record the same metadata plus each file's `sha256-1m` digest. An incremental
-export hard-links files unchanged since the previous generation, so every tree is complete
-on its own but costs only what changed.
+sparse), symlinks and hard links among them, with owners, modes, ns mtimes and xattrs. Its
+manifest entries (`TreeEntry`) record the same metadata, each file's `sha256-1m` digest,
+the source's ctime and inode, hard-link groups, the root directory itself, and fifos and
+device nodes (which only the manifest holds). Restore and verify: treerestore.
 
-Entries read from a manifest are untrusted: paths must be relative without `.`/`..`/NUL,
-and every object below a tree is reached through real directories opened with O_NOFOLLOW,
-so nothing is read or written outside the tree. Linux only (uses /proc/self/fd).
+Change detection (what makes a file "unchanged", so hard-linked from the base generation
+instead of read): size, mtime, ctime, inode, mode, owners and xattrs all equal to what the
+base recorded, the base passed its verify, and the base's scan did not see the file within
+the timestamp granularity of its start (the "racy timestamp" rule of git: a file changed
+in the same clock tick as the scan may change again without its times moving). Anything
+else is read again; a rehash (`Base.rehash`) reads every file and reports content that
+changed behind unchanged metadata. Size and mtime alone are not enough: `cp -p`, `rsync
+-t`, `tar x` and `touch -d` rewrite content and set an old mtime, and only ctime shows it.
+
+Live sources (no snapshot): size, mtime and ctime are compared before and after reading a
+file; one that changed is read again, and if it changes again it is stored and marked
+`changed`, never presented as a consistent copy.
+
+Durability: files are not fsynced one by one; one syncfs of the target at the end writes
+back all data and metadata (thousands of fsyncs cost more than the copy of small files).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import errno
 import os
-import stat
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from gfs_backup.copy import Progress, copy_file, digest_file
-from gfs_backup.treeentry import KINDS, TreeEntry, entry_list_problems
+from gfs_backup.mounts import mount_of, read_mounts
+from gfs_backup.treeentry import ROOT, SPECIAL_KINDS, TreeEntry
+from gfs_backup.treeio import (
+    READ_FLAGS,
+    VANISHED,
+    Dirs,
+    apply_metadata,
+    entry_from_stat,
+    kind_of,
+    read_xattrs,
+    syncfs,
+    unlink_if_present,
+)
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-# O_NONBLOCK: a file replaced by a fifo meanwhile must not hang the open
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_NO_XATTRS = (errno.ENOTSUP, errno.EOPNOTSUPP)
-_VANISHED = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
-_LINK_FALLBACK = (*_VANISHED, *_NO_XATTRS, errno.EMLINK, errno.EXDEV, errno.EPERM)
-_KIND_OF = {
-    stat.S_IFREG: "file",
-    stat.S_IFDIR: "dir",
-    stat.S_IFLNK: "symlink",
-    stat.S_IFIFO: "fifo",
-    stat.S_IFSOCK: "socket",
-    stat.S_IFCHR: "character device",
-    stat.S_IFBLK: "block device",
-}
+_LINK_FALLBACK = (*VANISHED, errno.EMLINK, errno.EXDEV, errno.EPERM)
+# Timestamp granularity: nanosecond filesystems stamp with the kernel's coarse clock (one
+# tick, at most 10 ms at HZ=100); filesystems whose times are whole seconds (ext4 with
+# 128-byte inodes, FAT with 2 s mtimes, many NFS servers) are judged at 2 s.
+FINE_GRANULARITY_NS = 10_000_000
+COARSE_GRANULARITY_NS = 2_000_000_000
+COARSE_FILESYSTEMS = ("vfat", "msdos", "exfat", "fat")
+
+
+def scan_clock_ns() -> int:
+    """The kernel's real-time clock, which stamps inodes (never a test's frozen clock)."""
+    return time.clock_gettime_ns(time.CLOCK_REALTIME)
+
+
+@dataclass(frozen=True)
+class Base:
+    """The generation a new export may take unchanged files over from.
+
+    `racy_from_ns`: entries whose mtime or ctime are at or after it were recorded in the
+    same clock tick as the base's scan started and are read again. `rehash`: read every
+    file anyway and compare it with the base (content changed behind unchanged metadata
+    is stored and reported)."""
+
+    tree: Path
+    entries: Mapping[str, TreeEntry]
+    racy_from_ns: int
+    rehash: bool = False
 
 
 @dataclass(frozen=True)
 class TreeExport:
-    """What `export_tree` did; `skipped` holds "relative/path (reason)" lines for a warning."""
+    """What `export_tree` did. `skipped`: "path (reason)" lines; `warnings`: files stored
+    but worth a human's look (changed while read, changed behind unchanged metadata)."""
 
     entries: list[TreeEntry]
     copied_files: int
     linked_files: int
     copied_bytes: int  # data bytes actually copied (holes excluded)
     skipped: list[str]
+    scan_started_ns: int
+    granularity_ns: int
+    warnings: list[str] = field(default_factory=list)
+    rehashed_files: int = 0
+    changed_behind_metadata: list[str] = field(default_factory=list)  # found by a rehash
 
 
 def export_tree(
     source: Path,
     dest: Path,
-    previous: tuple[Path, Mapping[str, TreeEntry]] | None = None,
+    base: Base | None = None,
     progress: Progress | None = None,
+    *,
+    scan_started_ns: int | None = None,
 ) -> TreeExport:
     """Mirror `source` into the new directory `dest` (must not exist; its parent must).
 
-    Stays on `source`'s filesystem and never follows symlinks; sockets, devices, fifos,
-    mount points and files that vanish or keep changing while read are skipped and listed.
-    With `previous` (an earlier tree and its entries by path), unchanged files are
-    hard-linked from it. OSError (ENOSPC, EIO) propagates; the caller removes `dest`.
+    Stays on `source`'s filesystem and never follows symlinks; sockets, mount points and
+    files that vanish are skipped and listed. `scan_started_ns` (kernel clock): when the
+    source's state was taken (before its snapshot), default now. With `base`, unchanged
+    files are hard-linked from it. Everything is on stable storage when this returns.
+    OSError (ENOSPC, EIO) propagates; the caller removes `dest`.
     """
+    started = scan_clock_ns() if scan_started_ns is None else scan_started_ns
     found, skipped = _scan(source)
     os.mkdir(dest, 0o700)
-    with _Dirs(dest) as out:
-        exporter = _Exporter(source, out, previous, progress, skipped)
+    with Dirs(source) as src, Dirs(dest) as out:
+        exporter = _Exporter(src, out, base, progress, skipped)
         try:
             entries = exporter.run(found)
         finally:
             exporter.close()
+        syncfs(out.root_fd)
     return TreeExport(
-        entries, exporter.copied_files, exporter.linked_files, exporter.copied_bytes, skipped
+        entries,
+        exporter.copied_files,
+        exporter.linked_files,
+        exporter.copied_bytes,
+        skipped,
+        started,
+        _granularity(source, entries),
+        exporter.warnings,
+        exporter.rehashed_files,
+        exporter.changed_behind_metadata,
     )
 
 
-def restore_tree(
-    tree: Path, entries: Sequence[TreeEntry], dest: Path, progress: Progress | None = None
-) -> None:
-    """Recreate `entries` from `tree` under `dest` (absent or empty), then verify it.
-
-    Raises ValueError listing every problem if an entry is unsafe or invalid, or if the
-    restored tree differs from `entries`; FileExistsError if `dest` is not empty.
-    """
-    ordered = sorted(entries, key=lambda entry: entry.path)
-    problems = entry_list_problems(ordered)
-    if problems:
-        raise ValueError("unsafe or invalid manifest entries:\n" + "\n".join(problems))
-    if dest.exists() and any(dest.iterdir()):
-        raise FileExistsError(errno.EEXIST, "restore destination is not empty", str(dest))
-    dest.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with _Dirs(tree) as source, _Dirs(dest) as out:
-        for entry in ordered:
-            if entry.kind == "dir":
-                parent, name = out.parent(entry.path)
-                os.mkdir(name, 0o700, dir_fd=parent)
-            elif entry.kind == "symlink":
-                _make_symlink(out, entry, xattrs_optional=False)
-            else:
-                problems += _restore_file(source, out, entry, progress)
-        for entry in ordered:  # after all contents: creating them changes the mtime
-            if entry.kind == "dir":
-                _apply_metadata(out, entry, xattrs_optional=False)
-    problems += verify_tree(dest, ordered, full=True)
-    if problems:
-        raise ValueError(f"restored tree {dest} differs from its manifest:\n" + "\n".join(problems))
+def _granularity(source: Path, entries: list[TreeEntry]) -> int:
+    """The source filesystem's timestamp granularity: coarse for FAT, or when no time seen
+    has a sub-second part (a filesystem that stores whole seconds)."""
+    with contextlib.suppress(OSError, ValueError):
+        if mount_of(source, read_mounts()).fstype in COARSE_FILESYSTEMS:
+            return COARSE_GRANULARITY_NS
+    subsecond = any(entry.mtime_ns % 10**9 or entry.ctime_ns % 10**9 for entry in entries)
+    return FINE_GRANULARITY_NS if subsecond else COARSE_GRANULARITY_NS
 
 
-def verify_tree(
-    tree: Path,
-    entries: Sequence[TreeEntry],
-    progress: Progress | None = None,
-    *,
-    full: bool = False,
-) -> list[str]:
-    """Re-read `tree` and compare it with `entries`: one line per problem, [] if it matches.
+@dataclass
+class _Found:
+    """What the scan saw of one object: its lstat, and for non-files their entry."""
 
-    Checks kind, mode, owners, file size, mtime and digest, symlink targets; objects missing
-    on disk or not in `entries`. `full` also compares xattrs and the mtimes of directories
-    and symlinks (as `restore_tree` does). Unsafe entries are reported, never opened.
-    """
-    problems = entry_list_problems(entries)
-    if problems or not tree.is_dir():
-        return problems or [f"{tree}: the tree directory is missing"]
-    on_disk = _lstat_tree(tree)
-    with _Dirs(tree) as dirs:
-        for entry in sorted(entries, key=lambda entry: entry.path):
-            st = on_disk.pop(entry.path, None)
-            if st is None:
-                problems.append(f"{entry.path}: missing")
-                continue
-            try:
-                found = _compare(dirs, entry, st, progress, full)
-            except OSError as exc:
-                found = [f"cannot read: {exc.strerror}"]
-            problems += [f"{entry.path}: {problem}" for problem in found]
-    problems += [f"{path}: not in the manifest" for path in sorted(on_disk)]
-    return problems
-
-
-class _Dirs:
-    """An open tree root; parents of paths below it, reached without following symlinks."""
-
-    def __init__(self, root: Path) -> None:
-        self.root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._head = ""
-        self._fd = -1
-
-    def parent(self, path: str) -> tuple[int, str]:
-        """(fd of the parent directory, last component) of relative `path`; cached."""
-        head, _, name = path.rpartition("/")
-        if not head:
-            return self.root_fd, name
-        if head != self._head or self._fd < 0:
-            self._forget()
-            self._fd = _open_dir(self.root_fd, head)
-            self._head = head
-        return self._fd, name
-
-    def proc_path(self, path: str) -> str:
-        """A path naming `path` through its already opened parent directory."""
-        parent, name = self.parent(path)
-        return f"/proc/self/fd/{parent}/{name}"
-
-    def _forget(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> _Dirs:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._forget()
-        os.close(self.root_fd)
+    st: os.stat_result
+    entry: TreeEntry | None  # None for regular files: read when exported
 
 
 class _Exporter:
@@ -185,110 +157,205 @@ class _Exporter:
 
     def __init__(
         self,
-        source: Path,
-        out: _Dirs,
-        previous: tuple[Path, Mapping[str, TreeEntry]] | None,
+        source: Dirs,
+        out: Dirs,
+        base: Base | None,
         progress: Progress | None,
         skipped: list[str],
     ) -> None:
         self.source, self.out, self.progress, self.skipped = source, out, progress, skipped
-        self.previous: _Dirs | None = None
-        self.previous_entries: Mapping[str, TreeEntry] = previous[1] if previous else {}
-        if previous:
+        self.base = base
+        self.base_dirs: Dirs | None = None
+        if base is not None:
             with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-                self.previous = _Dirs(previous[0])  # gone: copy everything
-        self.copied_files = self.linked_files = self.copied_bytes = 0
+                self.base_dirs = Dirs(base.tree)  # gone: copy everything
+        self.copied_files = self.linked_files = self.copied_bytes = self.rehashed_files = 0
+        self.warnings: list[str] = []
+        self.changed_behind_metadata: list[str] = []
+        self.first_name: dict[int, TreeEntry] = {}  # inode -> first exported name
 
     def close(self) -> None:
-        if self.previous is not None:
-            self.previous.__exit__(None, None, None)
+        if self.base_dirs is not None:
+            self.base_dirs.close()
 
-    def run(self, found: dict[str, TreeEntry | None]) -> list[TreeEntry]:
+    def run(self, found: dict[str, _Found]) -> list[TreeEntry]:
         entries: list[TreeEntry] = []
         for path in sorted(found):
-            entry = found[path]
+            seen = found[path]
+            linkable = seen.st.st_nlink > 1 and kind_of(seen.st) != "dir"
+            entry = self._hard_link(path, seen) if linkable else None
             if entry is None:
-                entry = self._file(path)
-            elif entry.kind == "dir":
-                parent, name = self.out.parent(path)
-                os.mkdir(name, 0o700, dir_fd=parent)
-            else:
-                _make_symlink(self.out, entry, xattrs_optional=True)
+                entry = self._export(path, seen)
+                if entry is not None and linkable:
+                    self.first_name.setdefault(entry.ino, entry)
             if entry is not None:
                 entries.append(entry)
         for entry in entries:  # after all contents: creating them changes the mtime
             if entry.kind == "dir":
-                _apply_metadata(self.out, entry, xattrs_optional=True)
+                apply_metadata(self.out, entry, xattrs_optional=True)
         return entries
+
+    def _export(self, path: str, seen: _Found) -> TreeEntry | None:
+        entry = seen.entry
+        if entry is None:
+            return self._file(path)
+        if entry.kind == "dir" and path != ROOT:
+            parent, name = self.out.parent(path)
+            os.mkdir(name, 0o700, dir_fd=parent)
+        elif entry.kind == "symlink":
+            assert entry.target is not None
+            parent, name = self.out.parent(path)
+            os.symlink(entry.target, name, dir_fd=parent)
+            apply_metadata(self.out, entry, xattrs_optional=True)
+        return entry  # fifos and device nodes: in the manifest only
+
+    def _hard_link(self, path: str, seen: _Found) -> TreeEntry | None:
+        """Another name of an inode already exported: linked to its first name, if the
+        name still is that inode (a live tree may have replaced it since the scan)."""
+        first = self.first_name.get(seen.st.st_ino)
+        if first is None:
+            return None
+        try:
+            if self.source.lstat(path).st_ino != first.ino:
+                return None
+            if first.kind not in SPECIAL_KINDS:
+                old_parent, old_name = self.out.parent(first.path)
+                old_fd = os.dup(old_parent)  # parent() may close it for the new path
+                try:
+                    parent, name = self.out.parent(path)
+                    os.link(
+                        old_name, name, src_dir_fd=old_fd, dst_dir_fd=parent, follow_symlinks=False
+                    )
+                finally:
+                    os.close(old_fd)
+        except OSError as exc:
+            if exc.errno in VANISHED:
+                return None
+            raise
+        return replace(first, path=path, link=first.path)
 
     def _file(self, path: str) -> TreeEntry | None:
         try:
-            fd = os.open(self.source / path, _READ_FLAGS)
+            parent, name = self.source.parent(path)
+            fd = os.open(name, READ_FLAGS, dir_fd=parent)
         except OSError as exc:
-            if exc.errno not in _VANISHED:
+            if exc.errno not in VANISHED:
                 raise
             self.skipped.append(f"{path} (vanished while reading)")
             return None
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
+            if kind_of(st) != "file":
                 self.skipped.append(f"{path} (changed type while reading)")
                 return None
-            entry = _entry_from_stat(path, "file", st, xattrs=_read_xattrs(fd))
-            return self._link_previous(entry) or self._copy(fd, entry)
+            entry = entry_from_stat(path, "file", st, xattrs=read_xattrs(fd))
+            old = self._unchanged(entry)
+            if old is not None and self.base is not None and self.base.rehash:
+                return self._rehash(fd, entry, old)
+            if old is not None and self._link_base(old):
+                return old
+            return self._copy(fd, entry)
         finally:
             os.close(fd)
 
-    def _link_previous(self, entry: TreeEntry) -> TreeEntry | None:
-        old = self.previous_entries.get(entry.path)
-        if self.previous is None or old is None or old.digest is None:
-            return None
-        linked = replace(entry, digest=old.digest)
-        if linked != old:
-            return None
+    def _unchanged(self, entry: TreeEntry) -> TreeEntry | None:
+        """The base's entry of this file if the file's metadata says it did not change."""
+        base = self.base
+        old = base.entries.get(entry.path) if base is not None else None
+        if base is None or old is None or old.digest is None or not old.ino:
+            return None  # no base, new file, or recorded without ctime and inode
+        if replace(entry, digest=old.digest) != old:
+            return None  # size, times, inode, owners, mode, xattrs, link group, changed
+        if max(old.mtime_ns, old.ctime_ns) >= base.racy_from_ns:
+            return None  # changed in the tick of the base's scan: its times prove nothing
+        return old
+
+    def _link_base(self, old: TreeEntry) -> bool:
+        if self.base_dirs is None:
+            return False
         try:
-            old_parent, old_name = self.previous.parent(old.path)
-            if not _matches(os.stat(old_name, dir_fd=old_parent, follow_symlinks=False), old):
-                return None  # the previous tree was modified: do not propagate that
-            parent, name = self.out.parent(entry.path)
+            base_st = self.base_dirs.lstat(old.path)
+            if not _stored_as(base_st, old):
+                return False  # the base tree was modified: do not propagate that
+            old_parent, old_name = self.base_dirs.parent(old.path)
+            parent, name = self.out.parent(old.path)
             os.link(old_name, name, src_dir_fd=old_parent, dst_dir_fd=parent, follow_symlinks=False)
         except OSError as exc:
             if exc.errno in _LINK_FALLBACK:
-                return None
+                return False
             raise
         self.linked_files += 1
-        return linked
+        return True
+
+    def _rehash(self, fd: int, entry: TreeEntry, old: TreeEntry) -> TreeEntry | None:
+        """Read a file whose metadata says unchanged: same content -> link, else store."""
+        self.rehashed_files += 1
+        digest = digest_file(Path(f"/proc/self/fd/{fd}"), self.progress).digest
+        if digest == old.digest and self._link_base(old):
+            return old
+        if digest != old.digest:
+            self.changed_behind_metadata.append(entry.path)
+            self.warnings.append(
+                f"{entry.path}: content changed behind unchanged size, times and inode "
+                "(found by the periodic rehash; stored anew)"
+            )
+        return self._copy(fd, entry)
 
     def _copy(self, fd: int, entry: TreeEntry) -> TreeEntry | None:
+        """Copy, compare size and times before and after; once more on a change; a file
+        that changes again is stored marked `changed`."""
         parent, name = self.out.parent(entry.path)
-        for _attempt in range(3):
+        for attempt in range(3):
+            if attempt:
+                entry = entry_from_stat(entry.path, "file", os.fstat(fd), xattrs=entry.xattrs)
             try:
                 copied = copy_file(
                     Path(f"/proc/self/fd/{fd}"),
                     Path(f"/proc/self/fd/{parent}/{name}"),
                     self.progress,
+                    sync=False,
                 )
             except OSError:
-                _unlink_if_present(name, parent)
-                now = _entry_from_stat(entry.path, "file", os.fstat(fd), xattrs=entry.xattrs)
-                if now == entry:  # a real error, not a file shrinking under us
+                unlink_if_present(name, parent)
+                if _same_state(os.fstat(fd), entry):  # a real error, not a moving file
                     raise
-                entry = now
+                continue
+            stable = _same_state(os.fstat(fd), entry)
+            if not stable and attempt == 0:
+                unlink_if_present(name, parent)
                 continue
             self.copied_files += 1
             self.copied_bytes += copied.data_bytes
-            # the mtime from before the copy: a file changing meanwhile is copied again next time
-            entry = replace(entry, size=copied.size, digest=copied.digest)
-            _apply_metadata(self.out, entry, xattrs_optional=True)
+            # the stat from before the read: a file changing meanwhile is read again next time
+            entry = replace(entry, size=copied.size, digest=copied.digest, changed=not stable)
+            if entry.changed:
+                self.warnings.append(
+                    f"{entry.path}: changed while being read, twice: stored as read and "
+                    "marked changed-during-backup"
+                )
+            apply_metadata(self.out, entry, xattrs_optional=True)
             return entry
-        self.skipped.append(f"{entry.path} (kept changing while being read)")
+        self.skipped.append(f"{entry.path} (kept changing size while being read)")
         return None
 
 
-def _scan(source: Path) -> tuple[dict[str, TreeEntry | None], list[str]]:
-    """Everything below `source` on its filesystem: dirs and symlinks as entries, files None."""
-    device = os.stat(source).st_dev
-    found: dict[str, TreeEntry | None] = {}
+def _same_state(st: os.stat_result, entry: TreeEntry) -> bool:
+    now = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    return now == (entry.size, entry.mtime_ns, entry.ctime_ns, entry.ino)
+
+
+def _stored_as(st: os.stat_result, entry: TreeEntry) -> bool:
+    """Whether a base tree's file still has its entry's mode, owners, size and mtime."""
+    found = (st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns)
+    wanted = (entry.mode, entry.uid, entry.gid, entry.size, entry.mtime_ns)
+    return kind_of(st) == "file" and found == wanted
+
+
+def _scan(source: Path) -> tuple[dict[str, _Found], list[str]]:
+    """Everything below `source` on its filesystem (and `source` itself, as `.`)."""
+    root = os.lstat(source)
+    root_entry = entry_from_stat(ROOT, "dir", root, xattrs=read_xattrs(str(source)))
+    found = {ROOT: _Found(root, root_entry)}
     skipped: list[str] = []
     pending = [""]
     while pending:
@@ -297,7 +364,7 @@ def _scan(source: Path) -> tuple[dict[str, TreeEntry | None], list[str]]:
             with os.scandir(source / folder) as listing:
                 names = [child.name for child in listing]
         except OSError as exc:
-            if not folder or exc.errno not in _VANISHED:
+            if not folder or exc.errno not in VANISHED:
                 raise
             del found[folder]
             skipped.append(f"{folder} (vanished while reading)")
@@ -306,15 +373,16 @@ def _scan(source: Path) -> tuple[dict[str, TreeEntry | None], list[str]]:
             path = f"{folder}/{name}" if folder else name
             try:
                 st = os.lstat(source / path)
-                kind = _KIND_OF.get(stat.S_IFMT(st.st_mode), "special file")
-                if st.st_dev != device:
+                kind = kind_of(st)
+                if st.st_dev != root.st_dev:
                     skipped.append(f"{path} (other filesystem)")
                 elif kind == "file":
-                    found[path] = None
-                elif kind in KINDS:
+                    found[path] = _Found(st, None)
+                elif kind in ("dir", "symlink", *SPECIAL_KINDS):
                     target = os.readlink(source / path) if kind == "symlink" else None
-                    xattrs = _read_xattrs(str(source / path))
-                    found[path] = _entry_from_stat(path, kind, st, target=target, xattrs=xattrs)
+                    xattrs = read_xattrs(str(source / path))
+                    entry = entry_from_stat(path, kind, st, target=target, xattrs=xattrs)
+                    found[path] = _Found(st, entry)
                     if kind == "dir":
                         pending.append(path)
                 else:
@@ -322,171 +390,3 @@ def _scan(source: Path) -> tuple[dict[str, TreeEntry | None], list[str]]:
             except FileNotFoundError:
                 skipped.append(f"{path} (vanished while reading)")
     return found, skipped
-
-
-def _lstat_tree(tree: Path) -> dict[str, os.stat_result]:
-    """Every object below `tree` by relative path, never descending into symlinks."""
-    found: dict[str, os.stat_result] = {}
-    pending = [""]
-    while pending:
-        folder = pending.pop()
-        with os.scandir(tree / folder) as listing:
-            for child in listing:
-                path = f"{folder}/{child.name}" if folder else child.name
-                found[path] = child.stat(follow_symlinks=False)
-                if stat.S_ISDIR(found[path].st_mode):
-                    pending.append(path)
-    return found
-
-
-def _compare(
-    dirs: _Dirs, entry: TreeEntry, st: os.stat_result, progress: Progress | None, full: bool
-) -> list[str]:
-    kind = _KIND_OF.get(stat.S_IFMT(st.st_mode), "special file")
-    if kind != entry.kind:
-        return [f"is a {kind}, expected a {entry.kind}"]
-    checks: list[tuple[str, object, object]] = [
-        ("mode", oct(entry.mode), oct(st.st_mode & 0o7777)),
-        ("uid", entry.uid, st.st_uid),
-        ("gid", entry.gid, st.st_gid),
-    ]
-    if kind == "file" or full:
-        checks.append(("mtime_ns", entry.mtime_ns, st.st_mtime_ns))
-    if kind == "file":
-        checks.append(("size", entry.size, st.st_size))
-    problems = [
-        f"{name} is {found}, expected {wanted}" for name, wanted, found in checks if found != wanted
-    ]
-    parent, name = dirs.parent(entry.path)
-    if kind == "symlink" and (target := os.readlink(name, dir_fd=parent)) != entry.target:
-        problems.append(f"symlink target is {target!r}, expected {entry.target!r}")
-    if kind == "file" and entry.size == st.st_size:
-        fd = os.open(name, _READ_FLAGS, dir_fd=parent)
-        try:
-            digest = digest_file(Path(f"/proc/self/fd/{fd}"), progress).digest
-        finally:
-            os.close(fd)
-        if digest != entry.digest:
-            problems.append(f"content differs: sha256-1m {digest}, expected {entry.digest}")
-    if full and (xattrs := _read_xattrs(dirs.proc_path(entry.path))) != entry.xattrs:
-        problems.append(
-            f"xattrs are {sorted(xattrs)}, expected {sorted(entry.xattrs)} (or their values differ)"
-        )
-    return problems
-
-
-def _restore_file(
-    source: _Dirs, out: _Dirs, entry: TreeEntry, progress: Progress | None
-) -> list[str]:
-    try:
-        parent, name = source.parent(entry.path)
-        fd = os.open(name, _READ_FLAGS, dir_fd=parent)
-    except OSError as exc:
-        return [f"{entry.path}: cannot read it in the backup tree: {exc.strerror}"]
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return [f"{entry.path}: not a regular file in the backup tree"]
-        parent, name = out.parent(entry.path)
-        copy_file(Path(f"/proc/self/fd/{fd}"), Path(f"/proc/self/fd/{parent}/{name}"), progress)
-    finally:
-        os.close(fd)
-    _apply_metadata(out, entry, xattrs_optional=False)
-    return []
-
-
-def _make_symlink(out: _Dirs, entry: TreeEntry, *, xattrs_optional: bool) -> None:
-    assert entry.target is not None  # checked by _entry_problems or set by _scan
-    parent, name = out.parent(entry.path)
-    os.symlink(entry.target, name, dir_fd=parent)
-    _apply_metadata(out, entry, xattrs_optional=xattrs_optional)
-
-
-def _apply_metadata(out: _Dirs, entry: TreeEntry, *, xattrs_optional: bool) -> None:
-    """Owners, xattrs, mode, mtime of an object just created; chown first (it clears setuid
-    and capabilities). `xattrs_optional`: a target filesystem without xattrs is fine."""
-    parent, name = out.parent(entry.path)
-    times = (entry.mtime_ns, entry.mtime_ns)
-    if entry.kind == "symlink":
-        os.chown(name, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
-        _write_xattrs(out.proc_path(entry.path), entry.xattrs, xattrs_optional)
-        os.utime(name, ns=times, dir_fd=parent, follow_symlinks=False)
-        return
-    flags = _DIR_FLAGS if entry.kind == "dir" else os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(name, flags, dir_fd=parent)
-    try:
-        os.fchown(fd, entry.uid, entry.gid)
-        _write_xattrs(fd, entry.xattrs, xattrs_optional)
-        os.fchmod(fd, entry.mode)
-        os.utime(fd, ns=times)
-    finally:
-        os.close(fd)
-
-
-def _read_xattrs(target: int | str) -> dict[str, str]:
-    """Xattrs of an fd or (not followed) path, values base64; {} if unsupported."""
-    follow = isinstance(target, int)
-    try:
-        names = os.listxattr(target, follow_symlinks=follow)
-    except OSError as exc:
-        if exc.errno in _NO_XATTRS:
-            return {}
-        raise
-    xattrs: dict[str, str] = {}
-    for name in sorted(names):
-        try:
-            value = os.getxattr(target, name, follow_symlinks=follow)
-        except OSError as exc:
-            if exc.errno == errno.ENODATA:  # removed since listed
-                continue
-            raise
-        xattrs[name] = base64.b64encode(value).decode("ascii")
-    return xattrs
-
-
-def _write_xattrs(target: int | str, xattrs: Mapping[str, str], optional: bool) -> None:
-    for name, value in sorted(xattrs.items()):
-        try:
-            os.setxattr(
-                target, name, base64.b64decode(value), follow_symlinks=isinstance(target, int)
-            )
-        except OSError as exc:
-            if not (optional and exc.errno in _NO_XATTRS):
-                raise
-
-
-def _open_dir(root_fd: int, path: str) -> int:
-    """Open directory `path` below `root_fd` through real directories only."""
-    fd = os.dup(root_fd)
-    try:
-        for part in path.split("/"):
-            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _unlink_if_present(name: str, parent: int) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(name, dir_fd=parent)
-
-
-def _entry_from_stat(
-    path: str,
-    kind: str,
-    st: os.stat_result,
-    *,
-    target: str | None = None,
-    xattrs: dict[str, str] | None = None,
-) -> TreeEntry:
-    mode, size = st.st_mode & 0o7777, st.st_size if kind == "file" else 0
-    owner, xattrs = (st.st_uid, st.st_gid), xattrs or {}
-    return TreeEntry(path, kind, mode, *owner, st.st_mtime_ns, size, target=target, xattrs=xattrs)
-
-
-def _matches(st: os.stat_result, entry: TreeEntry) -> bool:
-    """Whether a previous tree's file still has its entry's metadata (xattrs not re-read)."""
-    now = _entry_from_stat(entry.path, "file", st, xattrs=entry.xattrs)
-    return stat.S_ISREG(st.st_mode) and replace(now, digest=entry.digest) == entry

@@ -15,7 +15,9 @@ from gfs_backup.targetfs import LOCAL_FS, TargetFS, fsync_dir
 __all__ = ["MANIFEST", "DataFile", "Manifest", "ManifestError", "fsync_dir", "read_manifest"]
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+# 2: file trees record ctime, inode, hard links, the root, fifos and devices, `warnings`.
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 MAX_HISTORY = 20
 
 
@@ -49,6 +51,7 @@ class Manifest:
     drills: tuple[dict[str, Any], ...] = ()
     tool: str = f"gfs-backup {__version__}"
     digest_algorithm: str = ALGORITHM
+    warnings: tuple[str, ...] = ()  # what the export found worth a human's look
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -70,6 +73,7 @@ class Manifest:
             "tree": list(self.tree),
             "verify": list(self.verify),
             "drills": list(self.drills),
+            "warnings": list(self.warnings),
         }
 
     def with_verify(self, record: dict[str, Any]) -> Manifest:
@@ -88,6 +92,10 @@ def _field(data: dict[str, Any], key: str, kind: type, where: str) -> Any:
     return value
 
 
+def _optional_list(data: dict[str, Any], key: str, where: str) -> list[Any]:
+    return _field(data, key, list, where) if key in data else []
+
+
 def parse_manifest(text: str, where: str) -> Manifest:
     """Validate a manifest's JSON. Raises ManifestError naming `where` and the bad field."""
     try:
@@ -98,8 +106,14 @@ def parse_manifest(text: str, where: str) -> Manifest:
         ) from None
     if not isinstance(data, dict):
         raise ManifestError(f"{where}: not a JSON object")
-    if data.get("format") != FORMAT:
-        raise ManifestError(f"{where}: unknown manifest format {data.get('format')!r}")
+    version = data.get("format")
+    if type(version) is int and version > FORMAT:
+        raise ManifestError(
+            f"{where}: manifest format {version} was written by a newer gfs (this "
+            f"{__version__} reads formats up to {FORMAT}): upgrade gfs to use this generation"
+        )
+    if version not in READABLE_FORMATS or type(version) is not int:
+        raise ManifestError(f"{where}: unknown manifest format {version!r}")
     try:
         created = datetime.fromisoformat(
             _field(data, "created_at", str, where).replace("Z", "+00:00")
@@ -132,10 +146,11 @@ def parse_manifest(text: str, where: str) -> Manifest:
         protected=_field(data, "protected", bool, where),
         point_in_time=_field(data, "point_in_time", bool, where),
         source=_field(data, "source", dict, where),
-        verify=tuple(data.get("verify", [])),
-        drills=tuple(data.get("drills", [])),
+        verify=tuple(_optional_list(data, "verify", where)),
+        drills=tuple(_optional_list(data, "drills", where)),
         tool=str(data.get("tool", "")),
         digest_algorithm=_field(data, "digest_algorithm", str, where),
+        warnings=tuple(str(line) for line in _optional_list(data, "warnings", where)),
     )
 
 

@@ -66,7 +66,8 @@ DRILL_KEYS = ("schedule", "select", "console", "agent", "timeout", "memory", "ac
 DRILL_SELECT = ("newest", "son", "father", "grandfather", "yearly")
 DRILL_ACCEL = ("tcg", "kvm")
 DEFAULT_DRILL_CONSOLE = "login:"
-_DURATION_RE = re.compile(r"(\d+)\s*([smh]?)")
+_DURATION_RE = re.compile(r"(\d+)\s*([smhdw]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SYSTEM_POLICY_DIR = Path("/etc/gfs/policies")
 
@@ -253,14 +254,18 @@ def drill_settings(table: Table, collector: Collector, path: str) -> DrillSettin
     return DrillSettings(select, console, agent, timeout, memory, accel)
 
 
+def parse_duration(value: object) -> int:
+    """Seconds from an integer or a string like `90`, `90s`, `5m`, `1h`, `30d`, `2w`."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and (match := _DURATION_RE.fullmatch(value.strip())):
+        return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    raise ValueError(f"expected seconds or a duration such as '5m', '90s' or '30d', got {value!r}")
+
+
 def parse_drill_timeout(value: object) -> float:
     """Seconds from an integer or a string like `90`, `90s`, `5m`, `1h` (10 s to 24 h)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        seconds = value
-    elif isinstance(value, str) and (match := _DURATION_RE.fullmatch(value.strip())):
-        seconds = int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
-    else:
-        raise ValueError(f"expected seconds or a duration such as '5m' or '90s', got {value!r}")
+    seconds = parse_duration(value)
     if not 10 <= seconds <= 86400:
         raise ValueError(f"{seconds} s is not allowed: use 10 s to 24 h")
     return float(seconds)

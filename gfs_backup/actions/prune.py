@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from gfs_backup.actions.verify import last_verified_ok
 from gfs_backup.backends.base import JobContext
-from gfs_backup.catalog import Listing, list_generations
+from gfs_backup.catalog import list_generations, newest_verified
 from gfs_backup.config import Job
 from gfs_backup.generation import delete_generation
 from gfs_backup.retention import Plan, plan
@@ -24,11 +23,6 @@ class PruneResult:
     plan: Plan
     deleted: list[str] = field(default_factory=list)
     spared: list[str] = field(default_factory=list)  # planned, but a safety rule said no
-
-
-def newest_verified(listing: Listing) -> str | None:
-    verified = [item for item in listing.stored if last_verified_ok(item)]
-    return verified[-1].id if verified else None
 
 
 def prune_job(
@@ -46,7 +40,8 @@ def prune_job(
     """
     listing = list_generations(job_dir, fs)
     result = plan(listing.generations, job.policy.rules, now, job.policy.zone)
-    keep_anyway = newest_verified(listing)
+    newest = newest_verified(listing.stored)
+    keep_anyway = newest.id if newest is not None else None
     stored = listing.by_id()
     deleted: list[str] = []
     spared: list[str] = []

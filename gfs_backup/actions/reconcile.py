@@ -24,8 +24,8 @@ def reconcile(ctx: JobContext, backend: Backend, job_dir: Path) -> list[str]:
     for entry in ctx.state.open_entries(ctx.job.name):
         if entry.run_id == ctx.run_id:
             continue
-        if entry.action in ("partial", "prune", "drill"):  # all only ever under dot-names
-            fs = LOCAL_FS if entry.action == "drill" else ctx.target  # drills: here
+        if entry.action in ("partial", "prune", "drill", "restore"):  # only dot-names
+            fs = LOCAL_FS if entry.action in ("drill", "restore") else ctx.target
             remove_leftover(ctx.runner, Path(entry.path), fs)
             ctx.state.done(entry.id)
             done.append(f"removed leftover {entry.action} {entry.path}")
@@ -42,10 +42,16 @@ def reconcile(ctx: JobContext, backend: Backend, job_dir: Path) -> list[str]:
 
 
 def remove_leftover(runner: Runner, path: Path, fs: TargetFS = LOCAL_FS) -> None:
-    """Remove a dot-named leftover tree (on `fs`); btrfs subvolumes in it (a drill's,
-    always on this machine) first."""
-    if fs is LOCAL_FS and path.is_dir() and path.name.startswith("."):
-        for child in path.iterdir():
-            if is_subvolume_root(child):
-                runner.run(make_delete_command(child), check=False)
+    """Remove a dot-named leftover tree or file (on `fs`); btrfs subvolumes (a drill's or
+    a restore's, always on this machine): the path itself, or those in it, first."""
+    if fs is LOCAL_FS and path.name.startswith("."):
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            path.unlink()
+            return
+        if is_subvolume_root(path):
+            runner.run(make_delete_command(path), check=False)
+        elif path.is_dir():
+            for child in path.iterdir():
+                if is_subvolume_root(child):
+                    runner.run(make_delete_command(child), check=False)
     fs.remove_tree(path)

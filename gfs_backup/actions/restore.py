@@ -8,6 +8,7 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
+from gfs_backup.actions.reconcile import remove_leftover
 from gfs_backup.actions.targets import job_location
 from gfs_backup.actions.verify import Verified, check_data, verify_stored
 from gfs_backup.backends import backend_for
@@ -21,6 +22,9 @@ from gfs_backup.runner import LocalRunner
 from gfs_backup.state import State
 
 log = logging.getLogger("gfs")
+
+
+STAGING_PREFIX = ".gfs-restore-"  # what a restore writes, beside --to, until it is checked
 
 
 class RestoreError(GfsError):
@@ -55,21 +59,32 @@ def restore(
     progress: Progress | None = None,
     options: RestoreOptions | None = None,
 ) -> Stored:
-    """Check the generation's checksums, then restore it to `to` (which must not exist)."""
+    """Check the generation's checksums, then restore it to `to` (which must not exist):
+    into a temporary name beside it, renamed to `to` once complete and checked, so a
+    failed restore leaves nothing at `to` (journaled: a killed one is removed by the next
+    run of the job)."""
     if to.exists() or to.is_symlink():
         raise InputError(Problem(str(to), "already exists: restore into a new path"))
     if not to.parent.is_dir():
         raise InputError(Problem(str(to), "its parent directory does not exist"))
 
     def write(ctx: JobContext, stored: Stored) -> str:
+        staging = to.parent / f"{STAGING_PREFIX}{to.name}-{ctx.run_id}"
+        entry = ctx.state.journal(ctx.run_id, job.name, "restore", str(staging))
         try:
             backend_for(stored.manifest.kind).restore(
-                ctx, stored, to, progress, options or RestoreOptions()
+                ctx, stored, staging, progress, replace(options or RestoreOptions(), final=to)
             )
+            if to.exists() or to.is_symlink():
+                raise RestoreError(f"{to} appeared while restoring: the restore is left unused")
+            staging.rename(to)
         except ValueError as exc:
             raise RestoreError(
                 f"restore of {stored.id} to {to} does not match its manifest: {exc}"
             ) from None
+        finally:
+            remove_leftover(ctx.runner, staging)
+            ctx.state.done(entry)
         return str(to)
 
     return _checked_restore(config, job, generation, now, progress, write)

@@ -19,7 +19,7 @@ from gfs_backup.actions.targets import job_location
 from gfs_backup.actions.verify import check_data, last_check_time, verify_stored
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import Backend, Exported, JobContext, Progress, Snapshot
-from gfs_backup.catalog import Stored, list_generations
+from gfs_backup.catalog import Stored, list_generations, newest_verified
 from gfs_backup.config import Config, Job
 from gfs_backup.errors import ExitCode, GfsError
 from gfs_backup.faults import crash_point
@@ -237,7 +237,7 @@ def _pipeline(
     crash_point("after-snapshot")
     try:
         listing = list_generations(job_dir, fs)
-        previous = listing.stored[-1] if listing.stored else None
+        previous = newest_verified(listing.stored)  # what a new export may build on
         partial = PartialGeneration(
             job_dir, generation_id(ctx.now, job_dir, fs), ctx.state, ctx.run_id, job.name, fs
         )
@@ -347,6 +347,7 @@ def _manifest(
         point_in_time=exported.point_in_time,
         source=exported.source,
         digest_algorithm=exported.digest_algorithm,
+        warnings=exported.warnings,
     )
     if job.policy.verify_after_export:
         problems = check_data(Stored(partial.path, manifest, partial.fs))

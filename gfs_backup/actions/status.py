@@ -19,9 +19,16 @@ from gfs_backup.targetfs import TargetFS
 
 
 def generation_size(stored: Stored) -> int:
-    """Logical bytes of a generation's data (files and file tree)."""
+    """Logical bytes of a generation's data (files and file tree; a hard link once)."""
     size = sum(data.size for data in stored.manifest.files)
-    return size + sum(int(item.get("size", 0)) for item in stored.manifest.tree)
+    tree = stored.manifest.tree
+    return size + sum(int(item.get("size", 0)) for item in tree if not item.get("link"))
+
+
+def skipped_count(stored: Stored) -> int:
+    """Objects a files export left out (sockets, other filesystems, vanished files)."""
+    skipped = stored.manifest.source.get("skipped", [])
+    return len(skipped) if isinstance(skipped, list) else 0
 
 
 @dataclass(frozen=True)

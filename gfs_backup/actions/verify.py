@@ -7,11 +7,13 @@ from datetime import datetime, timezone
 
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import Progress
-from gfs_backup.catalog import Stored
+from gfs_backup.catalog import Stored, last_verified_ok
 from gfs_backup.copy import digest_file
 from gfs_backup.digest import ALGORITHM
 from gfs_backup.manifest import DataFile, write_manifest
 from gfs_backup.targetfs import LOCAL_FS, FileDigest
+
+__all__ = ["Verified", "check_data", "last_check_time", "last_verified_ok", "verify_stored"]
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,6 @@ def verify_stored(
         write_manifest(stored.path, manifest, stored.fs)
         stored = replace(stored, manifest=manifest)
     return Verified(stored, problems)
-
-
-def last_verified_ok(stored: Stored) -> bool:
-    return bool(stored.manifest.verify) and stored.manifest.verify[-1].get("result") == "ok"
 
 
 def last_check_time(stored: Stored) -> datetime:

@@ -67,10 +67,13 @@ class Exported:
 
 @dataclass(frozen=True)
 class RestoreOptions:
-    """Restore choices that only some kinds use (libvirt: the new domain)."""
+    """Restore choices that only some kinds use (libvirt: the new domain). `final`: where
+    the restored `to` is renamed once complete and checked (paths written into a domain
+    definition name it); None: `to` itself."""
 
     domain_name: str | None = None
     keep_interfaces: bool = False
+    final: Path | None = None
 
 
 def snapshot_name(job: str, when: datetime, run_id: int) -> str:
@@ -107,7 +110,8 @@ class Backend(Protocol):
         previous: Stored | None,
         progress: Progress | None,
     ) -> Exported:
-        """Write the generation's data into `into` (a new, empty directory)."""
+        """Write the generation's data into `into` (a new, empty directory). `previous`
+        is the job's newest verified generation, which the export may build on."""
         ...
 
     def retire_snapshot(self, ctx: JobContext, snapshot: Snapshot, keep: int) -> None:

@@ -1,12 +1,15 @@
-"""Data-directory jobs: a plain file tree, hard-linked to the previous generation.
+"""Data-directory jobs: a plain file tree, hard-linked to the previous verified generation.
 
 On BTRFS the directory's subvolume is snapshotted first, so the copy is point-in-time;
 elsewhere the live directory is copied and the manifest says it is not point-in-time.
+What counts as unchanged, and the periodic rehash: see filetree.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from gfs_backup.backends import snapshots
 from gfs_backup.backends.base import (
@@ -18,12 +21,16 @@ from gfs_backup.backends.base import (
     SourceError,
 )
 from gfs_backup.btrfs import containing_subvolume
-from gfs_backup.catalog import Stored
-from gfs_backup.filetree import export_tree, restore_tree, verify_tree
+from gfs_backup.catalog import Stored, last_verified_ok
+from gfs_backup.filetree import Base, TreeExport, export_tree, scan_clock_ns
 from gfs_backup.mounts import mount_of, read_mounts
 from gfs_backup.treeentry import TreeEntry
+from gfs_backup.treerestore import restore_tree, verify_tree
 
 TREE = "data"
+SCAN_STARTED = "scan_started_ns"  # source metadata keys a later export builds on
+GRANULARITY = "timestamp_granularity_ns"
+FULL_READ_AT = "full_read_at"
 
 
 def tree_entries(stored: Stored) -> list[TreeEntry]:
@@ -33,6 +40,27 @@ def tree_entries(stored: Stored) -> list[TreeEntry]:
         TreeEntry.from_json(item, f"{where}[{index}]")
         for index, item in enumerate(stored.manifest.tree)
     ]
+
+
+def make_base(previous: Stored | None, now: datetime, rehash_every: int) -> Base | None:
+    """What a new export may take over from `previous`: None when it has no tree, failed
+    its latest verify, or lacks the scan time (older gfs); `rehash` when its last full
+    read is `rehash_every` seconds old or more (0: never)."""
+    if previous is None or not previous.manifest.tree or not last_verified_ok(previous):
+        return None
+    source = previous.manifest.source
+    started, granularity = source.get(SCAN_STARTED), source.get(GRANULARITY)
+    if type(started) is not int or type(granularity) is not int or granularity < 0:
+        return None
+    try:
+        entries = {entry.path: entry for entry in tree_entries(previous)}
+        full_read = datetime.fromisoformat(str(source.get(FULL_READ_AT)).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if full_read.tzinfo is None:
+        return None
+    rehash = bool(rehash_every) and (now - full_read).total_seconds() >= rehash_every
+    return Base(previous.path / TREE, entries, started - granularity, rehash)
 
 
 class FilesBackend(snapshots.SnapshottingBackend):
@@ -48,7 +76,10 @@ class FilesBackend(snapshots.SnapshottingBackend):
         path = Path(ctx.job.options["path"])
         if mount_of(path, read_mounts()).fstype != "btrfs":
             return None
-        return snapshots.take_snapshot(ctx, containing_subvolume(path), inside=path)
+        started = scan_clock_ns()  # before the snapshot: its files' times are older
+        taken = snapshots.take_snapshot(ctx, containing_subvolume(path), inside=path)
+        taken.metadata[SCAN_STARTED] = started
+        return taken
 
     def export(
         self,
@@ -59,22 +90,21 @@ class FilesBackend(snapshots.SnapshottingBackend):
         progress: Progress | None,
     ) -> Exported:
         source = snapshot.path if snapshot is not None else Path(ctx.job.options["path"])
-        linked_from = None
-        if previous is not None and previous.manifest.tree:
-            linked_from = (
-                previous.path / TREE,
-                {entry.path: entry for entry in tree_entries(previous)},
-            )
-        result = export_tree(source, into / TREE, linked_from, progress)
-        warnings = [f"not exported: {line}" for line in result.skipped]
+        base = make_base(previous, ctx.now, int(ctx.job.options.get("rehash_every", 0)))
+        started = snapshot.metadata.get(SCAN_STARTED) if snapshot is not None else None
+        result = export_tree(source, into / TREE, base, progress, scan_started_ns=started)
+        warnings = _summary("not exported", result.skipped) + _summary("", result.warnings)
         if snapshot is None:
             warnings.append(
                 f"{ctx.job.options['path']} is not on btrfs: copied live, not point-in-time"
             )
+        if base is None:
+            ctx.log.info("job %s: reading every file (%s)", ctx.job.name, _why_full(previous))
+        elif base.rehash:
+            ctx.log.info("job %s: periodic rehash: reading every file", ctx.job.name)
         metadata = {
             "path": ctx.job.options["path"],
-            "copied_files": result.copied_files,
-            "linked_files": result.linked_files,
+            **_tree_metadata(result, ctx.now, previous, base),
         }
         if snapshot is not None:
             metadata.update(snapshot.metadata)
@@ -102,3 +132,39 @@ class FilesBackend(snapshots.SnapshottingBackend):
         options: RestoreOptions,
     ) -> None:
         restore_tree(stored.path / TREE, tree_entries(stored), to, progress)
+
+
+def _tree_metadata(
+    result: TreeExport, now: datetime, previous: Stored | None, base: Base | None
+) -> dict[str, Any]:
+    """The manifest's record of how the tree was taken, for the next export and humans."""
+    full_read_at = now.isoformat()
+    if base is not None and not base.rehash and previous is not None:
+        full_read_at = previous.manifest.source[FULL_READ_AT]  # make_base checked it
+    return {
+        "copied_files": result.copied_files,
+        "linked_files": result.linked_files,
+        "rehashed_files": result.rehashed_files,
+        SCAN_STARTED: result.scan_started_ns,
+        GRANULARITY: result.granularity_ns,
+        FULL_READ_AT: full_read_at,
+        "skipped": list(result.skipped),
+        "changed_behind_metadata": list(result.changed_behind_metadata),
+        "changed_during_backup": sum(1 for entry in result.entries if entry.changed),
+    }
+
+
+def _summary(what: str, lines: list[str], most: int = 10) -> list[str]:
+    """Up to `most` lines, then one line for the rest (the manifest lists them all)."""
+    shown = [f"{what}: {line}" if what else line for line in lines[:most]]
+    if len(lines) > most:
+        shown.append(f"... and {len(lines) - most} more (listed in the manifest)")
+    return shown
+
+
+def _why_full(previous: Stored | None) -> str:
+    if previous is None:
+        return "no verified generation to build on"
+    if not previous.manifest.tree:
+        return f"generation {previous.id} holds no file tree"
+    return f"generation {previous.id} was made by an older gfs (no scan time recorded)"

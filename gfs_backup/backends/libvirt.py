@@ -529,19 +529,22 @@ class LibvirtBackend:
         progress: Progress | None,
         options: RestoreOptions,
     ) -> None:
-        """Copy the disks into the directory `to` and define a new domain using them."""
+        """Copy the disks into the directory `to` and define a new domain using them
+        (its disks named in `options.final`, where `to` goes once restored)."""
         source = stored.manifest.source
         name = options.domain_name or f"{source['domain']}-restored-{stored.id}"
+        final = options.final or to
         to.mkdir(parents=True)
         paths: dict[str, Path] = {}
         try:
             for data in stored.manifest.files:
                 target = Path(data.path).stem
-                paths[target] = to / f"{name}-{target}.qcow2"
-                shutil.copyfile(stored.path / data.path, paths[target])
-                problems = qemu_img_problems(ctx.runner, paths[target])
+                disk = f"{name}-{target}.qcow2"
+                paths[target] = final / disk
+                shutil.copyfile(stored.path / data.path, to / disk)
+                problems = qemu_img_problems(ctx.runner, to / disk)
                 if problems:
-                    raise GfsError(f"restored disk {paths[target]}: {problems}")
+                    raise GfsError(f"restored disk {final / disk}: {problems}")
             connection = self._connect(ctx.job)
             try:
                 connection.define(
@@ -552,7 +555,7 @@ class LibvirtBackend:
         except BaseException:
             shutil.rmtree(to, ignore_errors=True)
             raise
-        ctx.log.info("job %s: defined domain %s with disks in %s", ctx.job.name, name, to)
+        ctx.log.info("job %s: defined domain %s with disks in %s", ctx.job.name, name, final)
 
     def restore_over_original(
         self, ctx: JobContext, stored: Stored, progress: Progress | None

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from gfs_backup.actions.plan import select_jobs
-from gfs_backup.actions.status import generation_size, job_status
+from gfs_backup.actions.status import generation_size, job_status, skipped_count
 from gfs_backup.actions.verify import last_verified_ok
 from gfs_backup.catalog import Stored
 from gfs_backup.cli.options import config_option, json_option
@@ -29,6 +29,8 @@ def _stored_json(stored: Stored) -> dict[str, Any]:
         "size": generation_size(stored),
         "verified": manifest.verify[-1] if manifest.verify else None,
         "drilled": manifest.drills[-1] if manifest.drills else None,
+        "skipped": skipped_count(stored),
+        "warnings": list(manifest.warnings),
         "path": str(stored.path),
     }
 
@@ -78,6 +80,10 @@ def list_command(jobs: tuple[str, ...], config_path: Path, as_json: bool) -> Non
                 flags.append("protected")
             if not manifest.point_in_time:
                 flags.append("not point-in-time")
+            if skipped := skipped_count(stored):
+                flags.append(f"{skipped} skipped")
+            if manifest.warnings:
+                flags.append(f"{len(manifest.warnings)} warning(s)")
             created = manifest.created_at.astimezone(zone)
             click.echo(
                 f"  {stored.id:<20} {created:%Y-%m-%d %H:%M %Z}  "

@@ -7,14 +7,16 @@ import os
 import re
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from gfs_backup.copy import digest_file
-from gfs_backup.filetree import TreeExport, export_tree, restore_tree, verify_tree
-from gfs_backup.treeentry import TreeEntry
+from gfs_backup.filetree import Base, TreeExport, export_tree
+from gfs_backup.treeentry import ROOT, TreeEntry
+from gfs_backup.treerestore import restore_tree, verify_tree
 
 pytestmark = pytest.mark.integration
 
@@ -117,13 +119,30 @@ def by_path(export: TreeExport) -> dict[str, TreeEntry]:
     return {entry.path: entry for entry in export.entries}
 
 
+def paths(export: TreeExport) -> list[str]:
+    """The exported paths, without the root directory's entry."""
+    return [entry.path for entry in export.entries if entry.path != ROOT]
+
+
+def base_of(tree: Path, export: TreeExport, *, rehash: bool = False) -> Base:
+    """The base a run gets from a verified generation holding `export` at `tree`."""
+    racy_from = export.scan_started_ns - export.granularity_ns
+    return Base(tree, by_path(export), racy_from, rehash)
+
+
+def settle() -> None:
+    """Let the clock tick past the racy-timestamp window of the files just written (a
+    file changed in the same tick as a scan is read again by the next export)."""
+    time.sleep(0.05)
+
+
 def test_round_trip_keeps_every_byte_and_all_metadata(work: Path) -> None:
     source = build_source(work / "source")
     expected = snapshot(source)
 
     export = export_tree(source, work / "tree")
 
-    assert [entry.path for entry in export.entries] == sorted(expected)
+    assert paths(export) == sorted(expected)
     assert snapshot(work / "tree") == expected
     assert export.skipped == []
     assert (export.copied_files, export.linked_files) == (len(FILES), 0)
@@ -154,7 +173,7 @@ def test_sparse_file_stays_sparse_in_export_and_restore(work: Path) -> None:
     restore_tree(work / "tree", export.entries, work / "restored")
 
     assert export.copied_bytes <= 2 * MIB
-    assert export.entries[0].digest == digest_file(source / "disk.img").digest
+    assert by_path(export)["disk.img"].digest == digest_file(source / "disk.img").digest
     for copy in (work / "tree/disk.img", work / "restored/disk.img"):
         assert copy.stat().st_size == 64 * MIB
         assert copy.stat().st_blocks * 512 <= 2 * MIB
@@ -166,13 +185,14 @@ def test_incremental_export_links_unchanged_files_and_copies_changed(work: Path)
     source.mkdir()
     for name in ("same", "edited", "chmodded", "removed"):
         (source / name).write_bytes(name.encode() * 1000)
+    settle()
     first = export_tree(source, work / "gen1")
     (source / "edited").write_bytes(b"new content")
     os.chmod(source / "chmodded", 0o600)
     (source / "added").write_bytes(b"added")
     (source / "removed").unlink()
 
-    second = export_tree(source, work / "gen2", previous=(work / "gen1", by_path(first)))
+    second = export_tree(source, work / "gen2", base_of(work / "gen1", first))
 
     assert (second.copied_files, second.linked_files) == (3, 1)
     assert second.copied_bytes == len(b"new content") + len(b"chmodded") * 1000 + len(b"added")
@@ -196,11 +216,12 @@ def test_incremental_export_copies_when_previous_copy_is_gone_or_altered(work: P
     source.mkdir()
     (source / "gone").write_bytes(b"gone")
     (source / "touched").write_bytes(b"touched")
+    settle()
     first = export_tree(source, work / "gen1")
     (work / "gen1/gone").unlink()
     os.utime(work / "gen1/touched", ns=(1, 1))
 
-    second = export_tree(source, work / "gen2", previous=(work / "gen1", by_path(first)))
+    second = export_tree(source, work / "gen2", base_of(work / "gen1", first))
 
     assert (second.copied_files, second.linked_files) == (2, 0)
     assert (work / "gen2/touched").stat().st_nlink == 1
@@ -309,7 +330,12 @@ GOOD_FILE = {
         ({"mode": "755"}, "mode"),
         ({"mode": True}, "mode"),
         ({"mode": 0o10000}, "mode"),
-        ({"kind": "fifo"}, "kind"),
+        ({"kind": "socket"}, "kind"),
+        ({"ctime_ns": "1"}, "ctime_ns"),
+        ({"ino": -1}, "ino"),
+        ({"rdev": 5}, "rdev"),
+        ({"changed": 1}, "changed"),
+        ({"link": "../x"}, "link"),
         ({"uid": -1}, "uid"),
         ({"size": -3}, "size"),
         ({"digest": "A" * 64}, "digest"),
@@ -341,6 +367,8 @@ def test_from_json_reads_what_to_json_wrote(work: Path) -> None:
         "uid",
         "gid",
         "mtime_ns",
+        "ctime_ns",
+        "ino",
     }
     with pytest.raises(ValueError, match="expected an object"):
         TreeEntry.from_json(["path"], "x")
@@ -401,7 +429,7 @@ def test_file_vanishing_during_export_is_skipped_with_a_note(work: Path) -> None
     export = export_tree(source, work / "tree", progress=delete_victim)
 
     assert export.skipped == ["z-victim (vanished while reading)"]
-    assert [entry.path for entry in export.entries] == ["a-big"]
+    assert paths(export) == ["a-big"]
     assert verify_tree(work / "tree", export.entries) == []
 
 
@@ -419,6 +447,6 @@ def test_file_shrinking_during_export_is_copied_again(work: Path) -> None:
     export = export_tree(source, work / "tree", progress=shrink_once)
 
     assert export.skipped == []
-    assert export.entries[0].size == MIB
-    assert export.entries[0].digest == digest_file(source / "log").digest
+    assert by_path(export)["log"].size == MIB
+    assert by_path(export)["log"].digest == digest_file(source / "log").digest
     assert verify_tree(work / "tree", export.entries) == []
