@@ -101,17 +101,19 @@ def export_tree(
     progress: Progress | None = None,
     *,
     scan_started_ns: int | None = None,
+    exclude: frozenset[str] = frozenset(),
 ) -> TreeExport:
     """Mirror `source` into the new directory `dest` (must not exist; its parent must).
 
     Stays on `source`'s filesystem and never follows symlinks; sockets, mount points and
     files that vanish are skipped and listed. `scan_started_ns` (kernel clock): when the
-    source's state was taken (before its snapshot), default now. With `base`, unchanged
+    source's state was taken (before its snapshot), default now. `exclude`: relative
+    paths left out in silence (gfs's own snapshot directory). With `base`, unchanged
     files are hard-linked from it. Everything is on stable storage when this returns.
     OSError (ENOSPC, EIO) propagates; the caller removes `dest`.
     """
     started = scan_clock_ns() if scan_started_ns is None else scan_started_ns
-    found, skipped = _scan(source)
+    found, skipped = _scan(source, exclude)
     os.mkdir(dest, 0o700)
     with Dirs(source) as src, Dirs(dest) as out:
         exporter = _Exporter(src, out, base, progress, skipped)
@@ -351,8 +353,9 @@ def _stored_as(st: os.stat_result, entry: TreeEntry) -> bool:
     return kind_of(st) == "file" and found == wanted
 
 
-def _scan(source: Path) -> tuple[dict[str, _Found], list[str]]:
-    """Everything below `source` on its filesystem (and `source` itself, as `.`)."""
+def _scan(source: Path, exclude: frozenset[str]) -> tuple[dict[str, _Found], list[str]]:
+    """Everything below `source` on its filesystem (and `source` itself, as `.`) but the
+    paths in `exclude`."""
     root = os.lstat(source)
     root_entry = entry_from_stat(ROOT, "dir", root, xattrs=read_xattrs(str(source)))
     found = {ROOT: _Found(root, root_entry)}
@@ -371,6 +374,8 @@ def _scan(source: Path) -> tuple[dict[str, _Found], list[str]]:
             continue
         for name in names:
             path = f"{folder}/{name}" if folder else name
+            if path in exclude:
+                continue
             try:
                 st = os.lstat(source / path)
                 kind = kind_of(st)

@@ -92,7 +92,14 @@ class FilesBackend(snapshots.SnapshottingBackend):
         source = snapshot.path if snapshot is not None else Path(ctx.job.options["path"])
         base = make_base(previous, ctx.now, int(ctx.job.options.get("rehash_every", 0)))
         started = snapshot.metadata.get(SCAN_STARTED) if snapshot is not None else None
-        result = export_tree(source, into / TREE, base, progress, scan_started_ns=started)
+        result = export_tree(
+            source,
+            into / TREE,
+            base,
+            progress,
+            scan_started_ns=started,
+            exclude=_own_snapshot_dir(ctx, snapshot),
+        )
         warnings = _summary("not exported", result.skipped) + _summary("", result.warnings)
         if snapshot is None:
             warnings.append(
@@ -152,6 +159,18 @@ def _tree_metadata(
         "changed_behind_metadata": list(result.changed_behind_metadata),
         "changed_during_backup": sum(1 for entry in result.entries if entry.changed),
     }
+
+
+def _own_snapshot_dir(ctx: JobContext, snapshot: Snapshot | None) -> frozenset[str]:
+    """gfs's snapshot directory, relative to the exported path when it lies inside it."""
+    if snapshot is None:
+        return frozenset()
+    path = Path(ctx.job.options["path"])
+    folder = snapshot.subvolume.parent
+    try:
+        return frozenset({str(folder.relative_to(path))})
+    except ValueError:
+        return frozenset()
 
 
 def _summary(what: str, lines: list[str], most: int = 10) -> list[str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from gfs_backup.config import load_config
 from gfs_backup.manifest import Manifest, write_manifest
 from gfs_backup.policy import load_policy_file, shipped_policy_paths
 from tests.conftest import RunGfs
@@ -136,7 +137,7 @@ father-weekday = "someday"
         ),
         (
             "colour = 1\n",
-            "colour: unknown key (allowed: state_dir, policy_dir, concurrency, target, hosts, job)",
+            "colour: unknown key (allowed: state_dir, policy_dir, concurrency, target, hosts, job, files)",
         ),
         ("[hosts.kvm2]\nport = 70000\n", "hosts.kvm2.address: required"),
         (
@@ -157,6 +158,17 @@ father-weekday = "someday"
             "policy = 'classic-gfs'\n",
             "job[a].host: unknown host 'kvm9'",
         ),
+        (
+            "[[job]]\nname = 'a'\nkind = 'files'\npath = '/x'\nrehash_every = 'monthly'\n"
+            "policy = 'classic-gfs'\n",
+            "job[a].rehash_every: expected seconds or a duration such as '5m', '90s' or '30d'",
+        ),
+        (
+            "[files]\nrehash_every = '10m'\n"
+            "[[job]]\nname = 'a'\nkind = 'files'\npath = '/x'\npolicy = 'classic-gfs'\n",
+            'files.rehash_every: 600 s is too short: at least 1h, or "off"',
+        ),
+        ("[files]\nrehash = '1d'\n", "files.rehash: unknown key (allowed: rehash_every)"),
         (
             "[target.nas]\npath = '/mnt/nas'\nbandwidth = 'fast'\n",
             'target.nas.bandwidth: expected bytes per second such as "100M" (MiB/s) or 0 '
@@ -238,3 +250,17 @@ def test_plan_unknown_job(run_gfs: RunGfs, tmp_path: Path) -> None:
     result = run_gfs("plan", "--config", str(write_config(tmp_path, JOB)), "nope")
     assert result.exit_code == 3
     assert "no job named 'nope' (jobs: etc)" in result.stderr
+
+
+def test_files_jobs_rehash_every_30_days_unless_told_otherwise(tmp_path: Path) -> None:
+    job = "[[job]]\nname = '{name}'\nkind = 'files'\npath = '/x'\npolicy = 'classic-gfs'\n"
+    body = (
+        "[files]\nrehash_every = '2w'\n"
+        + job.format(name="default")
+        + job.format(name="own")
+        + "rehash_every = 'off'\n"
+    )
+    config = load_config(write_config(tmp_path, body))
+    assert [j.options["rehash_every"] for j in config.jobs] == [14 * 86400, 0]
+    plain = load_config(write_config(tmp_path, job.format(name="plain")))
+    assert plain.jobs[0].options["rehash_every"] == 30 * 86400

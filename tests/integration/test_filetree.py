@@ -6,6 +6,7 @@ import json
 import os
 import re
 import socket
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -94,24 +95,26 @@ def build_source(root: Path) -> Path:
 
 
 def snapshot(root: Path) -> Snapshot:
-    """Everything gfs should preserve about each object below `root`."""
+    """Everything gfs should preserve about each object below `root`, and `root` itself."""
     result: Snapshot = {}
     for folder, dirs, files in os.walk(root):
-        for name in [*dirs, *files]:
+        for name in [*dirs, *files] if folder != str(root) else [".", *dirs, *files]:
             path = Path(folder, name)
             st = path.lstat()
             if path.is_symlink():
                 body: object = ("symlink", os.readlink(path))
             elif path.is_dir():
                 body = ("dir",)
-            else:
+            elif stat.S_ISREG(st.st_mode):
                 body = ("file", path.read_bytes())
+            else:
+                body = (stat.S_IFMT(st.st_mode), st.st_rdev)
             xattrs = {
                 key: os.getxattr(path, key, follow_symlinks=False)
                 for key in os.listxattr(path, follow_symlinks=False)
             }
             meta = (st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_mtime_ns, xattrs)
-            result[str(path.relative_to(root))] = (body, *meta)
+            result[os.path.relpath(path, root)] = (body, *meta)
     return result
 
 
@@ -142,7 +145,7 @@ def test_round_trip_keeps_every_byte_and_all_metadata(work: Path) -> None:
 
     export = export_tree(source, work / "tree")
 
-    assert paths(export) == sorted(expected)
+    assert [entry.path for entry in export.entries] == sorted(expected)
     assert snapshot(work / "tree") == expected
     assert export.skipped == []
     assert (export.copied_files, export.linked_files) == (len(FILES), 0)
@@ -228,17 +231,57 @@ def test_incremental_export_copies_when_previous_copy_is_gone_or_altered(work: P
     assert verify_tree(work / "gen2", second.entries) == []
 
 
-def test_hard_linked_source_files_are_copied_each(work: Path) -> None:
+def test_hard_links_inside_the_tree_are_one_file_in_export_and_restore(work: Path) -> None:
     source = work / "source"
-    source.mkdir()
-    (source / "a").write_bytes(b"shared")
+    (source / "sub").mkdir(parents=True)
+    (source / "a").write_bytes(b"shared" * 1000)
     os.link(source / "a", source / "b")
+    os.link(source / "a", source / "sub/c")
+    os.link(source / "a", work / "outside-name")  # a name outside the tree: not in the group
+    (source / "single").write_bytes(b"one name inside")
+    os.link(source / "single", work / "outside-single")
 
     export = export_tree(source, work / "tree")
 
-    assert [(entry.path, entry.size) for entry in export.entries] == [("a", 6), ("b", 6)]
-    assert (work / "tree/b").read_bytes() == b"shared"
-    assert verify_tree(work / "tree", export.entries) == []
+    entries = by_path(export)
+    assert (entries["b"].link, entries["sub/c"].link, entries["a"].link) == ("a", "a", None)
+    assert entries["single"].link is None
+    assert export.copied_files == 2 and export.copied_bytes == 6000 + len(b"one name inside")
+    tree = work / "tree"
+    assert {(tree / name).stat().st_ino for name in ("a", "b", "sub/c")} == {
+        (tree / "a").stat().st_ino
+    }
+    assert (tree / "a").stat().st_nlink == 3
+    assert verify_tree(tree, export.entries) == []
+    restore_tree(tree, export.entries, work / "restored")
+    restored = work / "restored"
+    assert len({(restored / name).stat().st_ino for name in ("a", "b", "sub/c")}) == 1
+    assert (restored / "a").stat().st_nlink == 3
+    assert (restored / "single").stat().st_nlink == 1
+
+    (tree / "b").unlink()  # a group member replaced by a copy is no longer the group
+    (tree / "b").write_bytes(b"shared" * 1000)
+    os.chmod(tree / "b", entries["a"].mode)
+    os.utime(tree / "b", ns=(entries["a"].mtime_ns, entries["a"].mtime_ns))
+    assert verify_tree(tree, export.entries) == ["b: is not a hard link of a, as the manifest says"]
+
+
+def test_hard_link_groups_build_on_the_base_generation(work: Path) -> None:
+    source = work / "source"
+    source.mkdir()
+    (source / "a").write_bytes(b"group")
+    os.link(source / "a", source / "b")
+    (source / "c").write_bytes(b"solo")
+    settle()
+    first = export_tree(source, work / "gen1")
+
+    second = export_tree(source, work / "gen2", base_of(work / "gen1", first))
+
+    assert (second.copied_files, second.linked_files) == (0, 2)
+    assert by_path(second)["b"].link == "a"
+    inodes = {(work / gen / name).stat().st_ino for gen in ("gen1", "gen2") for name in "ab"}
+    assert len(inodes) == 1
+    assert verify_tree(work / "gen2", second.entries) == []
 
 
 def flip_byte(path: Path) -> None:
@@ -394,11 +437,16 @@ def test_restore_and_verify_refuse_entries_escaping_the_tree(work: Path) -> None
     assert not (work / "dest").exists()
 
 
-def test_export_skips_fifos_sockets_and_other_filesystems(work: Path) -> None:
+def test_fifos_and_devices_are_kept_in_the_manifest_sockets_and_mounts_skipped(
+    work: Path,
+) -> None:
     source = work / "source"
     source.mkdir()
     (source / "kept").write_bytes(b"kept")
-    os.mkfifo(source / "pipe")
+    os.mkfifo(source / "pipe", 0o640)
+    os.mknod(source / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(source / "loop9", 0o660 | stat.S_IFBLK, os.makedev(7, 9))
+    os.chown(source / "loop9", 0, 6)
     with socket.socket(socket.AF_UNIX) as server:
         server.bind(str(source / "sock"))
         (source / "mnt").mkdir()
@@ -411,10 +459,25 @@ def test_export_skips_fifos_sockets_and_other_filesystems(work: Path) -> None:
         finally:
             subprocess.run(["umount", str(source / "mnt")], check=True)
 
-    assert sorted(export.skipped) == ["mnt (other filesystem)", "pipe (fifo)", "sock (socket)"]
-    assert [entry.path for entry in export.entries] == ["kept"]
-    assert sorted(os.listdir(work / "tree")) == ["kept"]
+    assert sorted(export.skipped) == ["mnt (other filesystem)", "sock (socket)"]
+    entries = by_path(export)
+    assert paths(export) == ["kept", "loop9", "null", "pipe"]
+    assert (entries["pipe"].kind, entries["null"].kind, entries["loop9"].kind) == (
+        "fifo",
+        "char",
+        "block",
+    )
+    assert entries["loop9"].rdev == os.makedev(7, 9)
+    assert sorted(os.listdir(work / "tree")) == ["kept"]  # specials: in the manifest only
     assert verify_tree(work / "tree", export.entries) == []
+
+    restore_tree(work / "tree", export.entries, work / "restored")
+    restored = work / "restored"
+    assert stat.S_ISFIFO((restored / "pipe").lstat().st_mode)
+    assert (restored / "loop9").lstat().st_rdev == os.makedev(7, 9)
+    assert snapshot(restored) == {
+        path: value for path, value in snapshot(source).items() if path not in ("sock", "mnt")
+    }
 
 
 def test_file_vanishing_during_export_is_skipped_with_a_note(work: Path) -> None:

@@ -42,7 +42,7 @@ def _umount(path: Path) -> None:
 
 @pytest.fixture
 def mounts(tmp_path: Path) -> Iterator[Mounter]:
-    """mounts.btrfs(name, size_mb) / tmpfs via mounts(name, kind=..., size_mb=...)."""
+    """mounts(name, kind="btrfs"|"ext4"|"tmpfs", size_mb=...): a new mounted filesystem."""
     require_system_tools()
     cleanups: list[Callable[[], None]] = []
     tag = uuid.uuid4().hex[:8]
@@ -61,7 +61,10 @@ def mounts(tmp_path: Path) -> Iterator[Mounter]:
         cleanups.append(
             lambda: subprocess.run(("losetup", "-d", device), check=False, capture_output=True)
         )
-        _sh("mkfs.btrfs", "-q", "-f", device)
+        if kind == "ext4":
+            _sh("mkfs.ext4", "-q", "-F", device)
+        else:
+            _sh("mkfs.btrfs", "-q", "-f", device)
         _sh("mount", device, str(point))
         cleanups.append(lambda: _umount(point))
         return point
