@@ -137,7 +137,8 @@ father-weekday = "someday"
         ),
         (
             "colour = 1\n",
-            "colour: unknown key (allowed: state_dir, policy_dir, concurrency, target, hosts, job, files)",
+            "colour: unknown key (allowed: state_dir, policy_dir, concurrency, target, hosts, "
+            "job, files)",
         ),
         ("[hosts.kvm2]\nport = 70000\n", "hosts.kvm2.address: required"),
         (
