@@ -36,10 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from gfs_backup.digest import BLOCK, BlockDigest, is_zero
+from gfs_backup.digest import BLOCK, BlockDigest, block_digests, is_zero
 
 Progress = Callable[[int], None]  # called with the number of bytes just processed
 CHUNK = 8 * BLOCK  # bytes per read; a multiple of BLOCK
+SMALL = 256 << 10  # files up to this size are read in one call, without threads
 BUFFERS = 8  # chunks in flight at most: being read, hashed, written, and slack
 WRITEBACK = 128 * BLOCK  # start writeback of the target every this many bytes
 PIPE_SIZE = BLOCK  # pipe capacity asked for when copying from a pipe
@@ -83,7 +84,17 @@ def copy_file(
 ) -> CopyResult:
     """Copy a regular file to a new file `destination` (must not exist), sparse, fsynced
     (without `sync` the caller makes it durable: one syncfs after many small files)."""
-    return _read_through(source, lambda: _Writer(destination, sync), progress)
+    with _open_read(source) as reader, _Writer(destination, sync) as writer:
+        return _read_fd(reader, writer, progress)
+
+
+def copy_open_file(
+    reader: int, writer: int, progress: Progress | None = None, *, sync: bool = True
+) -> CopyResult:
+    """`copy_file` between open descriptors: `reader` a regular file, `writer` a new empty
+    file opened for writing. Neither is closed."""
+    with _Writer.adopt(writer, sync) as output:
+        return _read_fd(reader, output, progress)
 
 
 def copy_stream(
@@ -112,9 +123,24 @@ def copy_stream(
     return CopyResult(position, position, digest.hexdigest())
 
 
-def digest_file(path: Path, progress: Progress | None = None) -> CopyResult:
-    """Checksum a file as `copy_file` would, reading only its data regions."""
-    return _read_through(path, None, progress)
+def digest_file(
+    path: Path, progress: Progress | None = None, *, uncached: bool = False
+) -> CopyResult:
+    """Checksum a file as `copy_file` would, reading only its data regions. `uncached`:
+    from the storage, not this host's page cache (its clean pages are dropped first: a
+    verify must see what the disk or the NFS server holds)."""
+    with _open_read(path) as reader:
+        return digest_open_file(reader, progress, uncached=uncached)
+
+
+def digest_open_file(
+    fd: int, progress: Progress | None = None, *, uncached: bool = False
+) -> CopyResult:
+    """`digest_file` of an open regular file (not closed)."""
+    if uncached:
+        with contextlib.suppress(OSError):  # only advice; dirty pages stay (sync first)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return _read_fd(fd, None, progress)
 
 
 def digest_and_punch_zeros(path: Path, progress: Progress | None = None) -> CopyResult:
@@ -123,24 +149,42 @@ def digest_and_punch_zeros(path: Path, progress: Progress | None = None) -> Copy
     file then takes only its data's space. For images written by a program that writes
     zeros as data (QEMU's backup job of a raw block device). A filesystem that cannot punch
     holes leaves the file as it is. Returns the digest of the (unchanged) content."""
-    return _read_through(path, lambda: _HolePuncher(path), progress)
+    with _open_read(path) as reader, _HolePuncher(path) as puncher:
+        return _read_fd(reader, puncher, progress)
 
 
-def _read_through(
-    path: Path, make_writer: Callable[[], _Writer] | None, progress: Progress | None
-) -> CopyResult:
-    """Read the data regions of `path`, hash every block, and hand the chunks to the
-    writer `make_writer` opens (none: only the digest); the writer is finished (fsync)."""
-    with _open_read(path) as reader:
-        size = os.fstat(reader).st_size
+def _read_fd(reader: int, writer: _Writer | None, progress: Progress | None) -> CopyResult:
+    """Read the data regions of `reader`, hash every block, and hand the chunks to
+    `writer` (none: only the digest), then finish it (truncate to size, fsync)."""
+    size = os.fstat(reader).st_size
+    if size <= SMALL:
+        digest, data = _copy_small(reader, writer, size, progress)
+    else:
+        with contextlib.suppress(OSError):  # only advice: larger readahead
+            os.posix_fadvise(reader, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         extents = data_extents(reader, size)
-        if make_writer is None:
-            digest, data = _copy_extents(reader, None, extents, size, progress)
-        else:
-            with make_writer() as writer:
-                digest, data = _copy_extents(reader, writer, extents, size, progress)
-                writer.finish(size)
+        digest, data = _copy_extents(reader, writer, extents, size, progress)
+    if writer is not None:
+        writer.finish(size)
     return CopyResult(size, data, digest.hexdigest())
+
+
+def _copy_small(
+    reader: int, writer: _Writer | None, size: int, progress: Progress | None
+) -> tuple[BlockDigest, int]:
+    """A small file in one read, in this thread: no buffers, threads or extent maps (a tree
+    of many small files costs its system calls, not Python's setup per file)."""
+    data = os.pread(reader, size, 0) if size else b""
+    if len(data) != size:
+        raise OSError(errno.EIO, f"file shrank while being read at offset {len(data)}")
+    digest = BlockDigest()
+    view = memoryview(data)
+    zero = _hash_blocks(digest, view)
+    if writer is not None and size:
+        writer.write_nonzero(view, 0, zero, [(0, size)])
+    if progress is not None and size:
+        progress(size)
+    return digest, size
 
 
 def _copy_extents(
@@ -198,16 +242,21 @@ def _copy_extents(
 
 
 def _hash_blocks(digest: BlockDigest, chunk: memoryview) -> list[bool]:
-    """Feed `chunk` (starting at a block boundary) to `digest`; which of its blocks are zero."""
-    zero = []
-    for start in range(0, len(chunk), BLOCK):
-        block = chunk[start : start + BLOCK]
-        if len(block) == BLOCK and is_zero(block):
+    """Feed `chunk` (starting at a block boundary) to `digest`; which of its blocks are zero.
+
+    The full non-zero blocks are hashed by a pool of threads (see `block_digests`); only
+    the last block of the data may be partial."""
+    blocks = [chunk[start : start + BLOCK] for start in range(0, len(chunk), BLOCK)]
+    zero = [len(block) == BLOCK and is_zero(block) for block in blocks]
+    pairs = list(zip(blocks, zero, strict=True))
+    hashed = iter(block_digests([b for b, empty in pairs if not empty and len(b) == BLOCK]))
+    for block, empty in pairs:
+        if empty:
             digest.update_zeros(BLOCK)
-            zero.append(True)
+        elif len(block) == BLOCK:
+            digest.add_block(next(hashed))
         else:
             digest.update(block)
-            zero.append(False)
     return zero
 
 
@@ -387,18 +436,27 @@ def _background(writer: _Writer | None, threaded: bool = True) -> Iterator[Write
 class _Writer:
     """A new file written at given offsets, skipping zero blocks, with early writeback."""
 
-    def __init__(self, path: Path, sync: bool = True) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    def __init__(self, path: Path | None, sync: bool = True, fd: int = -1) -> None:
+        if path is not None:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.fd = fd
+        self._owned = path is not None
         self._sync = sync
         self._flushed = 0  # writeback started for [0, _flushed)
         self._dropped = 0  # [0, _dropped) dropped from the page cache (if written back)
         self._written = 0  # highest offset written
 
+    @classmethod
+    def adopt(cls, fd: int, sync: bool = True) -> _Writer:
+        """A writer of an open, empty file that the caller closes."""
+        return cls(None, sync, fd)
+
     def __enter__(self) -> _Writer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)
+        if self._owned:
+            os.close(self.fd)
 
     def write_nonzero(
         self, chunk: memoryview, offset: int, zero: list[bool], ranges: list[tuple[int, int]]
@@ -441,6 +499,7 @@ class _HolePuncher(_Writer):
     def __init__(self, path: Path) -> None:
         # Not super().__init__(): that creates a new file; this one exists.
         self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        self._owned = True
         self._fallocate = ctypes.CDLL(None, use_errno=True).fallocate
         self._fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
         self._supported = True
@@ -469,13 +528,11 @@ class _HolePuncher(_Writer):
 
 @contextlib.contextmanager
 def _open_read(path: Path) -> Iterator[int]:
-    """A read-only descriptor of the regular file `path`, read sequentially."""
+    """A read-only descriptor of the regular file `path`."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
-        with contextlib.suppress(OSError):  # only advice: larger readahead
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         yield fd
     finally:
         os.close(fd)

@@ -13,6 +13,9 @@ has the same digest as its source. Reproducible without gfs:
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 ALGORITHM = "sha256-1m"
 BLOCK = 1 << 20
@@ -34,6 +37,24 @@ def is_zero(data: bytes | bytearray | memoryview) -> bool:
         if zeros != part:  # the bytearray on the left: memcmp, not item by item
             return False
     return True
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def block_digests(blocks: Sequence[bytes | bytearray | memoryview]) -> list[bytes]:
+    """sha256 of each block, several at once: hashlib releases the GIL, and one core
+    hashes ~1.5 GB/s, less than a disk or a network reads. In order."""
+    if len(blocks) < 2:
+        return [hashlib.sha256(block).digest() for block in blocks]
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="gfs-hash")
+    return list(_pool.map(_sha256, blocks))
+
+
+def _sha256(block: bytes | bytearray | memoryview) -> bytes:
+    return hashlib.sha256(block).digest()
 
 
 def _block_digest(block: bytes | bytearray | memoryview) -> bytes:
@@ -71,6 +92,12 @@ class BlockDigest:
         if whole < len(view):
             self._partial.update(view[whole:])
             self._partial_len = len(view) - whole
+
+    def add_block(self, block_digest: bytes) -> None:
+        """Account for one full block whose sha256 is `block_digest` (at a block boundary)."""
+        assert not self._partial_len, "add_block needs a block boundary"
+        self._outer.update(block_digest)
+        self.size += BLOCK
 
     def update_zeros(self, count: int) -> None:
         """Account for `count` zero bytes (a hole) without hashing whole zero blocks."""

@@ -33,13 +33,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from gfs_backup.copy import Progress, copy_file, digest_file
+from gfs_backup.copy import Progress, copy_open_file, digest_open_file
 from gfs_backup.mounts import mount_of, read_mounts
 from gfs_backup.treeentry import ROOT, SPECIAL_KINDS, TreeEntry
 from gfs_backup.treeio import (
     READ_FLAGS,
     VANISHED,
+    WRITE_FLAGS,
     Dirs,
+    apply_fd_metadata,
     apply_metadata,
     entry_from_stat,
     kind_of,
@@ -292,7 +294,7 @@ class _Exporter:
     def _rehash(self, fd: int, entry: TreeEntry, old: TreeEntry) -> TreeEntry | None:
         """Read a file whose metadata says unchanged: same content -> link, else store."""
         self.rehashed_files += 1
-        digest = digest_file(Path(f"/proc/self/fd/{fd}"), self.progress).digest
+        digest = digest_open_file(fd, self.progress).digest
         if digest == old.digest and self._link_base(old):
             return old
         if digest != old.digest:
@@ -310,32 +312,31 @@ class _Exporter:
         for attempt in range(3):
             if attempt:
                 entry = entry_from_stat(entry.path, "file", os.fstat(fd), xattrs=entry.xattrs)
+            out = os.open(name, WRITE_FLAGS, 0o600, dir_fd=parent)
             try:
-                copied = copy_file(
-                    Path(f"/proc/self/fd/{fd}"),
-                    Path(f"/proc/self/fd/{parent}/{name}"),
-                    self.progress,
-                    sync=False,
-                )
+                copied = copy_open_file(fd, out, self.progress, sync=False)
+                stable = _same_state(os.fstat(fd), entry)
+                if stable or attempt:
+                    entry = replace(entry, size=copied.size, digest=copied.digest)
+                    entry = replace(entry, changed=not stable)
+                    apply_fd_metadata(out, entry, xattrs_optional=True)
             except OSError:
+                os.close(out)
                 unlink_if_present(name, parent)
                 if _same_state(os.fstat(fd), entry):  # a real error, not a moving file
                     raise
                 continue
-            stable = _same_state(os.fstat(fd), entry)
-            if not stable and attempt == 0:
+            os.close(out)
+            if not stable and not attempt:
                 unlink_if_present(name, parent)
                 continue
             self.copied_files += 1
             self.copied_bytes += copied.data_bytes
-            # the stat from before the read: a file changing meanwhile is read again next time
-            entry = replace(entry, size=copied.size, digest=copied.digest, changed=not stable)
-            if entry.changed:
+            if entry.changed:  # the stat from before the read: the next export reads it again
                 self.warnings.append(
                     f"{entry.path}: changed while being read, twice: stored as read and "
                     "marked changed-during-backup"
                 )
-            apply_metadata(self.out, entry, xattrs_optional=True)
             return entry
         self.skipped.append(f"{entry.path} (kept changing size while being read)")
         return None

@@ -20,6 +20,7 @@ from gfs_backup.treeentry import ROOT, TreeEntry
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a file replaced by a fifo meanwhile must not hang the open
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 NO_XATTRS = (errno.ENOTSUP, errno.EOPNOTSUPP)
 VANISHED = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
 KIND_OF = {

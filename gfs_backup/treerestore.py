@@ -15,12 +15,14 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from gfs_backup.copy import Progress, copy_file, digest_file
+from gfs_backup.copy import Progress, copy_open_file, digest_open_file
 from gfs_backup.treeentry import ROOT, SPECIAL_KINDS, TreeEntry, entry_list_problems
 from gfs_backup.treeio import (
     FORMAT_OF,
     READ_FLAGS,
+    WRITE_FLAGS,
     Dirs,
+    apply_fd_metadata,
     apply_metadata,
     kind_of,
     read_xattrs,
@@ -154,7 +156,7 @@ def _compare(
     if kind == "file" and entry.size == st.st_size:
         fd = os.open(name, READ_FLAGS, dir_fd=parent)
         try:
-            digest = digest_file(Path(f"/proc/self/fd/{fd}"), progress).digest
+            digest = digest_open_file(fd, progress, uncached=True).digest
         finally:
             os.close(fd)
         if digest != entry.digest:
@@ -178,11 +180,14 @@ def _restore_file(
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return [f"{entry.path}: not a regular file in the backup tree"]
         parent, name = out.parent(entry.path)
-        into = Path(f"/proc/self/fd/{parent}/{name}")
-        copy_file(Path(f"/proc/self/fd/{fd}"), into, progress, sync=False)
+        into = os.open(name, WRITE_FLAGS, 0o600, dir_fd=parent)
+        try:
+            copy_open_file(fd, into, progress, sync=False)
+            apply_fd_metadata(into, entry, xattrs_optional=False)
+        finally:
+            os.close(into)
     finally:
         os.close(fd)
-    apply_metadata(out, entry, xattrs_optional=False)
     return []
 
 

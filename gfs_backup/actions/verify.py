@@ -53,7 +53,7 @@ def _digest(stored: Stored, data: DataFile, progress: Progress | None) -> FileDi
     back). OSError for a missing or unreadable file."""
     path = stored.path / data.path
     if stored.fs is LOCAL_FS and stored.manifest.digest_algorithm == ALGORITHM:
-        result = digest_file(path, progress)
+        result = digest_file(path, progress, uncached=True)  # the disk's, not the cache's
         return FileDigest(result.size, result.digest)
     return stored.fs.file_digest(path, stored.manifest.digest_algorithm)
 

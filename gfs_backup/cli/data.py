@@ -121,7 +121,9 @@ def restore_command(
     \b
     btrfs jobs:   `btrfs receive` of the stored stream, made a writable subvolume at --to
                   (on a btrfs filesystem).
-    files jobs:   the file tree with owners, modes, times, symlinks and xattrs.
+    files jobs:   the file tree with owners, modes, times, symlinks, hard links, xattrs
+                  (ACLs, capabilities), fifos and device nodes, the root directory's own
+                  metadata; every file checked against its checksum.
     libvirt jobs: the disks copied into the new directory --to, checked with qemu-img
                   check, and a new domain defined on them (new name and UUID, network
                   interfaces removed unless --keep-interfaces); it is not started.
@@ -129,6 +131,9 @@ def restore_command(
                   are replaced (files: written beside and renamed over the old ones only
                   when complete and compared; block devices: written onto the device).
     lvm jobs:     the raw image written to the new file --to.
+
+    With --to, the restore is written to `.gfs-restore-NAME-rRUN` beside it and renamed
+    to --to only when complete and checked: a failed restore leaves nothing at --to.
     """
     if over_original == (to is not None):
         raise click.UsageError("give exactly one of --to PATH and --over-original")
