@@ -34,9 +34,14 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
-from gfs_backup.digest import BLOCK, BlockDigest, block_digests, is_zero
+from gfs_backup.digest import (
+    BLOCK,
+    ZERO_BLOCK_DIGEST,
+    BlockDigest,
+    block_digests_of,
+)
 
 Progress = Callable[[int], None]  # called with the number of bytes just processed
 CHUNK = 8 * BLOCK  # bytes per read; a multiple of BLOCK
@@ -44,6 +49,7 @@ SMALL = 256 << 10  # files up to this size are read in one call, without threads
 BUFFERS = 8  # chunks in flight at most: being read, hashed, written, and slack
 WRITEBACK = 128 * BLOCK  # start writeback of the target every this many bytes
 PIPE_SIZE = BLOCK  # pipe capacity asked for when copying from a pipe
+ALIGN = 4096  # O_DIRECT reads: offsets, lengths and buffers aligned to this
 
 
 @dataclass(frozen=True)
@@ -80,11 +86,18 @@ def data_extents(fd: int, size: int) -> list[tuple[int, int]]:
 
 
 def copy_file(
-    source: Path, destination: Path, progress: Progress | None = None, *, sync: bool = True
+    source: Path,
+    destination: Path,
+    progress: Progress | None = None,
+    *,
+    sync: bool = True,
+    verify: bool = False,
 ) -> CopyResult:
     """Copy a regular file to a new file `destination` (must not exist), sparse, fsynced
-    (without `sync` the caller makes it durable: one syncfs after many small files)."""
-    with _open_read(source) as reader, _Writer(destination, sync) as writer:
+    (without `sync` the caller makes it durable: one syncfs after many small files).
+    `verify`: every written block is read back from storage while the copy goes on (see
+    `_ReadBack`); OSError(EIO) if one differs."""
+    with _open_read(source) as reader, _Writer(destination, sync, verify=verify) as writer:
         return _read_fd(reader, writer, progress)
 
 
@@ -98,9 +111,14 @@ def copy_open_file(
 
 
 def copy_stream(
-    reader: BinaryIO, destination: Path, progress: Progress | None = None
+    reader: BinaryIO,
+    destination: Path,
+    progress: Progress | None = None,
+    *,
+    verify: bool = False,
 ) -> CopyResult:
-    """Copy a non-seekable stream (e.g. `btrfs send` output) to a new file, fsynced."""
+    """Copy a non-seekable stream (e.g. `btrfs send` output) to a new file, fsynced;
+    `verify` as for `copy_file`."""
     _enlarge_pipe(reader)
     digest = BlockDigest()
     position = 0
@@ -113,7 +131,7 @@ def copy_stream(
         position += count
         return position - count, count
 
-    with _Writer(destination) as writer:
+    with _Writer(destination, verify=verify) as writer:
         with _ReadAhead(fill, CHUNK) as chunks, _background(writer) as write:
             for chunk in chunks:
                 write(chunk, _hash_blocks(digest, chunk.data), [(0, len(chunk.data))])
@@ -179,9 +197,9 @@ def _copy_small(
         raise OSError(errno.EIO, f"file shrank while being read at offset {len(data)}")
     digest = BlockDigest()
     view = memoryview(data)
-    zero = _hash_blocks(digest, view)
+    blocks = _hash_blocks(digest, view)
     if writer is not None and size:
-        writer.write_nonzero(view, 0, zero, [(0, size)])
+        writer.write_nonzero(view, 0, blocks, [(0, size)])
     if progress is not None and size:
         progress(size)
     return digest, size
@@ -225,12 +243,12 @@ def _copy_extents(
         for chunk in chunks:
             if chunk.offset > hashed:
                 digest.update_zeros(chunk.offset - hashed)
-            zero = _hash_blocks(digest, chunk.data)
+            blocks = _hash_blocks(digest, chunk.data)
             hashed = chunk.offset + len(chunk.data)
             ranges, next_extent = _ranges_in(extents, next_extent, chunk.offset, hashed)
             count = sum(end - start for start, end in ranges)
             data += count
-            write(chunk, zero, ranges)
+            write(chunk, blocks, ranges)
             if progress is not None and count:
                 progress(count)
     if size > hashed:
@@ -241,23 +259,29 @@ def _copy_extents(
     return digest, data
 
 
-def _hash_blocks(digest: BlockDigest, chunk: memoryview) -> list[bool]:
-    """Feed `chunk` (starting at a block boundary) to `digest`; which of its blocks are zero.
+class _Blocks(NamedTuple):
+    """The blocks of a chunk: which are all zero, and the sha256 of each (zero blocks:
+    ZERO_BLOCK_DIGEST; the last block of the data may be partial)."""
 
-    The full non-zero blocks are hashed by a pool of threads (see `block_digests`); only
-    the last block of the data may be partial."""
+    zero: list[bool]
+    digests: list[bytes]
+
+
+def _hash_blocks(digest: BlockDigest, chunk: memoryview) -> _Blocks:
+    """Feed `chunk` (starting at a block boundary) to `digest`; its blocks' zero flags and
+    digests (non-zero blocks hashed by a pool of threads, see `block_digests_of`)."""
     blocks = [chunk[start : start + BLOCK] for start in range(0, len(chunk), BLOCK)]
-    zero = [len(block) == BLOCK and is_zero(block) for block in blocks]
-    pairs = list(zip(blocks, zero, strict=True))
-    hashed = iter(block_digests([b for b, empty in pairs if not empty and len(b) == BLOCK]))
-    for block, empty in pairs:
-        if empty:
-            digest.update_zeros(BLOCK)
-        elif len(block) == BLOCK:
-            digest.add_block(next(hashed))
+    digests = block_digests_of(blocks)
+    for block, block_digest in zip(blocks, digests, strict=True):
+        if len(block) == BLOCK:
+            digest.add_block(block_digest)
         else:
-            digest.update(block)
-    return zero
+            digest.update(block)  # only the last block of the data is partial
+    zero = [
+        len(block) == BLOCK and found == ZERO_BLOCK_DIGEST
+        for block, found in zip(blocks, digests, strict=True)
+    ]
+    return _Blocks(zero, digests)
 
 
 def _block_spans(extents: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
@@ -379,12 +403,12 @@ def _nothing() -> None:
     pass
 
 
-WriteJob = Callable[[_Chunk, list[bool], list[tuple[int, int]]], None]
+WriteJob = Callable[[_Chunk, _Blocks, list[tuple[int, int]]], None]
 
 
 @contextlib.contextmanager
 def _background(writer: _Writer | None, threaded: bool = True) -> Iterator[WriteJob]:
-    """`write(chunk, zero, ranges)`: `writer.write_nonzero`, then chunk.release().
+    """`write(chunk, blocks, ranges)`: `writer.write_nonzero`, then chunk.release().
 
     If `threaded`, in a background thread, so that writing overlaps hashing the next chunk;
     the first write error is then raised by the next `write` call or on leaving the `with`
@@ -392,35 +416,35 @@ def _background(writer: _Writer | None, threaded: bool = True) -> Iterator[Write
     """
     if writer is None or not threaded:
 
-        def write_now(chunk: _Chunk, zero: list[bool], ranges: list[tuple[int, int]]) -> None:
+        def write_now(chunk: _Chunk, blocks: _Blocks, ranges: list[tuple[int, int]]) -> None:
             try:
                 if writer is not None:
-                    writer.write_nonzero(chunk.data, chunk.offset, zero, ranges)
+                    writer.write_nonzero(chunk.data, chunk.offset, blocks, ranges)
             finally:
                 chunk.release()
 
         yield write_now
         return
-    jobs: queue.SimpleQueue[tuple[_Chunk, list[bool], list[tuple[int, int]]] | None]
+    jobs: queue.SimpleQueue[tuple[_Chunk, _Blocks, list[tuple[int, int]]] | None]
     jobs = queue.SimpleQueue()
     errors: list[BaseException] = []
 
     def run() -> None:
         while (job := jobs.get()) is not None:
-            chunk, zero, ranges = job
+            chunk, blocks, ranges = job
             try:
                 if not errors:
-                    writer.write_nonzero(chunk.data, chunk.offset, zero, ranges)
+                    writer.write_nonzero(chunk.data, chunk.offset, blocks, ranges)
             except BaseException as exc:  # raised in the submitting thread
                 errors.append(exc)
             finally:
                 chunk.release()
 
-    def write(chunk: _Chunk, zero: list[bool], ranges: list[tuple[int, int]]) -> None:
+    def write(chunk: _Chunk, blocks: _Blocks, ranges: list[tuple[int, int]]) -> None:
         if errors:
             chunk.release()
             raise errors[0]
-        jobs.put((chunk, zero, ranges))
+        jobs.put((chunk, blocks, ranges))
 
     thread = threading.Thread(target=run, name="gfs-write", daemon=True)
     thread.start()
@@ -434,9 +458,12 @@ def _background(writer: _Writer | None, threaded: bool = True) -> Iterator[Write
 
 
 class _Writer:
-    """A new file written at given offsets, skipping zero blocks, with early writeback."""
+    """A new file written at given offsets, skipping zero blocks, with early writeback;
+    with `verify`, every written block is read back from storage (see `_ReadBack`)."""
 
-    def __init__(self, path: Path | None, sync: bool = True, fd: int = -1) -> None:
+    def __init__(
+        self, path: Path | None, sync: bool = True, fd: int = -1, verify: bool = False
+    ) -> None:
         if path is not None:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.fd = fd
@@ -445,6 +472,7 @@ class _Writer:
         self._flushed = 0  # writeback started for [0, _flushed)
         self._dropped = 0  # [0, _dropped) dropped from the page cache (if written back)
         self._written = 0  # highest offset written
+        self._readback = _ReadBack(fd) if verify else None
 
     @classmethod
     def adopt(cls, fd: int, sync: bool = True) -> _Writer:
@@ -455,13 +483,16 @@ class _Writer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._readback is not None:
+            self._readback.close()
         if self._owned:
             os.close(self.fd)
 
     def write_nonzero(
-        self, chunk: memoryview, offset: int, zero: list[bool], ranges: list[tuple[int, int]]
+        self, chunk: memoryview, offset: int, blocks: _Blocks, ranges: list[tuple[int, int]]
     ) -> None:
         """Write the parts of `ranges` (relative to `chunk`) that are not in a zero block."""
+        zero = blocks.zero
         for start, end in ranges:
             position = start
             while position < end:
@@ -474,6 +505,8 @@ class _Writer:
                     run_end = min(end, run_end + BLOCK)
                 _pwrite_all(self.fd, chunk[position:run_end], offset + position)
                 position = run_end
+        if self._readback is not None:
+            self._readback.expect(offset, len(chunk), blocks.digests)
         self._written = max(self._written, offset + len(chunk))
         if self._written - self._flushed >= WRITEBACK:
             # Starts writeback of [_flushed, _written) without waiting for it, and drops the
@@ -482,11 +515,123 @@ class _Writer:
                 start, length = self._dropped, self._written - self._dropped
                 os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
             self._dropped, self._flushed = self._flushed, self._written
+            if self._readback is not None:  # the window written back before: read it back
+                self._readback.check_before(self._dropped)
 
     def finish(self, size: int) -> None:
         os.ftruncate(self.fd, size)
         if self._sync:
             os.fsync(self.fd)
+        if self._readback is not None:
+            self._readback.finish()
+
+
+class _ReadBack:
+    """Reads back what a `_Writer` wrote, from the target's storage, pipelined with the copy.
+
+    A thread re-reads each window a writeback window behind the writer, with O_DIRECT (the
+    kernel writes dirty pages of the range first, then reads the device; on NFS the read
+    goes to the server, never this host's page cache), and compares every block's sha256
+    with the digest computed when the block was read from the source. Where O_DIRECT is
+    refused (tmpfs on old kernels) the range's clean pages are dropped before reading.
+    `finish` (after the writer's fsync) checks the rest and raises OSError(EIO) naming the
+    first offset that differs.
+    """
+
+    def __init__(self, fd: int) -> None:
+        path = f"/proc/self/fd/{fd}"
+        try:
+            self.fd, self.direct = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.fd, self.direct = os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
+        self.expected: list[tuple[int, int, bytes]] = []  # (offset, length, sha256), in order
+        self.problems: list[str] = []
+        self._next = 0  # index of the first expected block not yet checked
+        self._windows: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._buffer = _new_buffer(CHUNK + ALIGN)
+        self._thread = threading.Thread(target=self._run, name="gfs-readback", daemon=True)
+        self._thread.start()
+
+    def expect(self, offset: int, length: int, digests: list[bytes]) -> None:
+        """The blocks of a chunk written at `offset` (called in the writing thread)."""
+        for index, block_digest in enumerate(digests):
+            start = index * BLOCK
+            self.expected.append((offset + start, min(BLOCK, length - start), block_digest))
+
+    def check_before(self, end: int) -> None:
+        """Queue the re-read of the expected blocks that end at or before `end`."""
+        self._windows.put(end)
+
+    def finish(self) -> None:
+        self._windows.put(None)
+        self._thread.join()
+        if self.problems:
+            raise OSError(errno.EIO, self.problems[0])
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._windows.put(None)
+            self._thread.join()
+        os.close(self.fd)
+
+    def _run(self) -> None:
+        try:
+            while (end := self._windows.get()) is not None:
+                self._check(end)
+            self._check(None)
+        except OSError as exc:
+            self.problems.append(f"cannot read back what was written: {exc.strerror}")
+
+    def _check(self, end: int | None) -> None:
+        """Re-read and compare the expected blocks below `end` (None: all of them)."""
+        while not self.problems and self._next < len(self.expected):
+            run = self._run_from(self._next, end)
+            if not run:
+                return
+            first, last = run[0][0], run[-1][0] + run[-1][1]
+            data = self._read(first, last - first)
+            found = block_digests_of(
+                [data[offset - first : offset - first + length] for offset, length, _ in run]
+            )
+            for (offset, _length, wanted), got in zip(run, found, strict=True):
+                if got != wanted:
+                    self.problems.append(
+                        f"the target's copy differs from the data written at offset {offset} "
+                        "(read back from its storage)"
+                    )
+                    return
+            self._next += len(run)
+
+    def _run_from(self, index: int, end: int | None) -> list[tuple[int, int, bytes]]:
+        """Contiguous expected blocks from `index`, below `end`, at most CHUNK bytes."""
+        run: list[tuple[int, int, bytes]] = []
+        for offset, length, wanted in self.expected[index : index + CHUNK // BLOCK]:
+            if end is not None and offset + length > end:
+                break
+            if run and offset != run[-1][0] + run[-1][1]:
+                break
+            run.append((offset, length, wanted))
+        return run
+
+    def _read(self, offset: int, length: int) -> memoryview:
+        """`length` bytes at `offset` from storage; what lies past the end reads as zeros
+        (the writer extends the file to its size when it finishes)."""
+        if not self.direct:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+        aligned = -(-length // ALIGN) * ALIGN
+        view = self._buffer[:aligned]
+        done = 0
+        while done < length:
+            count = os.preadv(self.fd, [view[done:]], offset + done)
+            if count == 0:
+                break
+            done += count
+        if done < length:
+            view[done:length] = bytes(length - done)
+        return view[:length]
 
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -500,13 +645,15 @@ class _HolePuncher(_Writer):
         # Not super().__init__(): that creates a new file; this one exists.
         self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         self._owned = True
+        self._readback = None
         self._fallocate = ctypes.CDLL(None, use_errno=True).fallocate
         self._fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
         self._supported = True
 
     def write_nonzero(
-        self, chunk: memoryview, offset: int, zero: list[bool], ranges: list[tuple[int, int]]
+        self, chunk: memoryview, offset: int, blocks: _Blocks, ranges: list[tuple[int, int]]
     ) -> None:
+        zero = blocks.zero
         for start, end in ranges:
             for block in range(start // BLOCK, -(-end // BLOCK)):
                 if zero[block] and self._supported:

@@ -53,6 +53,13 @@ def block_digests(blocks: Sequence[bytes | bytearray | memoryview]) -> list[byte
     return list(_pool.map(_sha256, blocks))
 
 
+def block_digests_of(blocks: Sequence[bytes | bytearray | memoryview]) -> list[bytes]:
+    """`block_digests`, with the known digest for full all-zero blocks (no hashing)."""
+    zero = [len(block) == BLOCK and is_zero(block) for block in blocks]
+    hashed = iter(block_digests([b for b, empty in zip(blocks, zero, strict=True) if not empty]))
+    return [ZERO_BLOCK_DIGEST if empty else next(hashed) for empty in zero]
+
+
 def _sha256(block: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(block).digest()
 

@@ -350,7 +350,8 @@ def _manifest(
         warnings=exported.warnings,
     )
     if job.policy.verify_after_export:
-        problems = check_data(Stored(partial.path, manifest, partial.fs))
+        stored = Stored(partial.path, manifest, partial.fs)
+        problems = check_data(stored, read_back=exported.read_back)
         if problems:
             raise ExportError(
                 f"job {job.name}: the export does not read back as written: "

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from pathlib import Path
 
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import Progress
@@ -26,13 +30,20 @@ class Verified:
         return not self.problems
 
 
-def check_data(stored: Stored, progress: Progress | None = None) -> list[str]:
+def check_data(
+    stored: Stored, progress: Progress | None = None, *, read_back: bool = False
+) -> list[str]:
     """Every data file's size and checksum (the manifest's digest_algorithm, computed where
-    the target is mounted), then the kind's own checks; one line each."""
+    the target is mounted), then the kind's own checks; one line each. `read_back`: the
+    export already read every file back from the target while writing it (copy.py's
+    read-back): on a local target only the sizes are checked again."""
     problems = []
     for data in stored.manifest.files:
         try:
-            result = _digest(stored, data, progress)
+            if read_back and stored.fs is LOCAL_FS:
+                result = FileDigest(_regular_file_size(stored.path / data.path), data.digest)
+            else:
+                result = _digest(stored, data, progress)
         except FileNotFoundError:
             problems.append(f"{data.path}: missing")
             continue
@@ -45,6 +56,13 @@ def check_data(stored: Stored, progress: Progress | None = None) -> list[str]:
             problems.append(f"{data.path}: checksum mismatch (data corrupted)")
     problems += backend_for(stored.manifest.kind).verify_data(stored, progress)
     return problems
+
+
+def _regular_file_size(path: Path) -> int:
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file")
+    return st.st_size
 
 
 def _digest(stored: Stored, data: DataFile, progress: Progress | None) -> FileDigest:

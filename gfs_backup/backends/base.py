@@ -63,6 +63,7 @@ class Exported:
     bytes_written: int = 0
     warnings: tuple[str, ...] = ()
     digest_algorithm: str = ALGORITHM  # of the files' digests (see digest.py, targetfs.py)
+    read_back: bool = False  # every file was read back from the target while written
 
 
 @dataclass(frozen=True)

@@ -60,12 +60,13 @@ class BtrfsBackend(snapshots.SnapshottingBackend):
     ) -> Exported:
         assert snapshot is not None
         with ctx.runner.reading(make_send_command(snapshot.subvolume)) as stream:
-            result = copy_stream(cast(BinaryIO, stream), into / STREAM, progress)
+            result = copy_stream(cast(BinaryIO, stream), into / STREAM, progress, verify=True)
         source = {"subvolume": ctx.job.options["subvolume"], **snapshot.metadata}
         return Exported(
             files=(DataFile(STREAM, result.size, result.digest),),
             source=source,
             bytes_written=result.data_bytes,
+            read_back=True,
         )
 
     def verify_data(self, stored: Stored, progress: Progress | None) -> list[str]:
