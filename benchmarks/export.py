@@ -53,9 +53,9 @@ from types import FrameType
 from typing import IO, BinaryIO, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's gfs first
-from gfs_backup.copy import copy_file, copy_stream, digest_file
-from gfs_backup.filetree import export_tree
-from gfs_backup.treerestore import verify_tree
+from gfs_backup.copying.copy import copy_file, copy_stream, digest_file
+from gfs_backup.copying.filetree import export_tree
+from gfs_backup.copying.treerestore import verify_tree
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 FILE_SIZE = 2 * GiB

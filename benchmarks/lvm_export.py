@@ -64,10 +64,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from gfs_backup.config import Host  # noqa: E402
-from gfs_backup.copy import digest_file  # noqa: E402
-from gfs_backup.lvm import make_read_command  # noqa: E402
-from gfs_backup.ssh import SSHRunner  # noqa: E402
+from gfs_backup.copying.copy import digest_file  # noqa: E402
+from gfs_backup.core.config import Host  # noqa: E402
+from gfs_backup.tools.lvm import make_read_command  # noqa: E402
+from gfs_backup.transport.ssh import SSHRunner  # noqa: E402
 from tests.lab.errors import LabError  # noqa: E402
 from tests.lab.remote_host import RemoteHost, start_remote_host  # noqa: E402
 from tests.lab.remote_image import VG_NAME, build_remote_host_image, generate_ssh_keys  # noqa: E402

@@ -1,1 +1,2 @@
-"""One module per action; the CLI calls these, they call the core."""
+"""One module per action (run, restore, verify, drill, prune, plan, status, ...): the CLI
+calls these. Imports `backends`, `target`, `copying`, `tools`, `transport`, `core`, `retention`."""

@@ -36,19 +36,19 @@ from gfs_backup.actions.verify import check_data
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import JobContext, RestoreOptions
 from gfs_backup.backends.libvirt import qemu_img_problems
-from gfs_backup.catalog import Stored, list_generations
-from gfs_backup.config import Config, Job
-from gfs_backup.copy import copy_file
-from gfs_backup.drillboot import AGENT_SOCKET, BootCheck, boot_and_check
-from gfs_backup.drillvm import DrillLimits, make_qemu_argv, parse_drill_machine
-from gfs_backup.errors import GfsError, InputError, Problem
-from gfs_backup.fscheck import check_image
-from gfs_backup.lock import job_lock
-from gfs_backup.manifest import read_manifest, write_manifest
-from gfs_backup.mounts import mount_of, read_mounts
-from gfs_backup.runner import LocalRunner
-from gfs_backup.state import State
-from gfs_backup.targetfs import LOCAL_FS, TargetFS
+from gfs_backup.copying.copy import copy_file
+from gfs_backup.core.config import Config, Job
+from gfs_backup.core.errors import GfsError, InputError, Problem
+from gfs_backup.core.lock import job_lock
+from gfs_backup.core.state import State
+from gfs_backup.target.catalog import Stored, list_generations
+from gfs_backup.target.fs import LOCAL_FS, TargetFS
+from gfs_backup.target.manifest import read_manifest, write_manifest
+from gfs_backup.tools.drillboot import AGENT_SOCKET, BootCheck, boot_and_check
+from gfs_backup.tools.drillvm import DrillLimits, make_qemu_argv, parse_drill_machine
+from gfs_backup.tools.fscheck import check_image
+from gfs_backup.tools.mounts import mount_of, read_mounts
+from gfs_backup.transport.runner import LocalRunner
 
 log = logging.getLogger("gfs")
 DEFAULT_SCRATCH = Path("/var/tmp")

@@ -6,9 +6,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gfs_backup.config import Config, Host
-from gfs_backup.errors import GfsError, InputError, Problem
-from gfs_backup.known_hosts import (
+from gfs_backup.core.config import Config, Host
+from gfs_backup.core.errors import GfsError, InputError, Problem
+from gfs_backup.transport.known_hosts import (
     HostKey,
     HostKeyError,
     Verdict,
@@ -19,8 +19,8 @@ from gfs_backup.known_hosts import (
     record_host_key,
     recorded_keys,
 )
-from gfs_backup.runner import Command
-from gfs_backup.ssh import CONNECT_TIMEOUT, SSHRunner, fetch_host_key
+from gfs_backup.transport.runner import Command
+from gfs_backup.transport.ssh import CONNECT_TIMEOUT, SSHRunner, fetch_host_key
 
 
 @dataclass(frozen=True)

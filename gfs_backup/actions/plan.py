@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from gfs_backup.actions.targets import job_location
-from gfs_backup.catalog import list_generations
-from gfs_backup.config import Config, Job
-from gfs_backup.errors import InputError, Problem
-from gfs_backup.policy import Policy, build_rules
+from gfs_backup.core.config import Config, Job
+from gfs_backup.core.errors import InputError, Problem
+from gfs_backup.core.policy import Policy, build_rules
+from gfs_backup.core.timeutil import parse_timestamp
+from gfs_backup.core.validate import Collector
 from gfs_backup.retention import Generation, Plan, RetentionRules, Semantics, plan
-from gfs_backup.timeutil import parse_timestamp
-from gfs_backup.validate import Collector
+from gfs_backup.target.catalog import list_generations
 
 MAX_REPORTED_LINES = 10
 

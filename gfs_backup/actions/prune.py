@@ -9,11 +9,11 @@ from datetime import datetime
 from pathlib import Path
 
 from gfs_backup.backends.base import JobContext
-from gfs_backup.catalog import list_generations, newest_verified
-from gfs_backup.config import Job
-from gfs_backup.generation import delete_generation
+from gfs_backup.core.config import Job
 from gfs_backup.retention import Plan, plan
-from gfs_backup.targetfs import LOCAL_FS, TargetFS
+from gfs_backup.target.catalog import list_generations, newest_verified
+from gfs_backup.target.fs import LOCAL_FS, TargetFS
+from gfs_backup.target.generation import delete_generation
 
 log = logging.getLogger("gfs")
 

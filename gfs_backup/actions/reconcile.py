@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from gfs_backup.backends.base import Backend, JobContext
-from gfs_backup.btrfs import is_subvolume_root, make_delete_command
-from gfs_backup.catalog import PARTIAL_PREFIX, PRUNING_PREFIX
-from gfs_backup.runner import Runner
-from gfs_backup.targetfs import LOCAL_FS, TargetFS
+from gfs_backup.target.catalog import PARTIAL_PREFIX, PRUNING_PREFIX
+from gfs_backup.target.fs import LOCAL_FS, TargetFS
+from gfs_backup.tools.btrfs import is_subvolume_root, make_delete_command
+from gfs_backup.transport.runner import Runner
 
 
 def reconcile(ctx: JobContext, backend: Backend, job_dir: Path) -> list[str]:

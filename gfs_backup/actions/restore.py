@@ -14,12 +14,12 @@ from gfs_backup.actions.verify import Verified, check_data, verify_stored
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import JobContext, Progress, RestoreOptions
 from gfs_backup.backends.libvirt import LibvirtBackend
-from gfs_backup.catalog import Stored, list_generations
-from gfs_backup.config import Config, Job
-from gfs_backup.errors import ExitCode, GfsError, InputError, Problem
-from gfs_backup.manifest import write_manifest
-from gfs_backup.runner import LocalRunner
-from gfs_backup.state import State
+from gfs_backup.core.config import Config, Job
+from gfs_backup.core.errors import ExitCode, GfsError, InputError, Problem
+from gfs_backup.core.state import State
+from gfs_backup.target.catalog import Stored, list_generations
+from gfs_backup.target.manifest import write_manifest
+from gfs_backup.transport.runner import LocalRunner
 
 log = logging.getLogger("gfs")
 

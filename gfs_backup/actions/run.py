@@ -19,19 +19,19 @@ from gfs_backup.actions.targets import job_location
 from gfs_backup.actions.verify import check_data, last_check_time, verify_stored
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import Backend, Exported, JobContext, Progress, Snapshot
-from gfs_backup.catalog import Stored, list_generations, newest_verified
-from gfs_backup.config import Config, Job
-from gfs_backup.errors import ExitCode, GfsError
-from gfs_backup.faults import crash_point
-from gfs_backup.generation import PartialGeneration, generation_id
-from gfs_backup.lock import LockHeld, job_lock
-from gfs_backup.manifest import Manifest
+from gfs_backup.core.config import Config, Job
+from gfs_backup.core.errors import ExitCode, GfsError
+from gfs_backup.core.faults import crash_point
+from gfs_backup.core.lock import LockHeld, job_lock
+from gfs_backup.core.state import State
+from gfs_backup.core.throttle import Throttle, format_rate, shares
 from gfs_backup.retention import Generation, plan
-from gfs_backup.ssh import close_runners, runner_for
-from gfs_backup.state import State
-from gfs_backup.target import check_target
-from gfs_backup.targetfs import LOCAL_FS, TargetFS, TargetStalled
-from gfs_backup.throttle import Throttle, format_rate, shares
+from gfs_backup.target.catalog import Stored, list_generations, newest_verified
+from gfs_backup.target.checks import check_target
+from gfs_backup.target.fs import LOCAL_FS, TargetFS, TargetStalled
+from gfs_backup.target.generation import PartialGeneration, generation_id
+from gfs_backup.target.manifest import Manifest
+from gfs_backup.transport.ssh import close_runners, runner_for
 
 log = logging.getLogger("gfs")
 Clock = Callable[[], datetime]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta, tzinfo
 
-from gfs_backup.errors import InputError, Problem
+from gfs_backup.core.errors import InputError, Problem
+from gfs_backup.core.schedule import Schedule
 from gfs_backup.retention import Generation, Plan, RetentionRules, plan
-from gfs_backup.schedule import Schedule
 
 MAX_RUNS = 200_000
 

@@ -10,12 +10,12 @@ from gfs_backup.actions.run import next_due
 from gfs_backup.actions.targets import job_location
 from gfs_backup.actions.verify import last_verified_ok
 from gfs_backup.backends import backend_for
-from gfs_backup.catalog import Listing, Stored, list_generations
-from gfs_backup.config import Config, Job
-from gfs_backup.errors import GfsError, Problem
-from gfs_backup.state import RunRecord, State
-from gfs_backup.target import check_target
-from gfs_backup.targetfs import TargetFS
+from gfs_backup.core.config import Config, Job
+from gfs_backup.core.errors import GfsError, Problem
+from gfs_backup.core.state import RunRecord, State
+from gfs_backup.target.catalog import Listing, Stored, list_generations
+from gfs_backup.target.checks import check_target
+from gfs_backup.target.fs import TargetFS
 
 
 def generation_size(stored: Stored) -> int:

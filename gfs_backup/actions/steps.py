@@ -10,11 +10,11 @@ from gfs_backup.actions.reconcile import reconcile
 from gfs_backup.actions.targets import job_location
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import JobContext
-from gfs_backup.config import Config, Job
-from gfs_backup.errors import GfsError
-from gfs_backup.lock import job_lock
-from gfs_backup.ssh import close_runners, runner_for
-from gfs_backup.state import State
+from gfs_backup.core.config import Config, Job
+from gfs_backup.core.errors import GfsError
+from gfs_backup.core.lock import job_lock
+from gfs_backup.core.state import State
+from gfs_backup.transport.ssh import close_runners, runner_for
 
 log = logging.getLogger("gfs")
 

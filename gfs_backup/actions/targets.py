@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gfs_backup.config import LOCAL_HOST, Config, Job
-from gfs_backup.ssh import runner_for
-from gfs_backup.targetfs import LOCAL_FS, RemoteFS, TargetFS
+from gfs_backup.core.config import LOCAL_HOST, Config, Job
+from gfs_backup.target.fs import LOCAL_FS, RemoteFS, TargetFS
+from gfs_backup.transport.ssh import runner_for
 
 
 def target_fs(config: Config, target_name: str, dry_run: bool = False) -> TargetFS:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import Progress
-from gfs_backup.catalog import Stored, last_verified_ok
-from gfs_backup.copy import digest_file
-from gfs_backup.digest import ALGORITHM
-from gfs_backup.manifest import DataFile, write_manifest
-from gfs_backup.targetfs import LOCAL_FS, FileDigest
+from gfs_backup.copying.copy import digest_file
+from gfs_backup.copying.digest import ALGORITHM
+from gfs_backup.target.catalog import Stored, last_verified_ok
+from gfs_backup.target.fs import LOCAL_FS, FileDigest
+from gfs_backup.target.manifest import DataFile, write_manifest
 
 __all__ = ["Verified", "check_data", "last_check_time", "last_verified_ok", "verify_stored"]
 

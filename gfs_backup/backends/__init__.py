@@ -1,4 +1,5 @@
-"""The job kinds gfs can back up: one registry, one contract (base.Backend)."""
+"""The job kinds gfs can back up (libvirt, lvm, btrfs, files): one registry, one contract
+(base.Backend). Imports `target`, `copying`, `tools`, `transport`, `core`; never `actions`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from gfs_backup.backends.btrfs import BtrfsBackend
 from gfs_backup.backends.files import FilesBackend
 from gfs_backup.backends.libvirt import LibvirtBackend
 from gfs_backup.backends.lvm import LvmBackend
-from gfs_backup.errors import GfsError
+from gfs_backup.core.errors import GfsError
 
 BACKENDS: dict[str, Backend] = {
     "btrfs": BtrfsBackend(),

@@ -9,14 +9,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from gfs_backup.catalog import Stored
-from gfs_backup.config import Job
-from gfs_backup.digest import ALGORITHM
-from gfs_backup.errors import ExitCode, GfsError
-from gfs_backup.manifest import DataFile
-from gfs_backup.runner import Runner
-from gfs_backup.state import JournalEntry, State
-from gfs_backup.targetfs import LOCAL_FS, TargetFS
+from gfs_backup.copying.digest import ALGORITHM
+from gfs_backup.core.config import Job
+from gfs_backup.core.errors import ExitCode, GfsError
+from gfs_backup.core.state import JournalEntry, State
+from gfs_backup.target.catalog import Stored
+from gfs_backup.target.fs import LOCAL_FS, TargetFS
+from gfs_backup.target.manifest import DataFile
+from gfs_backup.transport.runner import Runner
 
 Progress = Callable[[int], None]
 SNAPSHOT_PREFIX = "gfs-"

@@ -16,7 +16,11 @@ from gfs_backup.backends.base import (
     Snapshot,
     SourceError,
 )
-from gfs_backup.btrfs import (
+from gfs_backup.copying.copy import copy_stream
+from gfs_backup.core.errors import GfsError
+from gfs_backup.target.catalog import Stored
+from gfs_backup.target.manifest import DataFile
+from gfs_backup.tools.btrfs import (
     is_subvolume_root,
     make_delete_command,
     make_receive_command,
@@ -25,10 +29,6 @@ from gfs_backup.btrfs import (
     make_writable_snapshot_command,
     parse_subvolume_show,
 )
-from gfs_backup.catalog import Stored
-from gfs_backup.copy import copy_stream
-from gfs_backup.errors import GfsError
-from gfs_backup.manifest import DataFile
 
 STREAM = "subvolume.btrfs"
 

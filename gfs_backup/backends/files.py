@@ -20,12 +20,12 @@ from gfs_backup.backends.base import (
     Snapshot,
     SourceError,
 )
-from gfs_backup.btrfs import containing_subvolume
-from gfs_backup.catalog import Stored, last_verified_ok
-from gfs_backup.filetree import Base, TreeExport, export_tree, scan_clock_ns
-from gfs_backup.mounts import mount_of, read_mounts
-from gfs_backup.treeentry import TreeEntry
-from gfs_backup.treerestore import restore_tree, verify_tree
+from gfs_backup.copying.filetree import Base, TreeExport, export_tree, scan_clock_ns
+from gfs_backup.copying.treeentry import TreeEntry
+from gfs_backup.copying.treerestore import restore_tree, verify_tree
+from gfs_backup.target.catalog import Stored, last_verified_ok
+from gfs_backup.tools.btrfs import containing_subvolume
+from gfs_backup.tools.mounts import mount_of, read_mounts
 
 TREE = "data"
 SCAN_STARTED = "scan_started_ns"  # source metadata keys a later export builds on

@@ -28,10 +28,14 @@ from gfs_backup.backends.vm_inplace import (
     is_restore_temp,
     plan_writes,
 )
-from gfs_backup.catalog import Stored
-from gfs_backup.config import LOCAL_HOST, Job
-from gfs_backup.copy import digest_and_punch_zeros
-from gfs_backup.domainxml import (
+from gfs_backup.copying.copy import digest_and_punch_zeros
+from gfs_backup.core.config import LOCAL_HOST, Job
+from gfs_backup.core.errors import GfsError
+from gfs_backup.core.faults import crash_point
+from gfs_backup.core.state import JournalEntry
+from gfs_backup.target.catalog import Stored
+from gfs_backup.target.manifest import DataFile
+from gfs_backup.tools.domainxml import (
     Disk,
     backup_xml,
     is_gfs_overlay,
@@ -40,12 +44,8 @@ from gfs_backup.domainxml import (
     restore_xml,
     snapshot_xml,
 )
-from gfs_backup.errors import GfsError
-from gfs_backup.faults import crash_point
-from gfs_backup.manifest import DataFile
-from gfs_backup.runner import Command, LocalRunner, Runner
-from gfs_backup.state import JournalEntry
-from gfs_backup.virt import DEFAULT_URI, BackupUnsupported, Connection, ConnectionLost
+from gfs_backup.tools.virt import DEFAULT_URI, BackupUnsupported, Connection, ConnectionLost
+from gfs_backup.transport.runner import Command, LocalRunner, Runner
 
 DISKS = "disks"
 BACKUP_TIMEOUT = 24 * 3600.0

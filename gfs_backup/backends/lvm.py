@@ -21,27 +21,29 @@ from gfs_backup.backends.base import (
     SourceError,
     snapshot_name,
 )
-from gfs_backup.catalog import Stored
-from gfs_backup.config import Job
-from gfs_backup.copy import copy_file, copy_stream, digest_file
-from gfs_backup.errors import GfsError
-from gfs_backup.hostcopy import CopyOutput, make_device_copy_command, make_kill_group_command
-from gfs_backup.lvm import (
-    LvmInputError,
+from gfs_backup.copying.copy import copy_file, copy_stream, digest_file
+from gfs_backup.copying.hostcopy import (
+    CopyOutput,
+    make_device_copy_command,
+    make_kill_group_command,
+)
+from gfs_backup.core.config import Job
+from gfs_backup.core.errors import GfsError
+from gfs_backup.core.lvmnames import LvmInputError, parse_size, split_volume
+from gfs_backup.core.state import JournalEntry
+from gfs_backup.target.catalog import Stored
+from gfs_backup.target.fs import LOCAL_FS, WHOLE_FILE_SHA256, TargetStalled, sha256_file
+from gfs_backup.target.manifest import DataFile
+from gfs_backup.tools.lvm import (
     Volume,
     make_lvs_command,
     make_read_command,
     make_remove_command,
     make_snapshot_command,
     parse_lvs,
-    parse_size,
-    split_volume,
 )
-from gfs_backup.manifest import DataFile
-from gfs_backup.runner import Command, CommandError, LocalRunner, Runner
-from gfs_backup.ssh import IdleTimeout
-from gfs_backup.state import JournalEntry
-from gfs_backup.targetfs import LOCAL_FS, WHOLE_FILE_SHA256, TargetStalled, sha256_file
+from gfs_backup.transport.runner import Command, CommandError, LocalRunner, Runner
+from gfs_backup.transport.ssh import IdleTimeout
 
 IMAGE = "volume.raw"
 QCOW2_IMAGE = "volume.qcow2"

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from gfs_backup.backends.base import JobContext, Snapshot, is_own_snapshot, snapshot_name
-from gfs_backup.btrfs import (
+from gfs_backup.core.config import Job
+from gfs_backup.core.state import JournalEntry
+from gfs_backup.tools.btrfs import (
     make_delete_command,
     make_show_command,
     make_snapshot_command,
     parse_subvolume_show,
 )
-from gfs_backup.config import Job
-from gfs_backup.state import JournalEntry
 
 SNAPSHOT_DIR = ".gfs-snapshots"
 

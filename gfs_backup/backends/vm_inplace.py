@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from gfs_backup.backends.base import JobContext
-from gfs_backup.catalog import Stored
-from gfs_backup.domainxml import Disk, parse_disks
-from gfs_backup.errors import ExitCode, GfsError
-from gfs_backup.manifest import fsync_dir
-from gfs_backup.runner import Command, Runner
-from gfs_backup.virt import Connection
+from gfs_backup.core.errors import ExitCode, GfsError
+from gfs_backup.target.catalog import Stored
+from gfs_backup.target.manifest import fsync_dir
+from gfs_backup.tools.domainxml import Disk, parse_disks
+from gfs_backup.tools.virt import Connection
+from gfs_backup.transport.runner import Command, Runner
 
 WRITE_TIMEOUT = 24 * 3600.0
 TEMP_MARK = ".gfs-restore-r"

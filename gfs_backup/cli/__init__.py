@@ -14,8 +14,8 @@ import click
 from gfs_backup import __version__
 from gfs_backup.cli import check, data, drill, hosts, inspect, jobs, plan
 from gfs_backup.cli.progress import setup_logging
-from gfs_backup.errors import ExitCode, GfsError
-from gfs_backup.ssh import close_runners
+from gfs_backup.core.errors import ExitCode, GfsError
+from gfs_backup.transport.ssh import close_runners
 
 EXIT_CODES_HELP = """\b
 Exit codes:

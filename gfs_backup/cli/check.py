@@ -11,9 +11,9 @@ import click
 from gfs_backup.actions.status import job_status
 from gfs_backup.cli.options import config_option, json_option
 from gfs_backup.cli.render import describe_rules
-from gfs_backup.config import load_config
-from gfs_backup.errors import ExitCode
-from gfs_backup.state import State
+from gfs_backup.core.config import load_config
+from gfs_backup.core.errors import ExitCode
+from gfs_backup.core.state import State
 
 
 @click.command("check")

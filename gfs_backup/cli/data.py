@@ -18,8 +18,8 @@ from gfs_backup.actions.restore import (
 from gfs_backup.backends.base import RestoreOptions
 from gfs_backup.cli.options import config_option, json_option
 from gfs_backup.cli.progress import progress_for
-from gfs_backup.config import load_config
-from gfs_backup.errors import ExitCode
+from gfs_backup.core.config import load_config
+from gfs_backup.core.errors import ExitCode
 
 generation_option = click.option(
     "--generation",

@@ -14,8 +14,8 @@ from gfs_backup.actions.run import now_utc
 from gfs_backup.cli.data import generation_option
 from gfs_backup.cli.jobs import Terminated, _on_sigterm, wait_option
 from gfs_backup.cli.options import config_option, json_option
-from gfs_backup.config import load_config
-from gfs_backup.errors import ExitCode, GfsError
+from gfs_backup.core.config import load_config
+from gfs_backup.core.errors import ExitCode, GfsError
 
 
 @click.command("drill")

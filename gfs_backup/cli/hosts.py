@@ -9,8 +9,8 @@ import click
 
 from gfs_backup.actions.hosts import check_hosts, host_infos, select_hosts, trust_host
 from gfs_backup.cli.options import config_option, json_option
-from gfs_backup.config import load_config
-from gfs_backup.errors import ExitCode
+from gfs_backup.core.config import load_config
+from gfs_backup.core.errors import ExitCode
 
 
 @click.group("hosts")

@@ -12,10 +12,10 @@ import click
 from gfs_backup.actions.plan import select_jobs
 from gfs_backup.actions.status import generation_size, job_status, skipped_count
 from gfs_backup.actions.verify import last_verified_ok
-from gfs_backup.catalog import Stored
 from gfs_backup.cli.options import config_option, json_option
-from gfs_backup.config import load_config
-from gfs_backup.state import State
+from gfs_backup.core.config import load_config
+from gfs_backup.core.state import State
+from gfs_backup.target.catalog import Stored
 
 
 def _stored_json(stored: Stored) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from gfs_backup.actions.steps import prune_jobs, snapshot_jobs
 from gfs_backup.backends import backend_for
 from gfs_backup.cli.options import config_option, json_option
 from gfs_backup.cli.progress import allocated_bytes, progress_for
-from gfs_backup.config import load_config
-from gfs_backup.errors import ExitCode
+from gfs_backup.core.config import load_config
+from gfs_backup.core.errors import ExitCode
 
 dry_run_option = click.option(
     "--dry-run", is_flag=True, help="Show what would be done; change nothing."

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import click
 
-from gfs_backup.config import DEFAULT_CONFIG
+from gfs_backup.core.config import DEFAULT_CONFIG
 
 F = TypeVar("F", bound=Callable[..., Any])
 

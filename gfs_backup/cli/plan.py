@@ -27,18 +27,18 @@ from gfs_backup.cli.render import (
     plan_table,
     summary,
 )
-from gfs_backup.config import load_config
-from gfs_backup.errors import InputError, Problem
-from gfs_backup.policy import (
+from gfs_backup.core.config import load_config
+from gfs_backup.core.errors import InputError, Problem
+from gfs_backup.core.policy import (
     GFS_COUNT_KEYS,
     KEEP_COUNT_KEYS,
     Policy,
     find_policy,
     load_policy_file,
 )
+from gfs_backup.core.schedule import parse_schedule
+from gfs_backup.core.timeutil import format_timestamp, parse_timestamp, resolve_zone
 from gfs_backup.retention import SEMANTICS, Generation, Plan, RetentionRules, Semantics
-from gfs_backup.schedule import parse_schedule
-from gfs_backup.timeutil import format_timestamp, parse_timestamp, resolve_zone
 
 DEFAULT_POLICY = "classic-gfs"
 COUNT_OPTIONS = (*KEEP_COUNT_KEYS, *GFS_COUNT_KEYS)

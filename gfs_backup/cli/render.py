@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from datetime import date, datetime, timedelta, tzinfo
 from typing import Any
 
+from gfs_backup.core.timeutil import format_timestamp
 from gfs_backup.retention import Kept, Plan, RetentionRules
 from gfs_backup.retention.model import (
     FATHER,
@@ -16,7 +17,6 @@ from gfs_backup.retention.model import (
     WEEKDAYS,
     YEARLY,
 )
-from gfs_backup.timeutil import format_timestamp
 
 _CODES = {YEARLY: "Y", GRANDFATHER: "GF", FATHER: "F", SON: "S"}
 _TIER_RULES = {

@@ -1,4 +1,5 @@
-"""The retention planner: pure functions from generations and rules to a plan."""
+"""The retention planner: pure functions from generations, rules and `now` to a plan with a
+reason for every kept generation. Imports only the standard library and dateutil."""
 
 from gfs_backup.retention.durations import parse_keep_within
 from gfs_backup.retention.model import (

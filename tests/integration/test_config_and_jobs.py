@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gfs_backup.config import load_config
-from gfs_backup.manifest import Manifest, write_manifest
-from gfs_backup.policy import load_policy_file, shipped_policy_paths
+from gfs_backup.core.config import load_config
+from gfs_backup.core.policy import load_policy_file, shipped_policy_paths
+from gfs_backup.target.manifest import Manifest, write_manifest
 from tests.conftest import RunGfs
 
 pytestmark = pytest.mark.integration

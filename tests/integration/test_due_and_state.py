@@ -12,12 +12,12 @@ from freezegun import freeze_time
 
 from gfs_backup.actions.run import JobOutcome, exit_code, next_due
 from gfs_backup.cli.progress import TerminalProgress
-from gfs_backup.config import Job
-from gfs_backup.errors import ExitCode
-from gfs_backup.lock import LockHeld, job_lock
-from gfs_backup.policy import load_policy_file, shipped_policy_paths
-from gfs_backup.state import State
-from gfs_backup.timeutil import resolve_zone
+from gfs_backup.core.config import Job
+from gfs_backup.core.errors import ExitCode
+from gfs_backup.core.lock import LockHeld, job_lock
+from gfs_backup.core.policy import load_policy_file, shipped_policy_paths
+from gfs_backup.core.state import State
+from gfs_backup.core.timeutil import resolve_zone
 
 pytestmark = pytest.mark.integration
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from gfs_backup.copy import digest_file
-from gfs_backup.filetree import Base, TreeExport, export_tree
-from gfs_backup.treeentry import ROOT, TreeEntry
-from gfs_backup.treerestore import restore_tree, verify_tree
+from gfs_backup.copying.copy import digest_file
+from gfs_backup.copying.filetree import Base, TreeExport, export_tree
+from gfs_backup.copying.treeentry import ROOT, TreeEntry
+from gfs_backup.copying.treerestore import restore_tree, verify_tree
 
 pytestmark = pytest.mark.integration
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from gfs_backup.backends.files import make_base
-from gfs_backup.catalog import Stored
-from gfs_backup.copy import digest_file
-from gfs_backup.filetree import export_tree
-from gfs_backup.manifest import Manifest, ManifestError, parse_manifest
-from gfs_backup.treeentry import ROOT
-from gfs_backup.treerestore import restore_tree, verify_tree
+from gfs_backup.copying.copy import digest_file
+from gfs_backup.copying.filetree import export_tree
+from gfs_backup.copying.treeentry import ROOT
+from gfs_backup.copying.treerestore import restore_tree, verify_tree
+from gfs_backup.target.catalog import Stored
+from gfs_backup.target.manifest import Manifest, ManifestError, parse_manifest
 from tests.integration.test_filetree import base_of, by_path, settle, snapshot, work
 
 pytestmark = pytest.mark.integration

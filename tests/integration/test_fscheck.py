@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gfs_backup.fscheck import (
+from gfs_backup.tools.fscheck import (
     Partition,
     check_image,
     make_fsck_command,
@@ -16,7 +16,7 @@ from gfs_backup.fscheck import (
     parse_partx,
     summarize_findings,
 )
-from gfs_backup.runner import Command, LocalRunner
+from gfs_backup.transport.runner import Command, LocalRunner
 
 pytestmark = pytest.mark.integration
 
@@ -174,7 +174,7 @@ def test_a_missing_checker_is_a_failed_check_naming_the_package(
     image = ext4_image(tmp_path)
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setattr(
-        "gfs_backup.fscheck.make_blkid_command",
+        "gfs_backup.tools.fscheck.make_blkid_command",
         lambda path: Command(("/usr/sbin/blkid", "-p", "-o", "export", "--", str(path))),
     )
     checked = check_image(LocalRunner(), image)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from gfs_backup.catalog import list_generations
-from gfs_backup.generation import PartialGeneration, delete_generation, generation_id
-from gfs_backup.manifest import DataFile, Manifest, read_manifest
-from gfs_backup.runner import LocalRunner
-from gfs_backup.state import State
-from gfs_backup.targetfs import LOCAL_FS, WHOLE_FILE_SHA256, RemoteFS, TargetFS
+from gfs_backup.core.state import State
+from gfs_backup.target.catalog import list_generations
+from gfs_backup.target.fs import LOCAL_FS, WHOLE_FILE_SHA256, RemoteFS, TargetFS
+from gfs_backup.target.generation import PartialGeneration, delete_generation, generation_id
+from gfs_backup.target.manifest import DataFile, Manifest, read_manifest
+from gfs_backup.transport.runner import LocalRunner
 
 pytestmark = pytest.mark.integration
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from gfs_backup.config import Host
-from gfs_backup.known_hosts import HostKey, lookup_name
+from gfs_backup.core.config import Host
+from gfs_backup.transport.known_hosts import HostKey, lookup_name
 
 SSHD = Path("/usr/sbin/sshd")
 PRIVSEP_DIR = Path("/run/sshd")  # sshd refuses to start without it

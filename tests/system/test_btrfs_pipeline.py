@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from freezegun import freeze_time
 
-from gfs_backup.btrfs import is_subvolume_root
+from gfs_backup.tools.btrfs import is_subvolume_root
 from tests.conftest import RunGfs
 from tests.system.conftest import Mounter, make_subvolume, subvolumes_below
 from tests.system.helpers import listing, tree_state, write_config

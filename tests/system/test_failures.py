@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from freezegun import freeze_time
 
-from gfs_backup.lock import job_lock
+from gfs_backup.core.lock import job_lock
 from tests.conftest import RunGfs
 from tests.system.conftest import Mounter, make_subvolume, subvolumes_below
 from tests.system.helpers import KEEP_LAST_ONE, gfs_subprocess, listing, write_config

@@ -28,7 +28,7 @@ import libvirt
 import libvirt_qemu
 import pytest
 
-from gfs_backup.virt import RECONNECT_SECONDS
+from gfs_backup.tools.virt import RECONNECT_SECONDS
 from tests.conftest import RunGfs
 from tests.lab.daemons import LibvirtDaemons
 from tests.lab.domains import DomainFactory, LabDomain, reap_stale_domains

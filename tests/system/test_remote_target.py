@@ -212,7 +212,7 @@ def test_a_short_or_failed_copy_fails_clearly_and_leaves_nothing(
     run_gfs: RunGfs,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import gfs_backup.hostcopy as hostcopy
+    import gfs_backup.copying.hostcopy as hostcopy
 
     assert change[0] in hostcopy.EXPORT_SCRIPT
     monkeypatch.setattr(hostcopy, "EXPORT_SCRIPT", hostcopy.EXPORT_SCRIPT.replace(*change))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gfs_backup.known_hosts import lookup_name
+from gfs_backup.transport.known_hosts import lookup_name
 from tests.conftest import RunGfs
 from tests.system.sshd import Sshd, keygen, sshd
 

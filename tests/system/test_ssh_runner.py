@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from gfs_backup.errors import GfsError
-from gfs_backup.known_hosts import HostKeyError
-from gfs_backup.runner import Command, CommandError
-from gfs_backup.ssh import SSHError, SSHRunner
+from gfs_backup.core.errors import GfsError
+from gfs_backup.transport.known_hosts import HostKeyError
+from gfs_backup.transport.runner import Command, CommandError
+from gfs_backup.transport.ssh import SSHError, SSHRunner
 from tests.system.sshd import Sshd, free_port, keygen, kill, pids_with, sshd
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]

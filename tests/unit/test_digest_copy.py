@@ -1,4 +1,4 @@
-"""sha256-1m digests and the sparse one-pass copy (gfs_backup.digest, gfs_backup.copy)."""
+"""sha256-1m digests and the sparse one-pass copy (gfs_backup.copying: digest, copy)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gfs_backup import copy, digest
-from gfs_backup.copy import copy_file, copy_stream, data_extents, digest_file
-from gfs_backup.digest import ALGORITHM, BLOCK, ZERO_BLOCK, ZERO_BLOCK_DIGEST, BlockDigest
+from gfs_backup.copying import copy, digest
+from gfs_backup.copying.copy import copy_file, copy_stream, data_extents, digest_file
+from gfs_backup.copying.digest import ALGORITHM, BLOCK, ZERO_BLOCK, ZERO_BLOCK_DIGEST, BlockDigest
 
 pytestmark = pytest.mark.unit
 

@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
-from gfs_backup.drillboot import console_tail
-from gfs_backup.drillvm import (
+from gfs_backup.core.policy import DrillSettings, parse_drill_timeout, policy_from_table
+from gfs_backup.core.validate import Collector
+from gfs_backup.tools.drillboot import console_tail
+from gfs_backup.tools.drillvm import (
     DrillDisk,
     DrillLimits,
     DrillMachine,
@@ -18,9 +20,7 @@ from gfs_backup.drillvm import (
     parse_drill_machine,
     qemu_escape,
 )
-from gfs_backup.guest_agent import agent_request, split_replies
-from gfs_backup.policy import DrillSettings, parse_drill_timeout, policy_from_table
-from gfs_backup.validate import Collector
+from gfs_backup.tools.guest_agent import agent_request, split_replies
 
 pytestmark = pytest.mark.unit
 

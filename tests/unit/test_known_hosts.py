@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gfs_backup.config import Config, Host
-from gfs_backup.known_hosts import (
+from gfs_backup.core.config import Config, Host
+from gfs_backup.transport.known_hosts import (
     HostKey,
     Verdict,
     changed_key_message,
@@ -22,8 +22,8 @@ from gfs_backup.known_hosts import (
     replace_lines,
     unknown_key_message,
 )
-from gfs_backup.runner import Command, CommandError, LocalRunner
-from gfs_backup.ssh import SSHRunner, close_runners, remote_command_line, runner_for
+from gfs_backup.transport.runner import Command, CommandError, LocalRunner
+from gfs_backup.transport.ssh import SSHRunner, close_runners, remote_command_line, runner_for
 
 pytestmark = pytest.mark.unit
 

@@ -1,17 +1,15 @@
-"""LVM argv builders and parsers (gfs_backup.lvm) on recorded `lvs` output."""
+"""LVM argv builders and parsers (gfs_backup.tools.lvm) on recorded `lvs` output."""
 
 from __future__ import annotations
 
 import pytest
 
-from gfs_backup.lvm import (
-    LvmInputError,
+from gfs_backup.core.lvmnames import LvmInputError, parse_size, split_volume
+from gfs_backup.tools.lvm import (
     make_lvs_command,
     make_remove_command,
     make_snapshot_command,
     parse_lvs,
-    parse_size,
-    split_volume,
 )
 
 # lvs --noheadings --nosuffix --units b --separator '|' -o lv_name,vg_name,lv_size,lv_attr,

@@ -6,17 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from gfs_backup.btrfs import (
+from gfs_backup.core.config import Target
+from gfs_backup.core.validate import read_toml
+from gfs_backup.target.checks import TargetError, check_target
+from gfs_backup.tools.btrfs import (
     make_delete_command,
     make_receive_command,
     make_send_command,
     make_snapshot_command,
     parse_subvolume_show,
 )
-from gfs_backup.config import Target
-from gfs_backup.mounts import Mount, is_mount_point, mount_of, parse_mountinfo
-from gfs_backup.target import TargetError, check_target
-from gfs_backup.validate import read_toml
+from gfs_backup.tools.mounts import Mount, is_mount_point, mount_of, parse_mountinfo
 
 pytestmark = pytest.mark.unit
 

@@ -11,23 +11,23 @@ from typing import IO
 
 import pytest
 
-from gfs_backup.config import load_config
-from gfs_backup.errors import InputError
-from gfs_backup.hostcopy import (
+from gfs_backup.copying.hostcopy import (
     EXPORT_SCRIPT,
     CopyOutput,
     make_device_copy_command,
     make_kill_group_command,
 )
-from gfs_backup.runner import Command, CommandError, Completed
-from gfs_backup.ssh import remote_command_line
-from gfs_backup.targetfs import (
+from gfs_backup.core.config import load_config
+from gfs_backup.core.errors import InputError
+from gfs_backup.target.fs import (
     Entry,
     RemoteFS,
     TargetIOError,
     TargetStalled,
     parse_find_entries,
 )
+from gfs_backup.transport.runner import Command, CommandError, Completed
+from gfs_backup.transport.ssh import remote_command_line
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from gfs_backup.schedule import parse_schedule
+from gfs_backup.core.schedule import parse_schedule
 
 pytestmark = pytest.mark.unit
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gfs_backup.throttle import Throttle, format_rate, parse_rate, shares
+from gfs_backup.core.throttle import Throttle, format_rate, parse_rate, shares
 
 pytestmark = pytest.mark.unit
 MiB = 1 << 20

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from gfs_backup import virt
-from gfs_backup.virt import Connection, ConnectionLost, VirtError
+from gfs_backup.tools import virt
+from gfs_backup.tools.virt import Connection, ConnectionLost, VirtError
 
 pytestmark = pytest.mark.unit
 

@@ -1,11 +1,11 @@
-"""Pure domain-XML handling of gfs_backup.domainxml, on recorded and hostile XML."""
+"""Pure domain-XML handling of gfs_backup.tools.domainxml, on recorded and hostile XML."""
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from gfs_backup.domainxml import (
+from gfs_backup.tools.domainxml import (
     Disk,
     is_gfs_overlay,
     overlay_path,

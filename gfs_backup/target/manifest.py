@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from gfs_backup import __version__
-from gfs_backup.digest import ALGORITHM
-from gfs_backup.targetfs import LOCAL_FS, TargetFS, fsync_dir
+from gfs_backup.copying.digest import ALGORITHM
+from gfs_backup.target.fs import LOCAL_FS, TargetFS, fsync_dir
 
 __all__ = ["MANIFEST", "DataFile", "Manifest", "ManifestError", "fsync_dir", "read_manifest"]
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from gfs_backup.errors import ExitCode, GfsError
+from gfs_backup.core.errors import ExitCode, GfsError
 
 
 class LockHeld(GfsError):

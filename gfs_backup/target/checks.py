@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gfs_backup.config import Target
-from gfs_backup.errors import ExitCode, GfsError
-from gfs_backup.mounts import NFS_TYPES, Mount, is_mount_point, mount_of
-from gfs_backup.targetfs import LOCAL_FS, TargetFS
+from gfs_backup.core.config import Target
+from gfs_backup.core.errors import ExitCode, GfsError
+from gfs_backup.target.fs import LOCAL_FS, TargetFS
+from gfs_backup.tools.mounts import NFS_TYPES, Mount, is_mount_point, mount_of
 
 
 class TargetError(GfsError):

@@ -33,10 +33,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from gfs_backup.copy import Progress, copy_open_file, digest_open_file
-from gfs_backup.mounts import mount_of, read_mounts
-from gfs_backup.treeentry import ROOT, SPECIAL_KINDS, TreeEntry
-from gfs_backup.treeio import (
+from gfs_backup.copying.copy import Progress, copy_open_file, digest_open_file
+from gfs_backup.copying.treeentry import ROOT, SPECIAL_KINDS, TreeEntry
+from gfs_backup.copying.treeio import (
     READ_FLAGS,
     VANISHED,
     WRITE_FLAGS,
@@ -49,6 +48,7 @@ from gfs_backup.treeio import (
     syncfs,
     unlink_if_present,
 )
+from gfs_backup.tools.mounts import mount_of, read_mounts
 
 _LINK_FALLBACK = (*VANISHED, errno.EMLINK, errno.EXDEV, errno.EPERM)
 # Timestamp granularity: nanosecond filesystems stamp with the kernel's coarse clock (one

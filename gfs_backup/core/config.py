@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gfs_backup.errors import InputError, Problem
-from gfs_backup.lvm import LvmInputError, parse_size, split_volume
-from gfs_backup.policy import (
+from gfs_backup.core.errors import InputError, Problem
+from gfs_backup.core.lvmnames import LvmInputError, parse_size, split_volume
+from gfs_backup.core.policy import (
     NAME_RE,
     Policy,
     find_policy,
@@ -39,8 +39,8 @@ from gfs_backup.policy import (
     parse_duration,
     policy_from_table,
 )
-from gfs_backup.throttle import parse_rate
-from gfs_backup.validate import Collector, Table, join_key, read_toml
+from gfs_backup.core.throttle import parse_rate
+from gfs_backup.core.validate import Collector, Table, join_key, read_toml
 
 DEFAULT_CONFIG = Path("/etc/gfs/gfs.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/gfs")

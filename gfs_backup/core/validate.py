@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gfs_backup.errors import InputError, Problem
+from gfs_backup.core.errors import InputError, Problem
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -15,7 +15,7 @@ import os
 import stat
 from collections.abc import Mapping
 
-from gfs_backup.treeentry import ROOT, TreeEntry
+from gfs_backup.copying.treeentry import ROOT, TreeEntry
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a file replaced by a fifo meanwhile must not hang the open

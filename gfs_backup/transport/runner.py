@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
-from gfs_backup.errors import ExitCode, GfsError
+from gfs_backup.core.errors import ExitCode, GfsError
 
 log = logging.getLogger("gfs.runner")
 DEFAULT_TIMEOUT = 600.0

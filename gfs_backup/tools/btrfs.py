@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from gfs_backup.runner import Command
+from gfs_backup.transport.runner import Command
 
 SUBVOLUME_ROOT_INODE = 256  # BTRFS_FIRST_FREE_OBJECTID: the root directory of a subvolume
 LONG = 24 * 3600.0  # send/receive of a large subvolume may take hours

@@ -1,27 +1,16 @@
 """LVM commands as argv lists, and parsers of their output (pure, tested on recorded output).
 
-Names are checked here before any command is built: LVM itself allows letters, digits and
-`+_.-` in VG and LV names (not starting with `-`), so a name that is anything else is refused
-as input, never quoted into anything.
+Names reach these functions checked (core.lvmnames: split_volume, parse_size).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from gfs_backup.runner import Command
+from gfs_backup.transport.runner import Command
 
-NAME_RE = re.compile(r"[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}")
-SIZE_RE = re.compile(r"(?i)(\d+(?:\.\d+)?)\s*(%|[kmgt]i?b?|b)?")
 FIELDS = ("lv_name", "vg_name", "lv_size", "lv_attr", "origin", "pool_lv", "snap_percent")
-MIN_SNAPSHOT = 64 << 20
-UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 LVM_TIMEOUT = 120.0
-
-
-class LvmInputError(ValueError):
-    """A volume name or size that gfs refuses."""
 
 
 @dataclass(frozen=True)
@@ -50,33 +39,6 @@ class Volume:
         state = self.attr[4:5]
         full = self.snap_percent is not None and self.snap_percent >= 100.0
         return state == "I" or (self.attr[:1] in ("s", "S") and full)
-
-
-def split_volume(text: str) -> tuple[str, str]:
-    """ "vg/lv" → (vg, lv). Raises LvmInputError for anything LVM would not name so."""
-    vg, sep, lv = text.partition("/")
-    if not sep or not NAME_RE.fullmatch(vg) or not NAME_RE.fullmatch(lv):
-        raise LvmInputError(
-            f"{text!r} is not VG/LV (letters, digits, '+', '_', '.', '-'; not starting with '-')"
-        )
-    return vg, lv
-
-
-def parse_size(text: str, origin_size: int) -> int:
-    """A snapshot size: "20%" of the origin, or bytes with K/M/G/T (binary) suffixes.
-    At least MIN_SNAPSHOT, at most the origin's size, rounded up to whole MiB."""
-    match = SIZE_RE.fullmatch(text.strip())
-    if not match:
-        raise LvmInputError(f"snapshot_size {text!r}: use a percentage of the origin or 2G, 512M")
-    number, unit = float(match.group(1)), (match.group(2) or "b").lower()
-    if unit == "%":
-        if not 0 < number <= 100:
-            raise LvmInputError(f"snapshot_size {text!r}: a percentage must be 1-100")
-        size = int(origin_size * number / 100)
-    else:
-        size = int(number * UNITS[unit[0]])
-    size = min(max(size, MIN_SNAPSHOT), origin_size)  # LVM caps it at the origin anyway
-    return -(-size // (1 << 20)) * (1 << 20)
 
 
 def make_lvs_command(vg: str, lv: str | None = None) -> Command:

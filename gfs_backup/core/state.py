@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from gfs_backup.errors import ExitCode, GfsError
+from gfs_backup.core.errors import ExitCode, GfsError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

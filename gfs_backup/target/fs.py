@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
-from gfs_backup.copy import digest_file
-from gfs_backup.digest import ALGORITHM
-from gfs_backup.errors import ExitCode, GfsError
-from gfs_backup.hostcopy import CopyOutput, make_file_digest_command
-from gfs_backup.mounts import Mount, parse_mountinfo, read_mounts
-from gfs_backup.runner import Command, CommandError, Runner
+from gfs_backup.copying.copy import digest_file
+from gfs_backup.copying.digest import ALGORITHM
+from gfs_backup.copying.hostcopy import CopyOutput, make_file_digest_command
+from gfs_backup.core.errors import ExitCode, GfsError
+from gfs_backup.tools.mounts import Mount, parse_mountinfo, read_mounts
+from gfs_backup.transport.runner import Command, CommandError, Runner
 
 WHOLE_FILE_SHA256 = "sha256"  # whole-file sha256, as `sha256sum` computes it
 DEFAULT_IO_TIMEOUT = 600.0

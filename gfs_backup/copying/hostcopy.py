@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from gfs_backup.runner import Command
+from gfs_backup.transport.runner import Command
 
 PGID_TAG = "gfs-pgid"
 RESULT_TAG = "gfs-result"

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gfs_backup.errors import Problem
-from gfs_backup.manifest import MANIFEST, Manifest, ManifestError, read_manifest
+from gfs_backup.core.errors import Problem
 from gfs_backup.retention import Generation
-from gfs_backup.targetfs import LOCAL_FS, TargetFS
+from gfs_backup.target.fs import LOCAL_FS, TargetFS
+from gfs_backup.target.manifest import MANIFEST, Manifest, ManifestError, read_manifest
 
 PARTIAL_PREFIX = ".partial-"
 PRUNING_PREFIX = ".pruning-"

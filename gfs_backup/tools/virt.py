@@ -1,6 +1,6 @@
 """libvirt, through libvirt-python: the only module that imports it.
 
-The domain XML gfs reads and writes is in gfs_backup.domainxml (pure functions).
+The domain XML gfs reads and writes is in gfs_backup.tools.domainxml (pure functions).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gfs_backup.domainxml import Disk, parse_disks, with_disk_sources
-from gfs_backup.errors import ExitCode, GfsError
+from gfs_backup.core.errors import ExitCode, GfsError
+from gfs_backup.tools.domainxml import Disk, parse_disks, with_disk_sources
 
 DEFAULT_URI = "qemu:///system"
 POLL_SECONDS = 0.2

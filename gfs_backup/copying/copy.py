@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
-from gfs_backup.digest import (
+from gfs_backup.copying.digest import (
     BLOCK,
     ZERO_BLOCK_DIGEST,
     BlockDigest,

@@ -18,8 +18,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from gfs_backup.config import Host
-from gfs_backup.errors import ExitCode, GfsError
+from gfs_backup.core.config import Host
+from gfs_backup.core.errors import ExitCode, GfsError
 
 DEFAULT_KNOWN_HOSTS = Path("/etc/gfs/known_hosts")
 HASHED_PREFIX = "|1|"

@@ -15,9 +15,9 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from gfs_backup.copy import Progress, copy_open_file, digest_open_file
-from gfs_backup.treeentry import ROOT, SPECIAL_KINDS, TreeEntry, entry_list_problems
-from gfs_backup.treeio import (
+from gfs_backup.copying.copy import Progress, copy_open_file, digest_open_file
+from gfs_backup.copying.treeentry import ROOT, SPECIAL_KINDS, TreeEntry, entry_list_problems
+from gfs_backup.copying.treeio import (
     FORMAT_OF,
     READ_FLAGS,
     WRITE_FLAGS,

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gfs_backup.guest_agent import AgentClient
-from gfs_backup.runner import Command, LocalRunner
+from gfs_backup.tools.guest_agent import AgentClient
+from gfs_backup.transport.runner import Command, LocalRunner
 
 AGENT_SOCKET = "qga.sock"  # relative to QEMU's working directory: no sun_path length limit
 POLL_SECONDS = 0.2

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gfs_backup.runner import Command, CommandError, Runner, check_exit_status
+from gfs_backup.transport.runner import Command, CommandError, Runner, check_exit_status
 
 FSCK_TIMEOUT = 3600.0
 OUTPUT_TAIL = 300

@@ -40,9 +40,9 @@ import paramiko
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
-from gfs_backup.config import LOCAL_HOST, Config, Host
-from gfs_backup.errors import ExitCode, GfsError
-from gfs_backup.known_hosts import (
+from gfs_backup.core.config import LOCAL_HOST, Config, Host
+from gfs_backup.core.errors import ExitCode, GfsError
+from gfs_backup.transport.known_hosts import (
     HostKey,
     HostKeyError,
     known_hosts_path,
@@ -51,7 +51,7 @@ from gfs_backup.known_hosts import (
     recorded_keys,
     verify_host_key,
 )
-from gfs_backup.runner import (
+from gfs_backup.transport.runner import (
     Command,
     CommandError,
     Completed,

@@ -34,12 +34,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from gfs_backup.errors import InputError, Problem
+from gfs_backup.core.errors import InputError, Problem
+from gfs_backup.core.schedule import Schedule, parse_schedule
+from gfs_backup.core.timeutil import resolve_zone
+from gfs_backup.core.validate import Collector, Table, join_key, read_toml
 from gfs_backup.retention import SEMANTICS, RetentionRules, Semantics, parse_keep_within
 from gfs_backup.retention.model import WEEKDAYS, KeepWithin
-from gfs_backup.schedule import Schedule, parse_schedule
-from gfs_backup.timeutil import resolve_zone
-from gfs_backup.validate import Collector, Table, join_key, read_toml
 
 GFS_COUNT_KEYS = ("sons", "fathers", "grandfathers", "yearly")
 GFS_KEYS = (*GFS_COUNT_KEYS, "father-weekday")

@@ -1,5 +1,5 @@
 """The libvirt domain XML gfs reads and writes: pure ElementTree functions, tested on
-recorded and hostile XML (gfs_backup.virt talks to libvirt with them)."""
+recorded and hostile XML (gfs_backup.tools.virt talks to libvirt with them)."""
 
 from __future__ import annotations
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
-from gfs_backup.catalog import PARTIAL_PREFIX, PRUNING_PREFIX
-from gfs_backup.faults import crash_point
-from gfs_backup.manifest import Manifest, write_manifest
-from gfs_backup.state import State
-from gfs_backup.targetfs import LOCAL_FS, TargetFS, remove_tree
+from gfs_backup.core.faults import crash_point
+from gfs_backup.core.state import State
+from gfs_backup.target.catalog import PARTIAL_PREFIX, PRUNING_PREFIX
+from gfs_backup.target.fs import LOCAL_FS, TargetFS, remove_tree
+from gfs_backup.target.manifest import Manifest, write_manifest
 
 __all__ = ["PartialGeneration", "delete_generation", "generation_id", "remove_tree"]
 
