@@ -62,7 +62,7 @@ class Exported:
     point_in_time: bool = True
     bytes_written: int = 0
     warnings: tuple[str, ...] = ()
-    digest_algorithm: str = ALGORITHM  # of the files' digests (see digest.py, targetfs.py)
+    digest_algorithm: str = ALGORITHM  # of the files' digests (copying/digest.py, target/fs.py)
     read_back: bool = False  # every file was read back from the target while written
 
 

@@ -35,12 +35,10 @@ STREAM = "subvolume.btrfs"
 
 class BtrfsBackend(snapshots.SnapshottingBackend):
     kind = "btrfs"
-    source_key = "subvolume"
+    source_key = source_what = "subvolume"
 
     def check_source(self, ctx: JobContext) -> None:
-        path = Path(ctx.job.options["subvolume"])
-        if not path.exists():
-            raise SourceError(f"job {ctx.job.name}: source subvolume {path} does not exist")
+        path = self.source_path(ctx)
         if not is_subvolume_root(path):
             raise SourceError(
                 f"job {ctx.job.name}: {path} is not a btrfs subvolume (use "

@@ -66,11 +66,12 @@ def make_base(previous: Stored | None, now: datetime, rehash_every: int) -> Base
 class FilesBackend(snapshots.SnapshottingBackend):
     kind = "files"
     source_key = "path"
+    source_what = "directory"
 
     def check_source(self, ctx: JobContext) -> None:
-        path = Path(ctx.job.options["path"])
-        if not path.is_dir():
-            raise SourceError(f"job {ctx.job.name}: source directory {path} does not exist")
+        if not self.source_path(ctx).is_dir():
+            path = ctx.job.options["path"]
+            raise SourceError(f"job {ctx.job.name}: source {path} is not a directory")
 
     def snapshot(self, ctx: JobContext) -> Snapshot | None:
         path = Path(ctx.job.options["path"])

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gfs_backup.backends.base import JobContext, Snapshot, is_own_snapshot, snapshot_name
+from gfs_backup.backends.base import (
+    JobContext,
+    Snapshot,
+    SourceError,
+    is_own_snapshot,
+    snapshot_name,
+)
 from gfs_backup.core.config import Job
 from gfs_backup.core.state import JournalEntry
 from gfs_backup.tools.btrfs import (
@@ -87,9 +93,19 @@ class SnapshottingBackend:
     """What the btrfs-snapshotting kinds share: the source path key and snapshot upkeep."""
 
     source_key = ""
+    source_what = ""  # what the source is, in messages
 
     def sources(self, job: Job) -> list[Path]:
         return [Path(job.options[self.source_key])]
+
+    def source_path(self, ctx: JobContext) -> Path:
+        """The job's source; SourceError when it does not exist."""
+        path = Path(ctx.job.options[self.source_key])
+        if not path.exists():
+            raise SourceError(
+                f"job {ctx.job.name}: source {self.source_what} {path} does not exist"
+            )
+        return path
 
     def retire_snapshot(self, ctx: JobContext, snapshot: Snapshot, keep: int) -> None:
         retire(ctx, snapshot, keep)

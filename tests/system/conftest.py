@@ -13,8 +13,11 @@ import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+
+from tests.system.helpers import CLASSIC_UTC, write_config
 
 Mounter = Callable[..., Path]
 
@@ -85,3 +88,27 @@ def subvolumes_below(path: Path) -> list[str]:
     """Names of btrfs subvolumes under `path` (what `btrfs subvolume list -o` reports)."""
     out = _sh("btrfs", "subvolume", "list", "-o", str(path))
     return sorted(line.split(" path ", 1)[1] for line in out.splitlines() if " path " in line)
+
+
+class BtrfsJob(NamedTuple):
+    """A btrfs subvolume `vol` on a loop device, a tmpfs target, a config with job `vol`."""
+
+    volume: Path
+    target: Path
+    config: Path
+
+
+BtrfsJobMaker = Callable[..., BtrfsJob]
+
+
+@pytest.fixture
+def btrfs_job(mounts: Mounter, tmp_path: Path) -> BtrfsJobMaker:
+    """btrfs_job(target_mb=32, policy=CLASSIC_UTC): the usual one-job btrfs setup."""
+
+    def make(target_mb: int = 32, policy: str = CLASSIC_UTC) -> BtrfsJob:
+        volume = make_subvolume(mounts("src") / "vol")
+        target = mounts("tgt", kind="tmpfs", size_mb=target_mb)
+        config = write_config(tmp_path, target, "vol", "btrfs", "subvolume", volume, policy)
+        return BtrfsJob(volume, target, config)
+
+    return make

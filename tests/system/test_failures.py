@@ -11,7 +11,7 @@ from freezegun import freeze_time
 
 from gfs_backup.core.lock import job_lock
 from tests.conftest import RunGfs
-from tests.system.conftest import Mounter, make_subvolume, subvolumes_below
+from tests.system.conftest import BtrfsJobMaker, Mounter, make_subvolume, subvolumes_below
 from tests.system.helpers import KEEP_LAST_ONE, gfs_subprocess, listing, write_config
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
@@ -55,11 +55,9 @@ def test_target_on_the_source_filesystem_is_refused(
 
 
 def test_nfs_is_required_unless_the_target_says_otherwise(
-    mounts: Mounter, tmp_path: Path, run_gfs: RunGfs
+    btrfs_job: BtrfsJobMaker, tmp_path: Path, run_gfs: RunGfs
 ) -> None:
-    volume = make_subvolume(mounts("src") / "vol")
-    target = mounts("tgt", kind="tmpfs", size_mb=32)
-    config = write_config(tmp_path, target, "vol", "btrfs", "subvolume", volume)
+    _volume, _target, config = btrfs_job()
     config.write_text(config.read_text().replace("require_nfs = false", "require_nfs = true"))
     result = run_gfs("run", "--config", str(config))
     assert result.exit_code == 5
@@ -109,10 +107,10 @@ def test_hostile_job_names_are_refused(tmp_path: Path, run_gfs: RunGfs, name: st
     assert not (tmp_path / "state").exists()
 
 
-def test_edited_or_truncated_manifest(mounts: Mounter, tmp_path: Path, run_gfs: RunGfs) -> None:
-    volume = make_subvolume(mounts("src") / "vol")
-    target = mounts("tgt", kind="tmpfs", size_mb=64)
-    config = write_config(tmp_path, target, "vol", "btrfs", "subvolume", volume, KEEP_LAST_ONE)
+def test_edited_or_truncated_manifest(
+    btrfs_job: BtrfsJobMaker, tmp_path: Path, run_gfs: RunGfs
+) -> None:
+    _volume, target, config = btrfs_job(target_mb=64, policy=KEEP_LAST_ONE)
     with freeze_time("2026-11-20T03:00:00Z"):
         assert run_gfs("run", "--config", str(config)).exit_code == 0
     (first,) = listing(run_gfs("list", "--config", str(config), "--json"))
@@ -135,11 +133,9 @@ def test_edited_or_truncated_manifest(mounts: Mounter, tmp_path: Path, run_gfs: 
 
 
 def test_second_run_while_the_lock_is_held(
-    mounts: Mounter, tmp_path: Path, run_gfs: RunGfs
+    btrfs_job: BtrfsJobMaker, tmp_path: Path, run_gfs: RunGfs
 ) -> None:
-    volume = make_subvolume(mounts("src") / "vol")
-    target = mounts("tgt", kind="tmpfs", size_mb=32)
-    config = write_config(tmp_path, target, "vol", "btrfs", "subvolume", volume)
+    volume, _target, config = btrfs_job()
     with job_lock(tmp_path / "state", "vol", wait=False):
         result = run_gfs("run", "--config", str(config))
     assert result.exit_code == 6
@@ -147,10 +143,8 @@ def test_second_run_while_the_lock_is_held(
     assert subvolumes_below(volume) == []
 
 
-def test_dry_run_changes_nothing(mounts: Mounter, tmp_path: Path, run_gfs: RunGfs) -> None:
-    volume = make_subvolume(mounts("src") / "vol")
-    target = mounts("tgt", kind="tmpfs", size_mb=32)
-    config = write_config(tmp_path, target, "vol", "btrfs", "subvolume", volume)
+def test_dry_run_changes_nothing(btrfs_job: BtrfsJobMaker, tmp_path: Path, run_gfs: RunGfs) -> None:
+    volume, target, config = btrfs_job()
     result = run_gfs("run", "--config", str(config), "--dry-run")
     assert result.exit_code == 0, result.output
     assert "would snapshot" in result.stderr
