@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import time
@@ -38,8 +39,8 @@ def judge(expected: Path, restored: Path) -> list[str]:
 
 def take_copy(source: Path, into: Path) -> Path:
     """The source as it is now, copied by rsync (the judge's reference, not gfs's)."""
-    exclude = "--exclude=/.gfs-snapshots"  # gfs's own snapshots, never exported
-    subprocess.run(["rsync", "-aHAX", exclude, f"{source}/", f"{into}/"], check=True)
+    exclude = ["--exclude=/.gfs-snapshots", "--exclude=*.sock"]  # never exported
+    subprocess.run(["rsync", "-aHAX", *exclude, f"{source}/", f"{into}/"], check=True)
     return into
 
 
@@ -70,6 +71,8 @@ def populate(root: Path) -> None:
     os.chmod(root / "sub/deeper", 0o2750)
     os.chmod(root, 0o755)
     os.setxattr(root, "user.root-note", b"root dir")
+    with socket.socket(socket.AF_UNIX) as server:  # the file stays after close
+        server.bind(str(root / "app.sock"))
 
 
 def change(root: Path) -> None:
@@ -106,6 +109,8 @@ def test_every_generation_restores_as_the_source_was(
         assert result.exit_code == 0, result.output
     generations = listing(run_gfs("list", "--config", str(config), "--json"))
     assert [g["point_in_time"] for g in generations] == [fs == "btrfs"] * 3
+    assert [g["skipped"] for g in generations] == [1, 1, 1]  # app.sock
+    assert "1 skipped" in run_gfs("list", "--config", str(config)).stdout
     for generation, reference in zip(generations, expected, strict=True):
         restored = tmp_path / f"restored-{generation['id']}"
         args = ("--generation", generation["id"], "--to", str(restored))
