@@ -20,10 +20,11 @@ from gfs_backup.transport.ssh import close_runners
 EXIT_CODES_HELP = """\b
 Exit codes:
   0  success
-  1  internal error (a bug; --debug shows the traceback)
+  1  internal error (a bug: gfs --debug ... shows the traceback)
   2  wrong command-line usage
-  3  invalid configuration, policy or input file
-  4  some jobs failed      5  all jobs failed
+  3  invalid configuration, policy, timestamps file or option value
+  4  some jobs failed, others succeeded
+  5  every job failed
   6  a job's lock is held by another run
   7  gfs check: valid, but with warnings
 """

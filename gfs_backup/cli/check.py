@@ -31,7 +31,8 @@ def check_command(config_path: Path, lint_only: bool, as_json: bool) -> None:
     Every problem is reported at once, one line each, with the file and the dotted key
     path (e.g. `job[web01].policy.retention.sons`). Health warnings, for monitoring:
     targets that are not mounted or not NFS, newest generations older than the schedule
-    allows or not verified, gfs snapshots left without an export.
+    allows or not verified, gfs snapshots left without an export, a domain left running
+    on a gfs overlay by an interrupted run.
     Exit 0 all good, 3 invalid configuration, 7 valid but with warnings.
     """
     config = load_config(config_path)

@@ -47,7 +47,7 @@ def drill_command(
     lvm jobs: the raw image is restored into the scratch directory (from a target on
       another host: streamed from that host), checked against the manifest, and the
       filesystem blkid finds in it checked read-only (e2fsck -f -n, btrfs check
-      --readonly, xfs_repair -n, fsck.vfat -n); with a partition table (a VM disk),
+      --readonly, xfs_repair -n -f, fsck.vfat -n); with a partition table (a VM disk),
       the filesystem of each partition. A volume or partition holding no filesystem
       (raw data, swap) passes on its checksum and the result says so.
     \b

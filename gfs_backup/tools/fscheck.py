@@ -1,7 +1,7 @@
 """Read-only filesystem checks of a restored volume image (the drill of lvm generations).
 
 `blkid -p` says what the image holds; a filesystem gfs knows is checked by its own tool in
-a mode that never writes (`e2fsck -n`, `btrfs check --readonly`, `xfs_repair -n`,
+a mode that never writes (`e2fsck -n`, `btrfs check --readonly`, `xfs_repair -n -f`,
 `fsck.vfat -n`); a partition table (a VM disk on an LV) is listed with `partx` and each
 partition's filesystem checked. Argv builders and parsers are pure; `check_image` runs them.
 """
