@@ -82,6 +82,11 @@ def restore(
             raise RestoreError(
                 f"restore of {stored.id} to {to} does not match its manifest: {exc}"
             ) from None
+        except OSError as exc:  # ENOSPC, EPERM (device nodes need root), EIO
+            what = f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc.strerror)
+            raise RestoreError(
+                f"restore of {stored.id} to {to} failed ({what}); nothing was left at {to}"
+            ) from None
         finally:
             remove_leftover(ctx.runner, staging)
             ctx.state.done(entry)

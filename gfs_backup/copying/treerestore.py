@@ -49,7 +49,7 @@ def restore_tree(
     with Dirs(tree) as source, Dirs(dest) as out:
         for entry in ordered:
             if entry.link is not None:
-                _link(out, entry)
+                problems += _link(out, entry)
             elif entry.kind == "dir":
                 if entry.path != ROOT:
                     parent, name = out.parent(entry.path)
@@ -204,13 +204,17 @@ def _make_node(out: Dirs, entry: TreeEntry) -> None:
     apply_metadata(out, entry, xattrs_optional=False)
 
 
-def _link(out: Dirs, entry: TreeEntry) -> None:
-    """Another name of an inode restored earlier (entry_list_problems checked the order)."""
+def _link(out: Dirs, entry: TreeEntry) -> list[str]:
+    """Another name of an inode restored earlier (entry_list_problems checked the order);
+    a problem line if that first name could not be restored."""
     assert entry.link is not None
     first_parent, first_name = out.parent(entry.link)
     first_fd = os.dup(first_parent)  # parent() below may close the cached one
     try:
         parent, name = out.parent(entry.path)
         os.link(first_name, name, src_dir_fd=first_fd, dst_dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return [f"{entry.path}: not restored: its first name {entry.link} is missing"]
     finally:
         os.close(first_fd)
+    return []

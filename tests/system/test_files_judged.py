@@ -149,3 +149,22 @@ def test_a_failed_restore_leaves_nothing_at_the_destination(
     assert "sub/z.txt" in result.output
     assert not restored.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".gfs-restore")] == []
+
+
+def test_a_restore_that_runs_out_of_space_leaves_nothing_and_says_so(
+    mounts: Mounter, tmp_path: Path, run_gfs: RunGfs
+) -> None:
+    source = tmp_path / "srv"
+    source.mkdir()
+    (source / "big.bin").write_bytes(os.urandom(3 * MIB))
+    target = mounts("tgt", kind="tmpfs", size_mb=64)
+    config = write_config(tmp_path, target, "srv", "files", "path", source)
+    assert run_gfs("run", "--config", str(config)).exit_code == 0
+    small = mounts("small", kind="tmpfs", size_mb=1)
+
+    result = run_gfs("restore", "srv", "--config", str(config), "--to", str(small / "srv"))
+
+    assert result.exit_code == 5, result.output
+    assert "No space left on device" in result.stderr
+    assert f"nothing was left at {small / 'srv'}" in result.stderr
+    assert os.listdir(small) == []
