@@ -36,6 +36,7 @@ from gfs_backup.actions.verify import check_data
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import JobContext, RestoreOptions
 from gfs_backup.backends.libvirt import qemu_img_problems
+from gfs_backup.backends.vm_inplace import disk_files
 from gfs_backup.copying.copy import copy_file
 from gfs_backup.core.config import Config, Job
 from gfs_backup.core.errors import GfsError, InputError, Problem
@@ -195,9 +196,9 @@ def _drill_kind(ctx: JobContext, stored: Stored, workdir: Path) -> str:
 
 def _drill_vm(ctx: JobContext, stored: Stored, workdir: Path) -> str:
     settings = ctx.job.policy.drill
+    disks = disk_files(stored)
     copies = {
-        Path(data.path).stem: workdir / f"disk{index}.qcow2"
-        for index, data in enumerate(stored.manifest.files)
+        Path(data.path).stem: workdir / f"disk{index}.qcow2" for index, data in enumerate(disks)
     }
     try:
         machine = parse_drill_machine(str(stored.manifest.source.get("xml", "")), copies)
@@ -206,7 +207,7 @@ def _drill_vm(ctx: JobContext, stored: Stored, workdir: Path) -> str:
     for path in (machine.kernel, machine.initrd):
         if path is not None and not Path(path).is_file():
             raise DrillCheckFailed(f"the domain boots {path}, which is not on this host")
-    for data, copy in zip(stored.manifest.files, copies.values(), strict=True):
+    for data, copy in zip(disks, copies.values(), strict=True):
         result = copy_file(stored.path / data.path, copy)
         if (result.size, result.digest) != (data.size, data.digest):
             raise DrillCheckFailed(

@@ -21,14 +21,18 @@ from gfs_backup.backends.base import (
     SourceError,
 )
 from gfs_backup.backends.vm_inplace import (
-    JOURNAL_ACTION as RESTORE_TEMP,
-)
-from gfs_backup.backends.vm_inplace import (
+    DISKS,
+    NVRAM,
     InPlaceRestore,
+    disk_files,
     is_restore_temp,
+    nvram_file,
     plan_writes,
 )
-from gfs_backup.copying.copy import digest_and_punch_zeros
+from gfs_backup.backends.vm_inplace import (
+    JOURNAL_ACTION as RESTORE_TEMP,
+)
+from gfs_backup.copying.copy import copy_file, digest_and_punch_zeros
 from gfs_backup.core.config import LOCAL_HOST, Job
 from gfs_backup.core.errors import GfsError
 from gfs_backup.core.faults import crash_point
@@ -37,8 +41,10 @@ from gfs_backup.target.catalog import Stored
 from gfs_backup.target.manifest import DataFile
 from gfs_backup.tools.domainxml import (
     Disk,
+    RestoredDomain,
     backup_xml,
     is_gfs_overlay,
+    nvram_path,
     overlay_path,
     parse_disks,
     restore_xml,
@@ -47,7 +53,6 @@ from gfs_backup.tools.domainxml import (
 from gfs_backup.tools.virt import DEFAULT_URI, BackupUnsupported, Connection, ConnectionLost
 from gfs_backup.transport.runner import Command, LocalRunner, Runner
 
-DISKS = "disks"
 BACKUP_TIMEOUT = 24 * 3600.0
 AGENT_TIMEOUT = 10  # seconds the guest agent may take to answer, to freeze
 THAW_DEADLINE = 30.0  # seconds gfs keeps asking a stuck agent to thaw (see below)
@@ -210,6 +215,7 @@ class LibvirtBackend:
             # QEMU's backup job writes the zeros of a raw block device as data: deallocate them.
             result = digest_and_punch_zeros(image)
             files.append(DataFile(f"{DISKS}/{image.name}", result.size, result.digest))
+        files += _export_nvram(ctx, str(source["xml"]), into)
         written = sum(f.size for f in files)
         return Exported(files=tuple(files), source=source, bytes_written=written)
 
@@ -515,7 +521,7 @@ class LibvirtBackend:
 
     def verify_data(self, stored: Stored, progress: Progress | None) -> list[str]:
         problems = []
-        for data in stored.manifest.files:
+        for data in disk_files(stored):
             found = qemu_img_problems(LocalRunner(), stored.path / data.path)
             if found:
                 problems.append(f"{data.path}: qemu-img check: {found}")
@@ -529,15 +535,17 @@ class LibvirtBackend:
         progress: Progress | None,
         options: RestoreOptions,
     ) -> None:
-        """Copy the disks into the directory `to` and define a new domain using them
-        (its disks named in `options.final`, where `to` goes once restored)."""
+        """Copy the disks into the directory `to` and define a new domain using them,
+        with every per-domain path and identity of its own (see `restore_xml`), so that it
+        can start beside the original; its files are named in `options.final`, where `to`
+        goes once restored. The NVRAM saved with the generation is copied there too."""
         source = stored.manifest.source
         name = options.domain_name or f"{source['domain']}-restored-{stored.id}"
         final = options.final or to
         to.mkdir(parents=True)
         paths: dict[str, Path] = {}
         try:
-            for data in stored.manifest.files:
+            for data in disk_files(stored):
                 target = Path(data.path).stem
                 disk = f"{name}-{target}.qcow2"
                 paths[target] = final / disk
@@ -545,16 +553,21 @@ class LibvirtBackend:
                 problems = qemu_img_problems(ctx.runner, to / disk)
                 if problems:
                     raise GfsError(f"restored disk {final / disk}: {problems}")
+            origin = f"domain {source['domain']}, generation {stored.id}"
+            restored = restore_xml(
+                str(source["xml"]), name, paths, options.keep_interfaces, final, origin
+            )
+            _copy_firmware_files(ctx, stored, restored, to)
             connection = self._connect(ctx.job)
             try:
-                connection.define(
-                    restore_xml(str(source["xml"]), name, paths, options.keep_interfaces)
-                )
+                connection.define(restored.xml)
             finally:
                 connection.close()
         except BaseException:
             shutil.rmtree(to, ignore_errors=True)
             raise
+        for line in restored.rewritten:
+            ctx.log.info("job %s: domain %s: %s", ctx.job.name, name, line)
         ctx.log.info("job %s: defined domain %s with disks in %s", ctx.job.name, name, final)
 
     def restore_over_original(
@@ -578,6 +591,41 @@ class LibvirtBackend:
             return InPlaceRestore(ctx, connection, domain).run(writes)
         finally:
             connection.close()
+
+
+def _export_nvram(ctx: JobContext, domain_xml: str, into: Path) -> list[DataFile]:
+    """The domain's UEFI variable store (boot entries, secure boot keys), saved beside its
+    disks: a restored domain boots with it. None when the domain has none or it is gone."""
+    path = nvram_path(domain_xml)
+    if path is None or not Path(path).is_file():
+        return []
+    (into / NVRAM).mkdir()
+    copy = into / NVRAM / "VARS.fd"
+    result = copy_file(Path(path), copy)
+    ctx.log.info("job %s: saved the NVRAM %s", ctx.job.name, path)
+    return [DataFile(f"{NVRAM}/{copy.name}", result.size, result.digest)]
+
+
+def _copy_firmware_files(
+    ctx: JobContext, stored: Stored, restored: RestoredDomain, to: Path
+) -> None:
+    """The restored domain's own NVRAM (from the generation, else as it is on this host
+    now) and writable loader, at the new paths `restore_xml` chose (in `to`)."""
+    saved = nvram_file(stored)
+    for what, new, old in restored.copies:
+        source = stored.path / saved.path if what == "nvram" and saved else Path(old)
+        if not source.is_file():
+            ctx.log.warning(
+                "job %s: no %s to copy (%s is gone): the restored domain starts with its "
+                "firmware's template",
+                ctx.job.name,
+                what,
+                old,
+            )
+            continue
+        result = copy_file(source, to / new.name)
+        if saved is not None and what == "nvram" and result.digest != saved.digest:
+            raise GfsError(f"{saved.path}: the copy does not match the manifest's checksum")
 
 
 def _check_disk_path(job: str, disk: Disk) -> None:

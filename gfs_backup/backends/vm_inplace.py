@@ -22,7 +22,7 @@ from typing import Any
 from gfs_backup.backends.base import JobContext
 from gfs_backup.core.errors import ExitCode, GfsError
 from gfs_backup.target.catalog import Stored
-from gfs_backup.target.manifest import fsync_dir
+from gfs_backup.target.manifest import DataFile, fsync_dir
 from gfs_backup.tools.domainxml import Disk, parse_disks
 from gfs_backup.tools.virt import Connection
 from gfs_backup.transport.runner import Command, Runner
@@ -110,12 +110,26 @@ def is_restore_temp(path: Path) -> bool:
     return path.name.startswith(".") and TEMP_MARK in path.name
 
 
+DISKS = "disks"  # a VM generation's disk images: disks/<target>.qcow2
+NVRAM = "nvram"  # and its UEFI variable store, if it has one: nvram/VARS.fd
+
+
+def disk_files(stored: Stored) -> list[DataFile]:
+    """The disk images of a VM generation (not its NVRAM)."""
+    return [data for data in stored.manifest.files if data.path.startswith(f"{DISKS}/")]
+
+
+def nvram_file(stored: Stored) -> DataFile | None:
+    """The UEFI variable store saved with a VM generation, if any."""
+    return next((d for d in stored.manifest.files if d.path.startswith(f"{NVRAM}/")), None)
+
+
 def plan_writes(job: str, stored: Stored, domain_xml: str) -> list[DiskWrite]:
     """Pair each stored disk image with the domain's disk of the same target name.
     Raises InPlaceRefused when the domain has no such disk or it is not a local disk."""
     disks = {disk.target: disk for disk in parse_disks(domain_xml)}
     writes = []
-    for data in stored.manifest.files:
+    for data in disk_files(stored):
         target = Path(data.path).stem
         disk = disks.get(target)
         if disk is None:

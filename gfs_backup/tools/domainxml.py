@@ -107,17 +107,115 @@ def with_disk_sources(domain_xml: str, sources: dict[str, Disk]) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
+def nvram_path(domain_xml: str) -> str | None:
+    """The domain's UEFI variable store file (`<os><nvram>`), if it has one."""
+    nvram = ET.fromstring(domain_xml).find("./os/nvram")
+    return nvram.text if nvram is not None and nvram.text else None
+
+
+UNIX_PATH_MAX = 107  # bytes of a unix socket path (sun_path, without the NUL)
+CHARDEVS = ("serial", "console", "parallel", "channel")
+
+
+@dataclass(frozen=True)
+class RestoredDomain:
+    """`restore_xml`'s result: the new definition, what was rewritten (one line each, for
+    the log), and the per-domain files to put at new paths: (what, new path, old path)."""
+
+    xml: str
+    rewritten: list[str]
+    copies: list[tuple[str, Path, str]]
+
+
 def restore_xml(
-    domain_xml: str, name: str, disk_paths: dict[str, Path], keep_interfaces: bool
-) -> str:
-    """The saved domain XML as a new domain: new name, no UUID, disks at new qcow2 paths."""
+    domain_xml: str,
+    name: str,
+    disk_paths: dict[str, Path],
+    keep_interfaces: bool,
+    folder: Path,
+    origin: str,
+) -> RestoredDomain:
+    """The saved domain XML as a new domain that can run beside the original: new name, no
+    UUID, disks at new qcow2 paths, and every per-domain path or identity made its own.
+
+    Serial/console/parallel/channel log files and file sources go to `folder` (one new
+    path per old one: a console mirroring serial 0 keeps sharing it); unix sockets too,
+    except a named virtio channel's (the guest agent's), whose path libvirt assigns per
+    domain; the NVRAM (and a writable loader) is to be copied into `folder`; VNC/SPICE
+    ports and sockets are left to libvirt; a TPM emulator gets new state (it is kept by
+    UUID), a passed-through TPM and host devices are removed (the original holds them);
+    with `keep_interfaces` the MAC addresses and tap names are left to libvirt; title and
+    description say where the domain came from (`origin`). ValueError if a new socket
+    path is too long for a unix socket.
+    """
     root = ET.fromstring(domain_xml)
+    rename = _Renamer(folder, name)
     root.find("name").text = name  # type: ignore[union-attr]
-    for tag in ("uuid",):
-        for element in root.findall(tag):
-            root.remove(element)
+    for element in root.findall("uuid"):
+        root.remove(element)
+    _describe_origin(root, name, origin)
+    _drop_identity(root, rename)
     devices = root.find("devices")
     assert devices is not None
+    _set_disks(devices, disk_paths)
+    _own_chardevs(devices, rename)
+    _own_firmware(root, rename)
+    _own_displays(devices, rename)
+    _own_tpm_and_host_devices(devices, rename)
+    if keep_interfaces:
+        _new_interface_identities(devices, rename)
+    else:
+        for interface in devices.findall("interface"):
+            devices.remove(interface)
+    return RestoredDomain(ET.tostring(root, encoding="unicode"), rename.lines, rename.copies)
+
+
+class _Renamer:
+    """New per-domain paths in `folder`, the same new path for the same old one."""
+
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder, self.name = folder, name
+        self.paths: dict[str, Path] = {}
+        self.lines: list[str] = []
+        self.copies: list[tuple[str, Path, str]] = []
+
+    def new_path(self, old: str, what: str, suffix: str) -> Path:
+        if old not in self.paths:
+            safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in self.name)
+            self.paths[old] = self.folder / f"{safe}-{what}{suffix}"
+            self.lines.append(f"{what}: {old} -> {self.paths[old]}")
+        return self.paths[old]
+
+    def note(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def _describe_origin(root: ET.Element, name: str, origin: str) -> None:
+    title = root.find("title")
+    if title is None:
+        title = ET.SubElement(root, "title")
+    title.text = f"{name}: restored by gfs from {origin}"
+    description = root.find("description")
+    before = description.text if description is not None and description.text else ""
+    if description is None:
+        description = ET.SubElement(root, "description")
+    description.text = f"Restored by gfs from {origin}." + (f"\n\n{before}" if before else "")
+
+
+def _drop_identity(root: ET.Element, rename: _Renamer) -> None:
+    """The SMBIOS UUID (must equal the new domain's) and the VM generation ID."""
+    for system in root.findall("./sysinfo/system"):
+        for entry in system.findall("entry"):
+            if entry.get("name") == "uuid":
+                system.remove(entry)
+                rename.note("SMBIOS uuid entry removed (the new domain's UUID is used)")
+    for genid in root.findall("genid"):
+        if genid.text:
+            genid.text = None
+            rename.note("VM generation ID left to libvirt (a new one)")
+
+
+def _set_disks(devices: ET.Element, disk_paths: dict[str, Path]) -> None:
     for disk in devices.findall("disk"):
         target = disk.find("target")
         if target is None or target.get("dev") not in disk_paths:
@@ -134,7 +232,95 @@ def restore_xml(
         driver.set("type", "qcow2")
         for stale in disk.findall("backingStore"):
             disk.remove(stale)
-    if not keep_interfaces:
-        for interface in devices.findall("interface"):
-            devices.remove(interface)
-    return ET.tostring(root, encoding="unicode")
+
+
+def _own_chardevs(devices: ET.Element, rename: _Renamer) -> None:
+    for tag in CHARDEVS:
+        for index, device in enumerate(devices.findall(tag)):
+            what = f"{tag}{index}"
+            for log in device.findall("log"):
+                if log.get("file"):
+                    new = rename.new_path(log.get("file", ""), f"{what}-log", ".log")
+                    log.set("file", str(new))
+            for source in device.findall("source"):
+                _own_chardev_source(device, source, what, rename)
+
+
+def _own_chardev_source(
+    device: ET.Element, source: ET.Element, what: str, rename: _Renamer
+) -> None:
+    kind, path = device.get("type"), source.get("path")
+    if kind == "file" and path:
+        source.set("path", str(rename.new_path(path, what, ".log")))
+    elif kind == "unix" and _named_virtio_channel(device):
+        device.remove(source)  # libvirt assigns a per-domain path
+        rename.note(f"{what}: unix socket path left to libvirt (was {path or 'its own'})")
+    elif kind == "unix" and path:
+        new = rename.new_path(path, what, ".sock")
+        if len(str(new).encode()) > UNIX_PATH_MAX:
+            raise ValueError(
+                f"{what}: the new socket path {new} is longer than a unix socket path may "
+                f"be ({UNIX_PATH_MAX} bytes): restore to a shorter --to"
+            )
+        source.set("path", str(new))
+    elif kind == "pty" and path:
+        del source.attrib["path"]
+
+
+def _named_virtio_channel(device: ET.Element) -> bool:
+    target = device.find("target")
+    return device.tag == "channel" and target is not None and bool(target.get("name"))
+
+
+def _own_firmware(root: ET.Element, rename: _Renamer) -> None:
+    """NVRAM (UEFI variables) and a writable loader are per domain: copies in `folder`."""
+    os_element = root.find("os")
+    if os_element is None:
+        return
+    nvram = os_element.find("nvram")
+    if nvram is not None and nvram.text:
+        new = rename.new_path(nvram.text, "VARS", ".fd")
+        rename.copies.append(("nvram", new, nvram.text))
+        nvram.text = str(new)
+    loader = os_element.find("loader")
+    if loader is not None and loader.text and loader.get("readonly") == "no":
+        new = rename.new_path(loader.text, "loader", ".fd")
+        rename.copies.append(("loader", new, loader.text))
+        loader.text = str(new)
+
+
+def _own_displays(devices: ET.Element, rename: _Renamer) -> None:
+    for graphics in devices.findall("graphics"):
+        kind = graphics.get("type", "?")
+        fixed = [key for key in ("port", "tlsPort", "websocket") if key in graphics.attrib]
+        for key in fixed:
+            del graphics.attrib[key]
+        if fixed or graphics.get("autoport") == "no":
+            graphics.set("autoport", "yes")
+            rename.note(f"{kind} display: port chosen by libvirt (was {', '.join(fixed)})")
+        sockets = [graphics, *graphics.findall("listen")]
+        for element in sockets:
+            if element.get("socket"):
+                rename.note(f"{kind} display: socket left to libvirt (was {element.get('socket')})")
+                del element.attrib["socket"]
+
+
+def _own_tpm_and_host_devices(devices: ET.Element, rename: _Renamer) -> None:
+    for tpm in devices.findall("tpm"):
+        backend = tpm.find("backend")
+        if backend is not None and backend.get("type") == "passthrough":
+            devices.remove(tpm)
+            rename.note("TPM passthrough removed (the original holds the host's TPM)")
+        elif backend is not None and backend.get("type") == "emulator":
+            rename.note("TPM emulator: new, empty state (its state is kept by domain UUID)")
+    for hostdev in devices.findall("hostdev"):
+        devices.remove(hostdev)
+        rename.note("host device passthrough removed (the original holds the device)")
+
+
+def _new_interface_identities(devices: ET.Element, rename: _Renamer) -> None:
+    for index, interface in enumerate(devices.findall("interface")):
+        for tag in ("mac", "target", "alias"):
+            for element in interface.findall(tag):
+                interface.remove(element)
+        rename.note(f"interface {index}: MAC address and tap device left to libvirt (new)")
