@@ -41,7 +41,10 @@ _UNDEFINE_FLAGS = (
     libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
     | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
     | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+    | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
 )
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")  # Debian's ovmf: UEFI firmware
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")  # and its variable store template
 AGENT_CHANNEL = (
     "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
 )
@@ -85,6 +88,7 @@ class DomainSpec:
     cmdline: str
     memory_mib: int = 256
     agent: bool = False
+    nvram: Path | None = None  # UEFI boot (OVMF) with this variable store
 
 
 def disk_element(disk: Path) -> str:
@@ -103,6 +107,14 @@ def disk_element(disk: Path) -> str:
 def domain_xml(spec: DomainSpec) -> str:
     """A TCG domain: direct kernel boot, one virtio disk (vda), serial console to a file."""
     channel = AGENT_CHANNEL if spec.agent else ""
+    firmware = ""
+    if spec.nvram is not None:
+        if not OVMF_CODE.is_file():
+            raise LabError(f"UEFI lab domains need {OVMF_CODE}: ./scripts/test installs ovmf")
+        firmware = (
+            f"<loader readonly='yes' type='pflash'>{OVMF_CODE}</loader>"
+            f"<nvram template='{OVMF_VARS}'>{escape(str(spec.nvram))}</nvram>"
+        )
     return f"""<domain type='qemu'>
   <name>{escape(spec.name)}</name>
   <memory unit='MiB'>{spec.memory_mib}</memory>
@@ -112,6 +124,7 @@ def domain_xml(spec: DomainSpec) -> str:
     <kernel>{escape(str(spec.image.kernel))}</kernel>
     <initrd>{escape(str(spec.image.initrd))}</initrd>
     <cmdline>{escape(spec.cmdline)}</cmdline>
+    {firmware}
   </os>
   <features><acpi/></features>
   <clock offset='utc'/>
@@ -306,6 +319,7 @@ class DomainFactory:
         layout: str = "raw",
         freeze_hang: int = 0,
         name_suffix: str = "",
+        uefi: bool = False,
     ) -> LabDomain:
         """Defines and starts a domain whose guest does `action` (see tests.lab.guest).
 
@@ -314,6 +328,7 @@ class DomainFactory:
         `layout` "fs" keeps the pattern in files on an ext2 filesystem instead of raw blocks.
         `freeze_hang` seconds: the agent's filesystem freeze hangs that long.
         `name_suffix` is appended to the unique name (e.g. shell metacharacters).
+        `uefi` boots through OVMF with an NVRAM of the domain's own (a pflash variable store).
         """
         if agent and not self.image.has_agent:
             raise LabError("the guest image has no qemu-ga: install qemu-guest-agent")
@@ -331,6 +346,7 @@ class DomainFactory:
             ),
             memory_mib=memory_mib,
             agent=agent,
+            nvram=self.path(f"{stem}_VARS.fd") if uefi else None,
         )
         domain = self.conn.defineXML(domain_xml(spec))
         lab_domain = LabDomain(domain, spec)

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,16 +44,23 @@ def restored_domains(libvirt_conn: libvirt.virConnect) -> Iterator[list[str]]:
             remove_domain(libvirt_conn.lookupByName(name))
 
 
+def serial_log(domain: libvirt.virDomain) -> Path:
+    """The file the domain's serial console writes to."""
+    source = ET.fromstring(domain.XMLDesc(0)).find("./devices/serial/source")
+    assert source is not None and source.get("path"), "the domain has no serial log file"
+    return Path(source.get("path", ""))
+
+
 def boot_restored(conn: libvirt.virConnect, name: str, tmp_path: Path, tag: str) -> str:
-    """Start the restored domain as a pattern checker with its own console log; return it."""
+    """Start the restored domain as a pattern checker (its own console log, which gfs's
+    restore chose, is read); return its console."""
     domain = conn.lookupByName(name)
     xml = domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-    log = tmp_path / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.console.log"
     xml = re.sub(r"gfs\.action=[^\s<]+", "gfs.action=check-pattern", xml)
     xml = re.sub(r"gfs\.tag=[^\s<]+", f"gfs.tag={tag}", xml)
-    xml = re.sub(r"(<log file=|<source path=)'[^']*console[^']*'", rf"\1'{log}'", xml)
-    xml = re.sub(r'(<log file=|<source path=)"[^"]*console[^"]*"', rf'\1"{log}"', xml)
-    conn.defineXML(xml).create()
+    domain = conn.defineXML(xml)
+    log = serial_log(domain)
+    domain.create()
     for _ in range(600):
         text = log.read_text(errors="replace") if log.exists() else ""
         if "GFS-PATTERN-OK" in text or "GFS-PATTERN-BAD" in text:

@@ -7,10 +7,12 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
+import libvirt_qemu
 import pytest
 
 from tests.conftest import RunGfs
@@ -18,10 +20,10 @@ from tests.lab.domains import LabDomain
 from tests.lab.fixtures import guest_image, libvirt_conn, libvirt_daemon, make_domain
 from tests.system.conftest import Mounter
 from tests.system.helpers import gfs_subprocess, listing, write_config
-from tests.system.test_libvirt import DAILY, boot_restored
+from tests.system.test_libvirt import DAILY, boot_restored, restored_domains, serial_log
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
-__all__ = ["guest_image", "libvirt_conn", "libvirt_daemon", "make_domain"]
+__all__ = ["guest_image", "libvirt_conn", "libvirt_daemon", "make_domain", "restored_domains"]
 
 DISK_MIB = 64
 
@@ -150,3 +152,60 @@ def test_over_original_is_refused_for_jobs_that_are_not_vms(
     result = run_gfs("restore", "vm", "--config", str(config), "--over-original")
     assert result.exit_code == 3
     assert "--over-original is for libvirt jobs" in result.output
+
+
+def agent_answers(domain: libvirt.virDomain, timeout: float = 90.0) -> bool:
+    """Whether qemu-ga in the domain answers guest-ping within `timeout` (its channel works)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            libvirt_qemu.qemuAgentCommand(domain, '{"execute": "guest-ping"}', 5, 0)
+            return True
+        except libvirt.libvirtError:
+            time.sleep(1)
+    return False
+
+
+def test_a_domain_restored_as_a_new_one_starts_beside_its_running_original(
+    make_domain: object,
+    mounts: Mounter,
+    tmp_path: Path,
+    run_gfs: RunGfs,
+    libvirt_conn: libvirt.virConnect,
+    restored_domains: list[str],
+) -> None:
+    """A UEFI domain with a serial log file, the guest agent's channel and an NVRAM."""
+    target = mounts("tgt", kind="tmpfs", size_mb=512)
+    vm: LabDomain = make_domain(  # type: ignore[operator]
+        action="churn", tag="side1", agent=True, uefi=True
+    )
+    vm.wait_for("GFS-PATTERN-WRITTEN tag=side1", timeout=240)
+    config = write_config(tmp_path, target, "vm", "libvirt", "domain", Path(vm.name), DAILY)
+    assert run_gfs("run", "--config", str(config)).exit_code == 0
+    (generation,) = listing(run_gfs("list", "--config", str(config), "--json"))
+    manifest = json.loads((Path(generation["path"]) / "manifest.json").read_text())
+    assert "nvram/VARS.fd" in [data["path"] for data in manifest["files"]]
+
+    new_name = f"{vm.name}-beside"
+    restored_domains.append(new_name)
+    folder = tmp_path / "beside"
+    result = run_gfs(
+        "restore", "vm", "--config", str(config), "--to", str(folder), "--as-domain", new_name
+    )
+    assert result.exit_code == 0, result.output
+    new = libvirt_conn.lookupByName(new_name)
+    definition = new.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    original = vm.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    nvram = folder / f"{new_name}-VARS.fd"
+    assert "<nvram template=" in definition and str(nvram) in definition
+    assert nvram.read_bytes() == (Path(generation["path"]) / "nvram/VARS.fd").read_bytes()
+    assert str(vm.console_log) not in definition
+    assert str(vm.console_log) in original
+    assert f"restored by gfs from domain {vm.name}, generation {generation['id']}" in definition
+
+    console = boot_restored(libvirt_conn, new_name, tmp_path, "side1")  # the original runs
+    assert "GFS-PATTERN-OK tag=side1" in console
+    assert vm.is_active() and new.isActive()
+    assert serial_log(new).parent == folder
+    assert agent_answers(new), "the restored domain's guest agent does not answer"
+    assert agent_answers(vm.domain), "the original's guest agent stopped answering"
