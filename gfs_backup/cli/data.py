@@ -126,7 +126,9 @@ def restore_command(
                   metadata; every file checked against its checksum.
     libvirt jobs: the disks copied into the new directory --to, checked with qemu-img
                   check, and a new domain defined on them (new name and UUID, network
-                  interfaces removed unless --keep-interfaces); it is not started.
+                  interfaces removed unless --keep-interfaces, then with new MACs); it is
+                  not started. Its logs, sockets, NVRAM and display ports are its own (in
+                  --to or chosen by libvirt), so it can start beside the running original.
                   With --over-original instead: the disks of the job's shut-off domain
                   are replaced (files: written beside and renamed over the old ones only
                   when complete and compared; block devices: written onto the device).
