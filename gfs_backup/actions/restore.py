@@ -69,7 +69,7 @@ def restore(
         raise InputError(Problem(str(to), "its parent directory does not exist"))
 
     def write(ctx: JobContext, stored: Stored) -> str:
-        staging = to.parent / f"{STAGING_PREFIX}{to.name}-{ctx.run_id}"
+        staging = to.parent / f"{STAGING_PREFIX}{to.name}-r{ctx.run_id}"
         entry = ctx.state.journal(ctx.run_id, job.name, "restore", str(staging))
         try:
             backend_for(stored.manifest.kind).restore(
