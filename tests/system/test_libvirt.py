@@ -51,13 +51,16 @@ def serial_log(domain: libvirt.virDomain) -> Path:
     return Path(source.get("path", ""))
 
 
-def boot_restored(conn: libvirt.virConnect, name: str, tmp_path: Path, tag: str) -> str:
+def boot_restored(
+    conn: libvirt.virConnect, name: str, tmp_path: Path, tag: str, after: str = "poweroff"
+) -> str:
     """Start the restored domain as a pattern checker (its own console log, which gfs's
-    restore chose, is read); return its console."""
+    restore chose, is read), then `after` (poweroff, idle); return its console."""
     domain = conn.lookupByName(name)
     xml = domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
     xml = re.sub(r"gfs\.action=[^\s<]+", "gfs.action=check-pattern", xml)
-    xml = re.sub(r"gfs\.tag=[^\s<]+", f"gfs.tag={tag}", xml)
+    xml = re.sub(r" ?gfs\.after=[^\s<]+", "", xml)
+    xml = re.sub(r"gfs\.tag=[^\s<]+", f"gfs.tag={tag} gfs.after={after}", xml)
     domain = conn.defineXML(xml)
     log = serial_log(domain)
     domain.create()

@@ -203,7 +203,7 @@ def test_a_domain_restored_as_a_new_one_starts_beside_its_running_original(
     assert str(vm.console_log) in original
     assert f"restored by gfs from domain {vm.name}, generation {generation['id']}" in definition
 
-    console = boot_restored(libvirt_conn, new_name, tmp_path, "side1")  # the original runs
+    console = boot_restored(libvirt_conn, new_name, tmp_path, "side1", after="idle")
     assert "GFS-PATTERN-OK tag=side1" in console
     assert vm.is_active() and new.isActive()
     assert serial_log(new).parent == folder
