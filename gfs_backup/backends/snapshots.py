@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from gfs_backup.backends.base import (
@@ -34,7 +35,7 @@ def take_snapshot(ctx: JobContext, subvolume: Path, inside: Path | None = None) 
     path = folder / snapshot_name(ctx.job.name, ctx.now, ctx.run_id)
     entry = ctx.state.journal(ctx.run_id, ctx.job.name, "snapshot", str(path))
     if not ctx.runner.dry_run:
-        folder.mkdir(mode=0o700, exist_ok=True)
+        make_quiet_dir(folder)
     ctx.runner.run(make_snapshot_command(subvolume, path))
     ctx.log.info("snapshot %s of %s", path, subvolume)
     metadata: dict[str, object] = {"snapshot": path.name}
@@ -44,6 +45,17 @@ def take_snapshot(ctx: JobContext, subvolume: Path, inside: Path | None = None) 
         metadata.update(subvolume_uuid=source.uuid, snapshot_uuid=taken.uuid)
     relative = inside.relative_to(subvolume) if inside is not None else Path()
     return Snapshot(path / relative, path, entry, metadata)
+
+
+def make_quiet_dir(folder: Path) -> None:
+    """Create gfs's snapshot directory, keeping its parent's times: the first snapshot of
+    a subvolume would otherwise carry gfs's own mkdir as the time of the backed-up
+    directory (the subvolume's root, for a files job of the whole subvolume)."""
+    if folder.is_dir():
+        return
+    parent = os.stat(folder.parent)
+    folder.mkdir(mode=0o700)
+    os.utime(folder.parent, ns=(parent.st_atime_ns, parent.st_mtime_ns))
 
 
 def retire(ctx: JobContext, snapshot: Snapshot, keep: int) -> None:

@@ -83,12 +83,26 @@ def restore_and_boot(
 ) -> str:
     """`gfs restore vm --to DIR --as-domain NAME`, then boot the new domain as a pattern
     checker; its console."""
+    restore_as_domain(run_gfs, config, conn, restored_domains, tmp_path / "r", name)
+    return boot_restored(conn, name, tmp_path, tag)
+
+
+def restore_as_domain(
+    run_gfs: RunGfs,
+    config: Path,
+    conn: libvirt.virConnect,
+    restored_domains: list[str],
+    folder: Path,
+    name: str,
+) -> libvirt.virDomain:
+    """`gfs restore vm --to FOLDER --as-domain NAME` (removed at the test's end): the new
+    domain, defined and not started."""
     restored_domains.append(name)
     result = run_gfs(
-        "restore", "vm", "--config", str(config), "--to", str(tmp_path / "r"), "--as-domain", name
+        "restore", "vm", "--config", str(config), "--to", str(folder), "--as-domain", name
     )
     assert result.exit_code == 0, result.output
-    return boot_restored(conn, name, tmp_path, tag)
+    return conn.lookupByName(name)
 
 
 def test_running_domain_is_backed_up_while_it_writes_and_restores_to_a_new_domain(
@@ -115,13 +129,8 @@ def test_running_domain_is_backed_up_while_it_writes_and_restores_to_a_new_domai
     assert [f["path"] for f in manifest["files"]] == ["disks/vda.qcow2"]
     assert not libvirt_conn.lookupByName(vm.name).jobStats().get("type")  # no job left
     new_name = f"{vm.name}-r"
-    restored_domains.append(new_name)
     disks = tmp_path / "restored-disks"
-    result = run_gfs(
-        "restore", "vm", "--config", str(config), "--to", str(disks), "--as-domain", new_name
-    )
-    assert result.exit_code == 0, result.output
-    new = libvirt_conn.lookupByName(new_name)
+    new = restore_as_domain(run_gfs, config, libvirt_conn, restored_domains, disks, new_name)
     assert new.UUIDString() != libvirt_conn.lookupByName(vm.name).UUIDString()
     assert str(disks / f"{new_name}-vda.qcow2") in new.XMLDesc(0)
     assert "<interface" not in new.XMLDesc(0)

@@ -20,7 +20,13 @@ from tests.lab.domains import LabDomain
 from tests.lab.fixtures import guest_image, libvirt_conn, libvirt_daemon, make_domain
 from tests.system.conftest import Mounter
 from tests.system.helpers import gfs_subprocess, listing, write_config
-from tests.system.test_libvirt import DAILY, boot_restored, restored_domains, serial_log
+from tests.system.test_libvirt import (
+    DAILY,
+    boot_restored,
+    restore_as_domain,
+    restored_domains,
+    serial_log,
+)
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 __all__ = ["guest_image", "libvirt_conn", "libvirt_daemon", "make_domain", "restored_domains"]
@@ -187,13 +193,8 @@ def test_a_domain_restored_as_a_new_one_starts_beside_its_running_original(
     assert "nvram/VARS.fd" in [data["path"] for data in manifest["files"]]
 
     new_name = f"{vm.name}-beside"
-    restored_domains.append(new_name)
     folder = tmp_path / "beside"
-    result = run_gfs(
-        "restore", "vm", "--config", str(config), "--to", str(folder), "--as-domain", new_name
-    )
-    assert result.exit_code == 0, result.output
-    new = libvirt_conn.lookupByName(new_name)
+    new = restore_as_domain(run_gfs, config, libvirt_conn, restored_domains, folder, new_name)
     definition = new.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
     original = vm.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
     nvram = folder / f"{new_name}-VARS.fd"
