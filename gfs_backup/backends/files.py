@@ -23,6 +23,7 @@ from gfs_backup.backends.base import (
 from gfs_backup.copying.filetree import Base, TreeExport, export_tree, scan_clock_ns
 from gfs_backup.copying.treeentry import TreeEntry
 from gfs_backup.copying.treerestore import restore_tree, verify_tree
+from gfs_backup.core.errors import GfsError
 from gfs_backup.target.catalog import Stored, last_verified_ok
 from gfs_backup.tools.btrfs import containing_subvolume
 from gfs_backup.tools.mounts import mount_of, read_mounts
@@ -106,6 +107,9 @@ class FilesBackend(snapshots.SnapshottingBackend):
             warnings.append(
                 f"{ctx.job.options['path']} is not on btrfs: copied live, not point-in-time"
             )
+        read_back = ctx.job.policy.verify_after_export
+        if read_back:
+            _read_back(ctx, into / TREE, result)
         if base is None:
             ctx.log.info("job %s: reading every file (%s)", ctx.job.name, _why_full(previous))
         elif base.rehash:
@@ -122,6 +126,7 @@ class FilesBackend(snapshots.SnapshottingBackend):
             point_in_time=snapshot is not None,
             bytes_written=result.copied_bytes,
             warnings=tuple(warnings),
+            read_back=read_back,
         )
 
     def verify_data(self, stored: Stored, progress: Progress | None) -> list[str]:
@@ -140,6 +145,19 @@ class FilesBackend(snapshots.SnapshottingBackend):
         options: RestoreOptions,
     ) -> None:
         restore_tree(stored.path / TREE, tree_entries(stored), to, progress)
+
+
+def _read_back(ctx: JobContext, tree: Path, result: TreeExport) -> None:
+    """The export's verify: every file this run wrote re-read from the target's storage,
+    every other object checked by its metadata (a file linked to the verified base is its
+    inode). `gfs verify` and the policy's verify schedule still re-read everything.
+    GfsError if the tree does not read back as exported."""
+    problems = verify_tree(tree, result.entries, content_of=result.copied)
+    if problems:
+        raise GfsError(
+            f"job {ctx.job.name}: the export does not read back as written: "
+            f"{'; '.join(problems[:3])}"
+        )
 
 
 def _tree_metadata(

@@ -94,6 +94,7 @@ class TreeExport:
     warnings: list[str] = field(default_factory=list)
     rehashed_files: int = 0
     changed_behind_metadata: list[str] = field(default_factory=list)  # found by a rehash
+    copied: set[str] = field(default_factory=set)  # paths whose data this export wrote
 
 
 def export_tree(
@@ -135,6 +136,7 @@ def export_tree(
         exporter.warnings,
         exporter.rehashed_files,
         exporter.changed_behind_metadata,
+        exporter.copied,
     )
 
 
@@ -176,6 +178,7 @@ class _Exporter:
         self.copied_files = self.linked_files = self.copied_bytes = self.rehashed_files = 0
         self.warnings: list[str] = []
         self.changed_behind_metadata: list[str] = []
+        self.copied: set[str] = set()
         self.first_name: dict[int, TreeEntry] = {}  # inode -> first exported name
 
     def close(self) -> None:
@@ -332,6 +335,7 @@ class _Exporter:
                 continue
             self.copied_files += 1
             self.copied_bytes += copied.data_bytes
+            self.copied.add(entry.path)
             if entry.changed:  # the stat from before the read: the next export reads it again
                 self.warnings.append(
                     f"{entry.path}: changed while being read, twice: stored as read and "

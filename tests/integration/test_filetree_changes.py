@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from gfs_backup.backends.files import make_base
+from gfs_backup.copying import copy
 from gfs_backup.copying.copy import digest_file
 from gfs_backup.copying.filetree import export_tree
 from gfs_backup.copying.treeentry import ROOT
@@ -253,3 +254,44 @@ def test_a_manifest_of_a_newer_format_is_refused_in_one_line() -> None:
     assert "manifest format 3 was written by a newer gfs" in message
     assert "upgrade gfs" in message
     assert parse_manifest(text.replace('"format": 3', '"format": 1'), "m").tree
+
+
+def test_the_export_verify_reads_what_it_wrote_and_checks_the_rest_by_metadata(
+    work: Path,
+) -> None:
+    source = work / "source"
+    source.mkdir()
+    (source / "same").write_bytes(b"s" * 300_000)
+    (source / "edited").write_bytes(b"e" * 200_000)
+    settle()
+    first = export_tree(source, work / "gen1")
+    (source / "edited").write_bytes(b"E" * 100_000)
+    second = export_tree(source, work / "gen2", base_of(work / "gen1", first))
+    read: list[int] = []
+
+    assert second.copied == {"edited"}
+    assert verify_tree(work / "gen2", second.entries, read.append, content_of=second.copied) == []
+    assert sum(read) == 100_000  # the linked file was not read again
+    os.chmod(work / "gen2/same", 0o600)  # metadata of a linked file is still checked
+    problems = verify_tree(work / "gen2", second.entries, content_of=second.copied)
+    assert [line.split(":")[0] for line in problems] == ["same"]
+
+
+def test_the_export_verify_catches_data_that_reached_the_target_damaged(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = work / "source"
+    source.mkdir()
+    (source / "file").write_bytes(b"x" * 4096)
+    real_write = copy._pwrite_all
+
+    def damaged(fd: int, data: memoryview, offset: int) -> None:
+        flipped = bytearray(data)
+        flipped[0] ^= 1
+        real_write(fd, memoryview(flipped), offset)
+
+    monkeypatch.setattr(copy, "_pwrite_all", damaged)
+    export = export_tree(source, work / "tree")
+
+    problems = verify_tree(work / "tree", export.entries, content_of=export.copied)
+    assert len(problems) == 1 and problems[0].startswith("file: content differs")
