@@ -40,6 +40,8 @@ def test_install_script_installs_a_working_gfs(tmp_path: Path) -> None:
     assert plan.returncode == 0, plan.stderr
     assert '"grandfather"' in plan.stdout
     assert (tmp_path / "etc" / "gfs.toml.example").is_file()
+    assert (tmp_path / "opt" / "README.md").read_text() == (REPO / "README.md").read_text()
+    assert (tmp_path / "opt" / "docs" / "jobs.md").is_file()  # the README links there
     check = subprocess.run(
         [str(gfs), "check", "--lint-only", "--config", str(tmp_path / "etc" / "gfs.toml.example")],
         capture_output=True,
