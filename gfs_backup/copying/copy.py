@@ -20,12 +20,14 @@ page cache with dirty pages.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import errno
 import fcntl
 import functools
 import io
+import itertools
 import mmap
 import os
 import queue
@@ -546,9 +548,10 @@ class _ReadBack:
             if exc.errno != errno.EINVAL:
                 raise
             self.fd, self.direct = os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
-        self.expected: list[tuple[int, int, bytes]] = []  # (offset, length, sha256), in order
+        # (offset, length, sha256) of the blocks written and not yet checked, in order: the
+        # writer appends, the checker pops what it checked (memory follows the lag only).
+        self.expected: collections.deque[tuple[int, int, bytes]] = collections.deque()
         self.problems: list[str] = []
-        self._next = 0  # index of the first expected block not yet checked
         self._windows: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._buffer = _new_buffer(CHUNK + ALIGN)
         self._thread = threading.Thread(target=self._run, name="gfs-readback", daemon=True)
@@ -586,8 +589,8 @@ class _ReadBack:
 
     def _check(self, end: int | None) -> None:
         """Re-read and compare the expected blocks below `end` (None: all of them)."""
-        while not self.problems and self._next < len(self.expected):
-            run = self._run_from(self._next, end)
+        while not self.problems and self.expected:
+            run = self._run_from(end)
             if not run:
                 return
             first, last = run[0][0], run[-1][0] + run[-1][1]
@@ -602,12 +605,13 @@ class _ReadBack:
                         "(read back from its storage)"
                     )
                     return
-            self._next += len(run)
+            for _checked in run:
+                self.expected.popleft()
 
-    def _run_from(self, index: int, end: int | None) -> list[tuple[int, int, bytes]]:
-        """Contiguous expected blocks from `index`, below `end`, at most CHUNK bytes."""
+    def _run_from(self, end: int | None) -> list[tuple[int, int, bytes]]:
+        """The first contiguous expected blocks below `end`, at most CHUNK bytes."""
         run: list[tuple[int, int, bytes]] = []
-        for offset, length, wanted in self.expected[index : index + CHUNK // BLOCK]:
+        for offset, length, wanted in itertools.islice(self.expected, CHUNK // BLOCK):
             if end is not None and offset + length > end:
                 break
             if run and offset != run[-1][0] + run[-1][1]:
