@@ -35,7 +35,7 @@ from gfs_backup.actions.restore import find_generation
 from gfs_backup.actions.verify import check_data
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import JobContext, RestoreOptions
-from gfs_backup.backends.libvirt import qemu_img_problems
+from gfs_backup.backends.libvirt import image_problems
 from gfs_backup.backends.vm_inplace import disk_files
 from gfs_backup.copying.copy import copy_file
 from gfs_backup.core.config import Config, Job
@@ -198,7 +198,8 @@ def _drill_vm(ctx: JobContext, stored: Stored, workdir: Path) -> str:
     settings = ctx.job.policy.drill
     disks = disk_files(stored)
     copies = {
-        Path(data.path).stem: workdir / f"disk{index}.qcow2" for index, data in enumerate(disks)
+        Path(data.path).stem: workdir / f"disk{index}{Path(data.path).suffix}"
+        for index, data in enumerate(disks)
     }
     try:
         machine = parse_drill_machine(str(stored.manifest.source.get("xml", "")), copies)
@@ -214,7 +215,7 @@ def _drill_vm(ctx: JobContext, stored: Stored, workdir: Path) -> str:
                 f"{data.path}: the restored copy does not match the manifest's checksum "
                 "(the generation's data is corrupted)"
             )
-        problems = qemu_img_problems(ctx.runner, copy)
+        problems = image_problems(ctx.runner, copy)
         if problems:
             raise DrillCheckFailed(f"{data.path}: qemu-img check: {problems}")
     agent_socket = Path(AGENT_SOCKET) if settings.agent else None  # QEMU runs in workdir

@@ -358,7 +358,10 @@ def _manifest(
                 f"{'; '.join(problems[:3])}"
             )
         stamp = ctx.now.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-        manifest = manifest.with_verify({"time": stamp, "result": "ok", "problems": []})
+        record: dict[str, object] = {"time": stamp, "result": "ok", "problems": []}
+        if exported.verify_scope != "full":
+            record["scope"] = exported.verify_scope
+        manifest = manifest.with_verify(record)
     new = Generation(partial.generation, ctx.now)
     result = plan([*existing, new], job.policy.rules, ctx.now, job.policy.zone)
     labels = next((kept.labels for kept in result.keep if kept.generation is new), ())

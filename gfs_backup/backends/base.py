@@ -64,6 +64,9 @@ class Exported:
     warnings: tuple[str, ...] = ()
     digest_algorithm: str = ALGORITHM  # of the files' digests (copying/digest.py, target/fs.py)
     read_back: bool = False  # every file was read back from the target while written
+    # What the export's read-back covered: "full", or "changed+sample" (an incremental
+    # VM capture: the changed blocks and a sample of the others); recorded in the verify.
+    verify_scope: str = "full"
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,25 @@ from gfs_backup.backends.base import (
     Snapshot,
     SourceError,
 )
+from gfs_backup.backends.vm_capture import (
+    VERIFY_SCOPE,
+    Decision,
+    DiskCapture,
+    NbdDir,
+    capture_disk,
+    capture_record,
+    checkpoint_name,
+    decide,
+    files_of,
+    generation_of,
+    is_job_checkpoint,
+)
 from gfs_backup.backends.vm_inplace import (
     DISKS,
     NVRAM,
     InPlaceRestore,
     disk_files,
+    image_format,
     is_restore_temp,
     nvram_file,
     plan_writes,
@@ -39,18 +53,27 @@ from gfs_backup.core.faults import crash_point
 from gfs_backup.core.state import JournalEntry
 from gfs_backup.target.catalog import Stored
 from gfs_backup.target.manifest import DataFile
+from gfs_backup.tools import nbd
 from gfs_backup.tools.domainxml import (
     Disk,
     RestoredDomain,
     backup_xml,
+    checkpoint_xml,
     is_gfs_overlay,
     nvram_path,
     overlay_path,
     parse_disks,
+    pull_backup_xml,
     restore_xml,
     snapshot_xml,
 )
-from gfs_backup.tools.virt import DEFAULT_URI, BackupUnsupported, Connection, ConnectionLost
+from gfs_backup.tools.virt import (
+    DEFAULT_URI,
+    BackupUnsupported,
+    CheckpointUnusable,
+    Connection,
+    ConnectionLost,
+)
 from gfs_backup.transport.runner import Command, LocalRunner, Runner
 
 BACKUP_TIMEOUT = 24 * 3600.0
@@ -161,25 +184,40 @@ class LibvirtBackend:
             folder.mkdir()
             running = connection.is_running(domain)
             method = str(ctx.job.options.get("method", "auto"))
-            if running and method == "auto" and ctx.bandwidth:
+            pull = method in ("auto", "backup-api") and nbd.available()
+            if method == "auto" and not pull:
                 ctx.log.info(
-                    "job %s: the backup API cannot be rate limited: using the snapshot "
-                    "method for the bandwidth limit of target %s",
+                    "job %s: python3-libnbd is not installed: QEMU writes whole qcow2 "
+                    "images (push mode), no changed-block capture",
+                    ctx.job.name,
+                )
+            if running and method == "auto" and ctx.bandwidth and not pull:
+                ctx.log.info(
+                    "job %s: the push-mode backup API cannot be rate limited: using the "
+                    "snapshot method for the bandwidth limit of target %s",
                     ctx.job.name,
                     ctx.job.target,
                 )
                 method = "snapshot"
             facts: dict[str, Any] | None = None
-            if running and method != "snapshot":
+            files: list[DataFile] | None = None
+            warnings: list[str] = []
+            if running and pull:
+                facts, files, warnings = self._backup_pull(
+                    ctx, connection, domain, disks, into, previous, progress
+                )
+            elif running and method != "snapshot":
                 try:
                     facts = self._backup_running(ctx, connection, domain, disks, folder, progress)
                 except BackupUnsupported as exc:
-                    if method == "backup-api":
+                    if method in ("backup-api", "push"):
                         raise
                     ctx.log.info("job %s: %s; using the snapshot method", ctx.job.name, exc)
             if running and facts is None:
                 facts = self._backup_by_snapshot(ctx, connection, domain, disks, folder)
-            if not running:
+            if not running and pull:
+                facts, files = self._read_shut_off(ctx, connection, domain, disks, into, progress)
+            elif not running:
                 self._copy_shut_off(ctx, connection, domain, disks, folder)
                 facts = {"consistency": "offline"}
             assert facts is not None
@@ -203,6 +241,28 @@ class LibvirtBackend:
             }
         finally:
             connection.close()
+        if files is None:
+            files = self._checked_qcow2_files(ctx, disks, folder)
+        files += _export_nvram(ctx, str(source["xml"]), into)
+        written = sum(f.size for f in files)
+        capture = source.get("capture")
+        if isinstance(capture, dict):
+            written = int(capture.get("bytes_written", written))
+        incremental = isinstance(capture, dict) and capture.get("mode") == "incremental"
+        return Exported(
+            files=tuple(files),
+            source=source,
+            bytes_written=written,
+            warnings=tuple(warnings),
+            read_back=isinstance(capture, dict),
+            verify_scope=VERIFY_SCOPE if incremental else "full",
+        )
+
+    def _checked_qcow2_files(
+        self, ctx: JobContext, disks: list[Disk], folder: Path
+    ) -> list[DataFile]:
+        """The qcow2 images QEMU or qemu-img wrote (push mode, snapshot method): checked by
+        `qemu-img check`, zero blocks deallocated, checksummed."""
         files = []
         for disk in disks:
             image = folder / f"{disk.target}.qcow2"
@@ -215,9 +275,170 @@ class LibvirtBackend:
             # QEMU's backup job writes the zeros of a raw block device as data: deallocate them.
             result = digest_and_punch_zeros(image)
             files.append(DataFile(f"{DISKS}/{image.name}", result.size, result.digest))
-        files += _export_nvram(ctx, str(source["xml"]), into)
-        written = sum(f.size for f in files)
-        return Exported(files=tuple(files), source=source, bytes_written=written)
+        return files
+
+    def _backup_pull(
+        self,
+        ctx: JobContext,
+        connection: Connection,
+        domain: Any,
+        disks: list[Disk],
+        into: Path,
+        previous: Stored | None,
+        progress: Progress | None,
+    ) -> tuple[dict[str, Any], list[DataFile], list[str]]:
+        """Pull-mode backup: libvirt exports the disks frozen at one instant over NBD and
+        creates this generation's checkpoint; gfs reads what changed since the base's
+        checkpoint (or everything) and writes complete raw images (see vm_capture)."""
+        name = domain.name()
+        job = ctx.job.name
+        all_disks = parse_disks(connection.xml(domain))
+        existing = connection.checkpoints(domain)
+        decision = decide(ctx, disks, previous, domain.UUIDString(), existing)
+        for stale in existing:
+            if is_job_checkpoint(stale, job) and stale != decision.incremental:
+                connection.delete_checkpoint(domain, stale)
+                ctx.log.info("job %s: %s: deleted checkpoint %s", job, name, stale)
+        bitmapped = [disk for disk in disks if disk.format == "qcow2"]
+        new = checkpoint_name(job, generation_of(into)) if bitmapped else None
+        new_xml = checkpoint_xml(new, bitmapped, all_disks) if new else None
+        work = NbdDir(Path(str(ctx.job.options.get("scratch_dir", "/var/tmp"))))
+        entry = ctx.state.journal(ctx.run_id, job, "backup-job", name, str(work.path))
+        marked = ctx.state.journal(ctx.run_id, job, "checkpoint", name, new) if new else None
+        ctx.log.info(
+            "job %s: backup of running domain %s (%s), %s",
+            job,
+            name,
+            ", ".join(d.target for d in disks),
+            f"changes since {decision.base.id}"
+            if decision.base is not None and not decision.compare
+            else f"full read: {decision.reason}",
+        )
+        captures: list[DiskCapture] = []
+        try:
+            try:
+                with self._quiesced(ctx, connection, domain) as facts:
+                    try:
+                        connection.begin_backup(
+                            domain,
+                            pull_backup_xml(
+                                disks, all_disks, work.socket, work.path, decision.incremental
+                            ),
+                            new_xml,
+                        )
+                    except CheckpointUnusable as exc:
+                        decision = Decision(
+                            None, f"libvirt cannot use the base's checkpoint: {exc}"
+                        )
+                        ctx.log.warning("job %s: %s; reading everything", job, decision.reason)
+                        connection.begin_backup(
+                            domain,
+                            pull_backup_xml(disks, all_disks, work.socket, work.path, None),
+                            new_xml,
+                        )
+                crash_point("mid-export")
+                try:
+                    for disk in disks:
+                        contexts: tuple[str, ...] = (nbd.ALLOCATION,)
+                        if decision.incremental:
+                            contexts += (nbd.dirty_context(disk.target),)
+                        export = nbd.NbdExport.unix(work.socket, disk.target, contexts)
+                        try:
+                            captures.append(
+                                capture_disk(ctx, export, disk, into, decision, progress)
+                            )
+                        finally:
+                            export.close()
+                except (GfsError, OSError):
+                    if not connection.is_running(domain):
+                        raise GfsError(
+                            f"domain {name} stopped during its backup: no generation was "
+                            "made; the next run backs it up (running or shut off)"
+                        ) from None
+                    raise
+            finally:
+                self._end_backup_job(ctx, connection, domain, entry)
+                work.remove()
+        except BaseException:
+            if new is not None and marked is not None:
+                self._drop_checkpoint(ctx, connection, domain, new, marked)
+            raise
+        if marked is not None:
+            ctx.state.done(marked)
+        return self._captured(ctx, decision, captures, new, into, {**facts, "method": "pull"})
+
+    def _captured(
+        self,
+        ctx: JobContext,
+        decision: Decision,
+        captures: list[DiskCapture],
+        checkpoint: str | None,
+        into: Path,
+        facts: dict[str, Any],
+    ) -> tuple[dict[str, Any], list[DataFile], list[str]]:
+        """Files, facts (with `capture`) and warnings of a capture; logs what it did."""
+        record = capture_record(ctx, decision, captures, checkpoint)
+        warnings = [c.warning for c in captures if c.warning]
+        for target, alarm in record.get("alarm", {}).items():
+            warnings.append(f"dirty-tracking alarm on disk {target}: {alarm}")
+        for capture in captures:
+            ctx.log.info(
+                "job %s: disk %s: %s (%s), read %d MiB, wrote %d MiB%s",
+                ctx.job.name,
+                capture.target,
+                capture.mode,
+                capture.path,
+                capture.result.bytes_read >> 20,
+                capture.result.bytes_written >> 20,
+                f"; {capture.reason}" if capture.reason else "",
+            )
+        files = files_of(into, captures)
+        return {**facts, "capture": record}, files, warnings
+
+    def _drop_checkpoint(
+        self, ctx: JobContext, connection: Connection, domain: Any, name: str, entry: int
+    ) -> None:
+        """A failed run's new checkpoint goes (its bitmap slows every guest write); when
+        libvirt cannot now, the entry stays open for the next run. Never raises."""
+        try:
+            if connection.is_running(domain):
+                connection.delete_checkpoint(domain, name)
+            ctx.state.done(entry)
+        except GfsError as exc:
+            ctx.log.warning("job %s: %s; the next run deletes it", ctx.job.name, exc)
+
+    def _read_shut_off(
+        self,
+        ctx: JobContext,
+        connection: Connection,
+        domain: Any,
+        disks: list[Disk],
+        into: Path,
+        progress: Progress | None,
+    ) -> tuple[dict[str, Any], list[DataFile]]:
+        """A shut-off domain's disks, read whole through a read-only qemu-nbd each (libvirt 9
+        can neither create nor delete checkpoints of a shut-off domain: the next running
+        backup reads everything too)."""
+        name = domain.name()
+        ctx.log.info("job %s: domain %s is shut off: reading its disks", ctx.job.name, name)
+        decision = Decision(
+            None, "the domain is shut off: libvirt makes no checkpoint of a shut-off domain"
+        )
+        captures = []
+        for disk in disks:
+            export = nbd.NbdExport.image(Path(disk.source), disk.format)
+            try:
+                captures.append(capture_disk(ctx, export, disk, into, decision, progress))
+            finally:
+                export.close()
+            if connection.is_running(domain):
+                raise GfsError(
+                    f"job {ctx.job.name}: domain {name} was started while its "
+                    "disks were read: the copy is not consistent; run again"
+                )
+        offline = {"consistency": "offline", "method": "qemu-nbd"}
+        facts, files, _ = self._captured(ctx, decision, captures, None, into, offline)
+        return facts, files
 
     def _backup_running(
         self,
@@ -464,7 +685,26 @@ class LibvirtBackend:
         """Undo what an interrupted run journaled (the journal names the domain): abort a
         stale backup job gfs started; commit gfs overlays back and pivot the domain onto
         its own disks. A failure leaves the entry open and fails this run."""
+        if entry.action == "checkpoint":
+            connection = self._connect(ctx.job)
+            try:
+                domain = connection.domain(entry.path)
+                if connection.is_running(domain):
+                    connection.delete_checkpoint(domain, entry.detail)
+                    ctx.log.info(
+                        "job %s: deleted checkpoint %s of an interrupted run",
+                        ctx.job.name,
+                        entry.detail,
+                    )
+            except ConnectionLost:
+                raise
+            except GfsError as exc:
+                ctx.log.warning("job %s: %s", ctx.job.name, exc)
+            finally:
+                connection.close()
         if entry.action == "backup-job":
+            if Path(entry.detail).name.startswith("gfs-nbd-"):
+                shutil.rmtree(entry.detail, ignore_errors=True)
             connection = self._connect(ctx.job)
             try:
                 domain = connection.domain(entry.path)
@@ -522,7 +762,7 @@ class LibvirtBackend:
     def verify_data(self, stored: Stored, progress: Progress | None) -> list[str]:
         problems = []
         for data in disk_files(stored):
-            found = qemu_img_problems(LocalRunner(), stored.path / data.path)
+            found = image_problems(LocalRunner(), stored.path / data.path)
             if found:
                 problems.append(f"{data.path}: qemu-img check: {found}")
         return problems
@@ -547,10 +787,15 @@ class LibvirtBackend:
         try:
             for data in disk_files(stored):
                 target = Path(data.path).stem
-                disk = f"{name}-{target}.qcow2"
+                disk = f"{name}-{target}{Path(data.path).suffix}"
                 paths[target] = final / disk
-                shutil.copyfile(stored.path / data.path, to / disk)
-                problems = qemu_img_problems(ctx.runner, to / disk)
+                copied = copy_file(stored.path / data.path, to / disk)
+                if (copied.size, copied.digest) != (data.size, data.digest):
+                    raise GfsError(
+                        f"{stored.path / data.path}: the copy does not match the manifest's "
+                        "checksum (the generation's data is corrupted)"
+                    )
+                problems = image_problems(ctx.runner, to / disk)
                 if problems:
                     raise GfsError(f"restored disk {final / disk}: {problems}")
             origin = f"domain {source['domain']}, generation {stored.id}"
@@ -649,3 +894,8 @@ def qemu_img_problems(runner: Runner, image: Path) -> str:
     """What `qemu-img check` says is wrong with a qcow2 image ("" when it is sound)."""
     done = runner.run(make_check_command(image), check=False)
     return "" if done.returncode == 0 else " ".join((done.stdout + done.stderr).split())[-300:]
+
+
+def image_problems(runner: Runner, image: Path) -> str:
+    """`qemu-img check` of a qcow2 image; a raw image has no structure to check."""
+    return "" if image_format(image) == "raw" else qemu_img_problems(runner, image)

@@ -53,8 +53,14 @@ def image_options(path: str, driver: str, size: int | None = None) -> str:
     return f"driver={driver}{limit},file.filename={path.replace(',', ',,')}"
 
 
+def image_format(image: Path | str) -> str:
+    """The format of a stored disk image: raw (`.raw`, gfs's pull-mode captures) or qcow2
+    (push mode, the snapshot method, gfs before changed-block capture)."""
+    return "raw" if str(image).endswith(".raw") else "qcow2"
+
+
 def make_write_command(image: Path, destination: Path, disk_format: str, existing: bool) -> Command:
-    """qemu-img convert of a stored qcow2 image to `destination` in `disk_format`;
+    """qemu-img convert of a stored image to `destination` in `disk_format`;
     `existing` (-n) writes onto a device that is there already instead of creating a file."""
     onto = ("-n",) if existing else ()
     return Command(
@@ -63,7 +69,7 @@ def make_write_command(image: Path, destination: Path, disk_format: str, existin
             "convert",
             *onto,
             "-f",
-            "qcow2",
+            image_format(image),
             "-O",
             disk_format,
             str(image),
@@ -82,7 +88,7 @@ def make_compare_command(image: Path, written: str, disk_format: str, size: int 
             "qemu-img",
             "compare",
             "--image-opts",
-            image_options(str(image), "qcow2"),
+            image_options(str(image), image_format(image)),
             image_options(written, disk_format, size),
         ),
         timeout=WRITE_TIMEOUT,
@@ -90,7 +96,7 @@ def make_compare_command(image: Path, written: str, disk_format: str, size: int 
 
 
 def make_info_command(image: Path) -> Command:
-    return Command(("qemu-img", "info", "--output=json", "-f", "qcow2", str(image)))
+    return Command(("qemu-img", "info", "--output=json", "-f", image_format(image), str(image)))
 
 
 def parse_virtual_size(info_json: str) -> int:
@@ -110,7 +116,7 @@ def is_restore_temp(path: Path) -> bool:
     return path.name.startswith(".") and TEMP_MARK in path.name
 
 
-DISKS = "disks"  # a VM generation's disk images: disks/<target>.qcow2
+DISKS = "disks"  # a VM generation's disk images: disks/<target>.raw (or .qcow2)
 NVRAM = "nvram"  # and its UEFI variable store, if it has one: nvram/VARS.fd
 
 

@@ -26,6 +26,7 @@ import ctypes
 import errno
 import fcntl
 import functools
+import hashlib
 import io
 import itertools
 import mmap
@@ -464,11 +465,22 @@ class _Writer:
     with `verify`, every written block is read back from storage (see `_ReadBack`)."""
 
     def __init__(
-        self, path: Path | None, sync: bool = True, fd: int = -1, verify: bool = False
+        self,
+        path: Path | None,
+        sync: bool = True,
+        fd: int = -1,
+        verify: bool = False,
+        patch: bool = False,
     ) -> None:
         if path is not None:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            flags = os.O_WRONLY | os.O_CLOEXEC | (0 if patch else os.O_CREAT | os.O_EXCL)
+            fd = os.open(path, flags, 0o600)
         self.fd = fd
+        # `patch`: the file holds data already (a clone): zero blocks are punched, not skipped.
+        self._patch = patch
+        self._can_punch = True
+        self.written_bytes = 0  # non-zero data written
+        self.zeroed = 0  # bytes of zero blocks punched (or written as zeros) in a patch
         self._owned = path is not None
         self._sync = sync
         self._flushed = 0  # writeback started for [0, _flushed)
@@ -500,12 +512,15 @@ class _Writer:
             while position < end:
                 block_end = min(end, (position // BLOCK + 1) * BLOCK)
                 if zero[position // BLOCK]:
+                    if self._patch:
+                        self.zeroed += self._zero(offset + position, block_end - position)
                     position = block_end
                     continue
                 run_end = block_end
                 while run_end < end and not zero[run_end // BLOCK]:
                     run_end = min(end, run_end + BLOCK)
                 _pwrite_all(self.fd, chunk[position:run_end], offset + position)
+                self.written_bytes += run_end - position
                 position = run_end
         if self._readback is not None:
             self._readback.expect(offset, len(chunk), blocks.digests)
@@ -519,6 +534,29 @@ class _Writer:
             self._dropped, self._flushed = self._flushed, self._written
             if self._readback is not None:  # the window written back before: read it back
                 self._readback.check_before(self._dropped)
+
+    def zero_range(self, offset: int, length: int) -> int:
+        """Make [offset, offset+length) of a patched file read as zeros (a hole where the
+        filesystem can punch one); the read-back checks it. Returns `length`."""
+        done = self._zero(offset, length)
+        if self._readback is not None:
+            self._readback.expect(offset, length, zero_block_digests(length))
+        return done
+
+    def _zero(self, offset: int, length: int) -> int:
+        if self._can_punch:
+            fallocate = _libc().fallocate
+            if fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+                code = ctypes.get_errno()
+                if code not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise OSError(code, os.strerror(code))
+                self._can_punch = False
+            else:
+                return length
+        for start in range(offset, offset + length, BLOCK):  # no holes here: write zeros
+            count = min(BLOCK, offset + length - start)
+            _pwrite_all(self.fd, memoryview(_ZERO_CHUNK)[:count], start)
+        return length
 
     def finish(self, size: int) -> None:
         os.ftruncate(self.fd, size)
@@ -640,6 +678,20 @@ class _ReadBack:
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+_ZERO_CHUNK = bytes(BLOCK)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+    return libc
+
+
+def zero_block_digests(length: int) -> list[bytes]:
+    """The block digests of `length` zero bytes (from a block boundary)."""
+    whole, rest = divmod(length, BLOCK)
+    return [ZERO_BLOCK_DIGEST] * whole + ([hashlib.sha256(bytes(rest)).digest()] if rest else [])
 
 
 class _HolePuncher(_Writer):
@@ -731,3 +783,11 @@ def _enlarge_pipe(reader: BinaryIO) -> None:
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     except (OSError, AttributeError, ValueError):  # io.UnsupportedOperation is an OSError
         pass
+
+
+# The pipeline's parts, for other writers of the same kind (copying/image.py).
+ReadAhead = _ReadAhead
+Writer = _Writer
+hash_blocks = _hash_blocks
+new_buffer = _new_buffer
+write_in_background = _background

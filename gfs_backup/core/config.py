@@ -21,6 +21,9 @@ policy = "classic-gfs"              # a policy name, a path, or an inline table
 scratch_dir = "/var/tmp"            # where `gfs drill` restores (btrfs jobs: on btrfs)
 [files]                             # defaults of files jobs (a job may set its own)
 rehash_every = "30d"                # read every file again this often ("off": never)
+[incremental]                       # libvirt jobs' changed-block capture (a job may set its own)
+full_every = "30d"                  # read the whole disk this often anyway ("off": never)
+base_verified_within = "7d"         # build only on a generation fully verified this recently
 """
 
 from __future__ import annotations
@@ -51,9 +54,21 @@ LOCAL_ONLY_KINDS = {
     "btrfs": "btrfs jobs snapshot and list subvolumes",
     "files": "files jobs copy directories",
 }
-TOP_KEYS = ("state_dir", "policy_dir", "concurrency", "target", "hosts", "job", "files")
+TOP_KEYS = (
+    "state_dir",
+    "policy_dir",
+    "concurrency",
+    "target",
+    "hosts",
+    "job",
+    "files",
+    "incremental",
+)
 FILES_KEYS = ("rehash_every",)
 DEFAULT_REHASH_EVERY = "30d"
+INCREMENTAL_KEYS = ("full_every", "base_verified_within")
+DEFAULT_FULL_EVERY = "30d"
+DEFAULT_BASE_VERIFIED_WITHIN = "7d"
 TARGET_KEYS = ("path", "require_nfs", "bandwidth", "host", "io_timeout")
 DEFAULT_IO_TIMEOUT = 600.0
 HOST_KEYS = ("address", "user", "port", "identity_file", "known_hosts")
@@ -61,7 +76,19 @@ JOB_COMMON_KEYS = ("name", "kind", "host", "target", "policy", "scratch_dir")
 PATH_KEYS = ("path", "subvolume", "snapshot_dir", "overlay_dir", "scratch_dir")
 # Per kind: (required keys, optional keys).
 KIND_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "libvirt": (("domain",), ("disks", "uri", "quiesce", "method", "overlay_dir")),
+    "libvirt": (
+        ("domain",),
+        (
+            "disks",
+            "uri",
+            "quiesce",
+            "method",
+            "overlay_dir",
+            "incremental",
+            "full_every",
+            "base_verified_within",
+        ),
+    ),
     "lvm": (("volume",), ("snapshot_size", "format")),
     "btrfs": (("subvolume",), ("snapshot_dir",)),
     "files": (("path",), ("snapshot_dir", "rehash_every")),
@@ -138,10 +165,21 @@ def load_config(path: Path) -> Config:
             )
     files_defaults = collector.get(table, "files", "", dict, {}, "a [files] table")
     collector.unknown_keys(files_defaults, FILES_KEYS, "files")
+    incremental_defaults = collector.get(
+        table, "incremental", "", dict, {}, "an [incremental] table"
+    )
+    collector.unknown_keys(incremental_defaults, INCREMENTAL_KEYS, "incremental")
     jobs = _jobs(table, collector, targets, hosts, policy_dir)
     for job in jobs:
         if job.kind == "files":
-            _set_rehash_every(job, files_defaults, collector)
+            off = "to never read every file again"
+            _set_every(job, "rehash_every", files_defaults, DEFAULT_REHASH_EVERY, collector, off)
+        if job.kind == "libvirt":
+            off = "to read the whole disk only when needed"
+            _set_every(job, "full_every", incremental_defaults, DEFAULT_FULL_EVERY, collector, off)
+            off = "to build on a base however long ago it was verified"
+            default = DEFAULT_BASE_VERIFIED_WITHIN
+            _set_every(job, "base_verified_within", incremental_defaults, default, collector, off)
     concurrency = collector.get(table, "concurrency", "", int, 1, "a number of jobs")
     if not 1 <= concurrency <= 64:
         collector.add("concurrency", f"{concurrency} is not allowed: run 1 to 64 jobs at once")
@@ -292,18 +330,24 @@ def _job(
             _check_path(options[key], join_key(path, key), collector)
     if options.get("quiesce", "auto") not in ("auto", "required", "off"):
         collector.add(join_key(path, "quiesce"), "must be auto, required or off")
-    if options.get("method", "auto") not in ("auto", "backup-api", "snapshot"):
+    if not isinstance(options.get("incremental", True), bool):
+        collector.add(join_key(path, "incremental"), "must be true or false")
+    if options.get("method", "auto") not in ("auto", "backup-api", "push", "snapshot"):
         collector.add(
             join_key(path, "method"),
-            "must be auto (backup API, else snapshot), backup-api or snapshot",
+            "must be auto (backup API, else snapshot), backup-api, push or snapshot",
         )
     limited = targets.get(target)
-    if options.get("method") == "backup-api" and limited is not None and limited.bandwidth:
+    if (
+        options.get("method") in ("backup-api", "push")
+        and limited is not None
+        and limited.bandwidth
+    ):
         collector.add(
             join_key(path, "method"),
-            f'"backup-api" cannot be rate limited, and target {target} has a bandwidth '
-            'limit: use method = "auto" (then the snapshot method, whose copy is limited) '
-            "or remove the limit",
+            f'"{options.get("method")}" cannot be rate limited, and target {target} has a '
+            'bandwidth limit: use method = "auto" (then the snapshot method, whose copy is '
+            "limited) or remove the limit",
         )
     disks = options.get("disks", [])
     if not isinstance(disks, list) or not all(isinstance(d, str) and d for d in disks):
@@ -311,22 +355,31 @@ def _job(
     return Job(name, kind, host, target, policy, options)
 
 
-def _set_rehash_every(job: Job, defaults: Table, collector: Collector) -> None:
-    """options["rehash_every"]: seconds between full reads of a files job, 0 = never."""
-    own = "rehash_every" in job.options
-    value = job.options.get("rehash_every", defaults.get("rehash_every", DEFAULT_REHASH_EVERY))
-    key = f"job[{job.name}].rehash_every" if own else "files.rehash_every"
+def _set_every(
+    job: Job,
+    key: str,
+    defaults: Table,
+    default: str,
+    collector: Collector,
+    off_means: str,
+) -> None:
+    """options[key]: a duration in seconds (the job's own, else the [table] default), 0 =
+    "off"."""
+    own = key in job.options
+    value = job.options.get(key, defaults.get(key, default))
+    table = "files" if key == "rehash_every" else "incremental"
+    where = f"job[{job.name}].{key}" if own else f"{table}.{key}"
     if value in ("off", "never"):
-        job.options["rehash_every"] = 0
+        job.options[key] = 0
         return
     try:
         seconds = parse_duration(value)
         if seconds < 3600:
             raise ValueError(f'{seconds} s is too short: at least 1h, or "off"')
     except ValueError as exc:
-        collector.add(key, f'{exc} (e.g. "30d", or "off" to never read every file again)')
+        collector.add(where, f'{exc} (e.g. "{default}", or "off" {off_means})')
         return
-    job.options["rehash_every"] = seconds
+    job.options[key] = seconds
 
 
 def _check_target_host(

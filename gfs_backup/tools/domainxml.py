@@ -68,6 +68,41 @@ def backup_xml(disks: list[Disk], into: Path) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
+def pull_backup_xml(
+    disks: list[Disk], all_disks: list[Disk], socket: Path, scratch: Path, incremental: str | None
+) -> str:
+    """A pull-mode <domainbackup>: libvirt's NBD server on the unix `socket` exports each of
+    `disks` (export name = target) frozen at the job's start, with a copy-before-write
+    scratch file in `scratch`; `incremental` names the checkpoint whose changes it marks
+    dirty (None: a full backup). Every other disk of the domain is named backup='no'."""
+    root = ET.Element("domainbackup", mode="pull")
+    if incremental is not None:
+        ET.SubElement(root, "incremental").text = incremental
+    ET.SubElement(root, "server", transport="unix", socket=str(socket))
+    element = ET.SubElement(root, "disks")
+    wanted = {disk.target for disk in disks}
+    for disk in all_disks:
+        if disk.target in wanted:
+            item = ET.SubElement(element, "disk", name=disk.target, backup="yes", type="file")
+            ET.SubElement(item, "scratch", file=str(scratch / f"{disk.target}.scratch.qcow2"))
+        else:
+            ET.SubElement(element, "disk", name=disk.target, backup="no")
+    return ET.tostring(root, encoding="unicode")
+
+
+def checkpoint_xml(name: str, disks: list[Disk], all_disks: list[Disk]) -> str:
+    """A <domaincheckpoint> `name` with a bitmap in each of `disks` (qcow2), none in others."""
+    root = ET.Element("domaincheckpoint")
+    ET.SubElement(root, "name").text = name
+    ET.SubElement(root, "description").text = "gfs-backup: changed blocks since this backup"
+    element = ET.SubElement(root, "disks")
+    wanted = {disk.target for disk in disks}
+    for disk in all_disks:
+        mode = "bitmap" if disk.target in wanted else "no"
+        ET.SubElement(element, "disk", name=disk.target, checkpoint=mode)
+    return ET.tostring(root, encoding="unicode")
+
+
 def snapshot_xml(name: str, all_disks: list[Disk], overlays: dict[str, Path]) -> str:
     """A disk-only <domainsnapshot>: external overlays for the disks in `overlays`, none for
     the others (every disk is named, so libvirt's defaults never decide)."""
@@ -229,7 +264,7 @@ def _set_disks(devices: ET.Element, disk_paths: dict[str, Path]) -> None:
         driver = disk.find("driver")
         if driver is None:
             driver = ET.SubElement(disk, "driver", name="qemu")
-        driver.set("type", "qcow2")
+        driver.set("type", "raw" if disk_paths[target.get("dev", "")].suffix == ".raw" else "qcow2")
         for stale in disk.findall("backingStore"):
             disk.remove(stale)
 

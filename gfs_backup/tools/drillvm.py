@@ -227,7 +227,7 @@ def _disk_args(machine: DrillMachine) -> list[str]:
         drive = f"drive{index}"  # our own ids: target names from the XML never become ids
         argv += [
             "-drive",
-            f"file={qemu_escape(str(disk.path))},format=qcow2,if=none,id={drive},"
+            f"file={qemu_escape(str(disk.path))},format={_format(disk.path)},if=none,id={drive},"
             "snapshot=on,discard=unmap",
         ]
         unit = counters[disk.bus]
@@ -240,3 +240,7 @@ def _disk_args(machine: DrillMachine) -> list[str]:
         }[disk.bus]
         argv += ["-device", f"{device},drive={drive},bootindex={disk.boot_index}"]
     return argv
+
+
+def _format(path: Path) -> str:
+    return "raw" if path.suffix == ".raw" else "qcow2"

@@ -39,6 +39,11 @@ class BackupUnsupported(VirtError):
     """This libvirt/QEMU cannot do push-mode backups (the snapshot method can)."""
 
 
+class CheckpointUnusable(VirtError):
+    """The checkpoint an incremental backup starts from is missing or its bitmap is broken
+    (a host crash, QEMU killed, deleted behind gfs's back): a full read is needed."""
+
+
 class ConnectionLost(VirtError):
     """The connection to libvirtd broke and gfs could not (or did not) open it again, so it
     cannot tell what became of a job it started: the journal entry must stay open."""
@@ -204,12 +209,19 @@ class Connection:
                 f"{exc}; check the guest now"
             ) from None
 
-    def begin_backup(self, domain: Any, xml: str) -> None:
-        """Start a push-mode backup job. Raises VirtError when libvirt refuses it
-        (BackupUnsupported when this libvirt or QEMU has no backup API)."""
+    def begin_backup(self, domain: Any, xml: str, checkpoint_xml: str | None = None) -> None:
+        """Start a backup job (push or pull mode, as `xml` says), creating the checkpoint
+        `checkpoint_xml` at the same instant when given. Raises VirtError when libvirt
+        refuses it: CheckpointUnusable when the incremental base's checkpoint is missing or
+        its bitmap is broken, BackupUnsupported when there is no backup API here."""
         try:
-            self._live(domain).backupBegin(xml, None, 0)
+            self._live(domain).backupBegin(xml, checkpoint_xml, 0)
         except self.lib.libvirtError as exc:
+            if exc.get_error_code() in (
+                self.lib.VIR_ERR_NO_DOMAIN_CHECKPOINT,
+                self.lib.VIR_ERR_CHECKPOINT_INCONSISTENT,
+            ):
+                raise CheckpointUnusable(str(exc)) from None
             if exc.get_error_code() in (
                 self.lib.VIR_ERR_NO_SUPPORT,
                 self.lib.VIR_ERR_OPERATION_UNSUPPORTED,
@@ -226,6 +238,35 @@ class Connection:
             raise VirtError(
                 f"domain {domain.name()}: backup could not start: {exc}{hint}"
             ) from None
+
+    def checkpoints(self, domain: Any) -> list[str]:
+        """The names of the domain's checkpoints."""
+        try:
+            return [item.getName() for item in self._live(domain).listAllCheckpoints(0)]
+        except self.lib.libvirtError as exc:
+            raise VirtError(f"domain {domain.name()}: cannot list its checkpoints: {exc}") from None
+
+    def delete_checkpoint(self, domain: Any, name: str) -> None:
+        """Delete a checkpoint with its bitmap in the disks (the domain must run: libvirt
+        9 cannot remove a bitmap from a shut-off domain's images). A checkpoint whose bitmap
+        is gone already loses its metadata only."""
+        try:
+            checkpoint = self._live(domain).checkpointLookupByName(name)
+        except self.lib.libvirtError:
+            return  # gone already
+        try:
+            checkpoint.delete(0)
+        except self.lib.libvirtError as exc:
+            if "not found" not in str(exc):
+                raise VirtError(
+                    f"domain {domain.name()}: cannot delete checkpoint {name}: {exc}"
+                ) from None
+            try:
+                checkpoint.delete(self.lib.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+            except self.lib.libvirtError as again:
+                raise VirtError(
+                    f"domain {domain.name()}: cannot delete checkpoint {name}: {again}"
+                ) from None
 
     def create_overlays(self, domain: Any, xml: str) -> None:
         """A disk-only external snapshot without libvirt metadata: from now on the guest

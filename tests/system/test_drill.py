@@ -144,14 +144,14 @@ def test_vm_drill_boots_the_backup_isolated_and_fails_clearly(
     other = mounts("tgt2", kind="tmpfs", size_mb=512)
     shutil.copytree(target / "vm", other / "vm")
     copy_dir = other / "vm" / generation["id"]
-    image = copy_dir / "disks" / "vda.qcow2"
+    image = copy_dir / "disks" / "vda.raw"
     flip_byte(image, image.stat().st_size // 2)
     second = tmp_path / "second"
     second.mkdir()
     config2 = write_config(second, other, "vm", "libvirt", "domain", Path(vm.name), passing, extra)
     corrupt = run_gfs("drill", "vm", "--config", str(config2))
     assert corrupt.exit_code == 5, corrupt.output
-    assert "disks/vda.qcow2: the restored copy does not match the manifest's checksum" in (
+    assert "disks/vda.raw: the restored copy does not match the manifest's checksum" in (
         corrupt.stdout
     )
     assert json.loads((copy_dir / "manifest.json").read_text())["drills"][-1]["outcome"] == "fail"

@@ -126,13 +126,14 @@ def test_running_domain_is_backed_up_while_it_writes_and_restores_to_a_new_domai
     assert manifest["source"]["state"] == "running"
     assert manifest["source"]["consistency"] == "crash-consistent"
     assert f"<name>{vm.name}</name>" in manifest["source"]["xml"]
-    assert [f["path"] for f in manifest["files"]] == ["disks/vda.qcow2"]
+    assert [f["path"] for f in manifest["files"]] == ["disks/vda.raw", "blocks/vda.sha256-1m"]
+    assert manifest["source"]["capture"]["mode"] == "full"
     assert not libvirt_conn.lookupByName(vm.name).jobStats().get("type")  # no job left
     new_name = f"{vm.name}-r"
     disks = tmp_path / "restored-disks"
     new = restore_as_domain(run_gfs, config, libvirt_conn, restored_domains, disks, new_name)
     assert new.UUIDString() != libvirt_conn.lookupByName(vm.name).UUIDString()
-    assert str(disks / f"{new_name}-vda.qcow2") in new.XMLDesc(0)
+    assert str(disks / f"{new_name}-vda.raw") in new.XMLDesc(0)
     assert "<interface" not in new.XMLDesc(0)
     console = boot_restored(libvirt_conn, new_name, tmp_path, "live1")
     assert "GFS-PATTERN-OK tag=live1" in console

@@ -129,7 +129,7 @@ def test_a_domain_on_a_raw_block_device_is_backed_up_sparse_and_restored_onto_it
     manifest = json.loads((Path(generation["path"]) / "manifest.json").read_text())
     (disk,) = manifest["source"]["disks"]
     assert (disk["type"], disk["source"], disk["format"]) == ("block", str(loop_device), "raw")
-    image = Path(generation["path"]) / "disks" / "vda.qcow2"
+    image = Path(generation["path"]) / "disks" / "vda.raw"
     allocated = image.stat().st_blocks * 512
     assert allocated < (DISK_MIB << 20) // 2, allocated  # zero regions were not written
 

@@ -1,0 +1,150 @@
+"""Reading disks over NBD with libnbd (Debian's python3-libnbd): libvirt's pull-mode backup
+exports of a running domain, or `qemu-nbd` started here for a shut-off domain's disk.
+
+Block status gives the extents of a meta context: `base:allocation` (bit 0 hole, bit 1
+zero) and, for an incremental backup, `qemu:dirty-bitmap:backup-<disk>` (bit 0 dirty: what
+changed since the checkpoint libvirt was given).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+from pathlib import Path
+from typing import Any
+
+from gfs_backup.core.errors import GfsError
+
+ALLOCATION = "base:allocation"
+STATE_HOLE = 1
+STATE_ZERO = 2
+STATE_DIRTY = 1
+STATUS_STEP = 1 << 30  # block status asks at most this much at once (32-bit counts)
+MAX_READ = 32 << 20  # QEMU's NBD server answers reads of up to 32 MiB
+
+
+class NbdUnavailable(GfsError):
+    """libnbd's Python module is not installed."""
+
+
+def _nbd() -> Any:
+    try:
+        import nbd
+    except ImportError:
+        raise NbdUnavailable(
+            "reading only changed blocks needs libnbd's Python module: apt install "
+            "python3-libnbd (scripts/install links it into gfs's virtualenv)"
+        ) from None
+    return nbd
+
+
+def available() -> bool:
+    try:
+        _nbd()
+    except NbdUnavailable:
+        return False
+    return True
+
+
+def dirty_context(disk: str) -> str:
+    """The meta context libvirt exports an incremental backup's bitmap of `disk` under."""
+    return f"qemu:dirty-bitmap:backup-{disk}"
+
+
+class NbdExport:
+    """One export, connected: `size`, `extents(context)`, `read_into(buffer, offset)`."""
+
+    def __init__(self, handle: Any, contexts: tuple[str, ...], where: str) -> None:
+        self._handle = handle
+        self.where = where
+        for context in contexts:
+            if not handle.can_meta_context(context):
+                handle.shutdown()
+                raise GfsError(f"{where}: the NBD server does not offer {context}")
+        self.size: int = handle.get_size()
+
+    @classmethod
+    def unix(cls, socket: Path, export: str, contexts: tuple[str, ...]) -> NbdExport:
+        """The export `export` of the NBD server listening on `socket`."""
+        nbd = _nbd()
+        handle = nbd.NBD()
+        for context in contexts:
+            handle.add_meta_context(context)
+        handle.set_export_name(export)
+        try:
+            handle.connect_unix(str(socket))
+        except nbd.Error as exc:
+            raise GfsError(
+                f"cannot connect to the NBD export {export} at {socket}: {exc}"
+            ) from None
+        return cls(handle, contexts, f"NBD export {export}")
+
+    @classmethod
+    def image(cls, path: Path, image_format: str) -> NbdExport:
+        """A read-only `qemu-nbd` of the image or device `path` (a shut-off domain's disk),
+        started by libnbd with socket activation and stopped by `close`."""
+        nbd = _nbd()
+        handle = nbd.NBD()
+        handle.add_meta_context(ALLOCATION)
+        argv = ["qemu-nbd", "--read-only", "--format", image_format, "--cache=none", "--", path]
+        try:
+            handle.connect_systemd_socket_activation([str(arg) for arg in argv])
+        except nbd.Error as exc:
+            raise GfsError(f"qemu-nbd cannot serve {path}: {exc}") from None
+        return cls(handle, (ALLOCATION,), f"qemu-nbd of {path}")
+
+    def extents(self, context: str) -> list[tuple[int, int, int]]:
+        """(offset, length, flags) of the whole export in `context`, in order."""
+        result: list[tuple[int, int, int]] = []
+        offset = 0
+        entries: list[int] = []
+
+        def take(meta: str, _start: int, found: list[int], _error: Any) -> int:
+            if meta == context:
+                entries.extend(found)
+            return 0
+
+        while offset < self.size:
+            entries.clear()
+            count = min(STATUS_STEP, self.size - offset)
+            self._call(self._handle.block_status, count, offset, take)
+            if not entries:
+                raise GfsError(f"{self.where}: no block status for {context} at {offset}")
+            for index in range(0, len(entries), 2):
+                length = min(entries[index], self.size - offset)
+                if length <= 0:
+                    break
+                result.append((offset, length, entries[index + 1]))
+                offset += length
+        return result
+
+    def read_into(self, buffer: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(buffer):
+            count = min(MAX_READ, len(buffer) - done)
+            data = self._call(self._handle.pread, count, offset + done)
+            buffer[done : done + count] = data
+            done += count
+
+    def _call(self, method: Any, *args: Any) -> Any:
+        try:
+            return method(*args)
+        except _nbd().Error as exc:
+            raise OSError(exc.errno or errno.EIO, f"{self.where}: {exc.string}") from None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # a dead server: nothing left to close
+            self._handle.shutdown()
+
+
+def matching(extents: list[tuple[int, int, int]], test: Any) -> list[tuple[int, int]]:
+    """(offset, length) of the extents whose flags pass `test`, adjacent ones merged."""
+    found: list[tuple[int, int]] = []
+    for offset, length, flags in extents:
+        if not test(flags):
+            continue
+        if found and found[-1][0] + found[-1][1] == offset:
+            found[-1] = (found[-1][0], found[-1][1] + length)
+        else:
+            found.append((offset, length))
+    return found
