@@ -98,7 +98,7 @@ def disk_element(disk: Path) -> str:
     else:
         kind, driver, source = "file", "qcow2", f"file={quoteattr(str(disk))}"
     return f"""<disk type='{kind}' device='disk'>
-      <driver name='qemu' type='{driver}'/>
+      <driver name='qemu' type='{driver}' discard='unmap'/>
       <source {source}/>
       <target dev='vda' bus='virtio'/>
     </disk>"""

@@ -45,7 +45,8 @@ def _umount(path: Path) -> None:
 
 @pytest.fixture
 def mounts(tmp_path: Path) -> Iterator[Mounter]:
-    """mounts(name, kind="btrfs"|"ext4"|"tmpfs", size_mb=...): a new mounted filesystem."""
+    """mounts(name, kind="btrfs"|"ext4"|"xfs"|"tmpfs", size_mb=...): a new mounted
+    filesystem (XFS with reflink, mkfs.xfs's default; at least 300 MiB)."""
     require_system_tools()
     cleanups: list[Callable[[], None]] = []
     tag = uuid.uuid4().hex[:8]
@@ -66,6 +67,8 @@ def mounts(tmp_path: Path) -> Iterator[Mounter]:
         )
         if kind == "ext4":
             _sh("mkfs.ext4", "-q", "-F", device)
+        elif kind == "xfs":
+            _sh("mkfs.xfs", "-q", "-f", "-m", "reflink=1", device)
         else:
             _sh("mkfs.btrfs", "-q", "-f", device)
         _sh("mount", device, str(point))
