@@ -10,6 +10,7 @@ from gfs_backup.actions.run import next_due
 from gfs_backup.actions.targets import job_location
 from gfs_backup.actions.verify import last_verified_ok
 from gfs_backup.backends import backend_for
+from gfs_backup.backends.vm_capture import capture_of
 from gfs_backup.core.config import Config, Job
 from gfs_backup.core.errors import GfsError, Problem
 from gfs_backup.core.state import RunRecord, State
@@ -29,6 +30,28 @@ def skipped_count(stored: Stored) -> int:
     """Objects a files export left out (sockets, other filesystems, vanished files)."""
     skipped = stored.manifest.source.get("skipped", [])
     return len(skipped) if isinstance(skipped, list) else 0
+
+
+def capture_summary(stored: Stored) -> str:
+    """ "incremental from ID: read N MiB, wrote N MiB, new N MiB" or "full: read ..."."""
+    capture = capture_of(stored)
+    if not capture:
+        return ""
+    mib = 1 << 20
+
+    def amount(key: str) -> str:
+        value = capture.get(key)
+        return f"{int(value) // mib:,d} MiB" if isinstance(value, int) else "?"
+
+    how = (
+        f"incremental from {capture.get('base')}"
+        if capture.get("mode") == "incremental"
+        else "full"
+    )
+    return (
+        f"{how}: read {amount('bytes_read')}, wrote {amount('bytes_written')}, "
+        f"new {amount('new_bytes')}"
+    )
 
 
 @dataclass(frozen=True)
@@ -118,6 +141,12 @@ def health_warnings(
             warnings.append(
                 f"job {job.name}: generation(s) {', '.join(damaged)} failed verification"
             )
+        for item in listing.stored:
+            for disk, alarm in capture_of(item).get("alarm", {}).items():
+                warnings.append(
+                    f"job {job.name}: generation {item.id}, disk {disk}: dirty-tracking "
+                    f"alarm: {alarm}; the full read is the one to trust, report this"
+                )
     if state is not None:
         for entry in state.open_entries(job.name):
             if entry.action == "snapshot" and Path(entry.path).exists():

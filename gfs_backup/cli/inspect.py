@@ -10,8 +10,14 @@ from typing import Any
 import click
 
 from gfs_backup.actions.plan import select_jobs
-from gfs_backup.actions.status import generation_size, job_status, skipped_count
+from gfs_backup.actions.status import (
+    capture_summary,
+    generation_size,
+    job_status,
+    skipped_count,
+)
 from gfs_backup.actions.verify import last_verified_ok
+from gfs_backup.backends.vm_capture import capture_of
 from gfs_backup.cli.options import config_option, json_option
 from gfs_backup.core.config import load_config
 from gfs_backup.core.state import State
@@ -30,6 +36,12 @@ def _stored_json(stored: Stored) -> dict[str, Any]:
         "verified": manifest.verify[-1] if manifest.verify else None,
         "drilled": manifest.drills[-1] if manifest.drills else None,
         "skipped": skipped_count(stored),
+        "capture": {
+            key: value
+            for key, value in capture_of(stored).items()
+            if key in ("mode", "base", "reason", "bytes_read", "bytes_written", "new_bytes")
+        }
+        or None,
         "warnings": list(manifest.warnings),
         "path": str(stored.path),
     }
@@ -82,6 +94,8 @@ def list_command(jobs: tuple[str, ...], config_path: Path, as_json: bool) -> Non
                 flags.append("not point-in-time")
             if skipped := skipped_count(stored):
                 flags.append(f"{skipped} skipped")
+            if capture := capture_summary(stored):
+                flags.append(capture)
             if manifest.warnings:
                 flags.append(f"{len(manifest.warnings)} warning(s)")
             created = manifest.created_at.astimezone(zone)

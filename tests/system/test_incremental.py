@@ -329,3 +329,63 @@ def rewrite_behind_qemu(image: Path, disk: ShadowedDisk) -> None:
                 handle.seek(extent["offset"] + delta + 7)
                 handle.write(bytes([old[0] ^ 0xFF]))
                 disk._shadow(extent["start"] + delta + 7, bytes([old[0] ^ 0xFF]))
+
+
+def age_last_full_read(manifest: dict[str, Any], days: int) -> None:
+    """Pretend the generation's chain was last read in full `days` ago (full_every)."""
+    path = Path(manifest["path"]) / "manifest.json"
+    data = json.loads(path.read_text())
+    data["source"]["capture"]["last_full_at"] = "2026-01-01T00:00:00Z" if days else None
+    path.write_text(json.dumps(data))
+
+
+def test_a_killed_run_leaves_no_checkpoint_and_the_periodic_full_read_checks_the_bitmap(
+    shadowed: tuple[LabDomain, ShadowedDisk], mounts: Mounter, tmp_path: Path
+) -> None:
+    vm, disk = shadowed
+    target = mounts("tgt", kind="btrfs", size_mb=1024)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    extra = f"scratch_dir = {json.dumps(str(scratch))}\n"
+    config = write_config(tmp_path, target, "vm", "libvirt", "domain", Path(vm.name), KEEP, extra)
+    first = run(config)
+
+    # Killed right after libvirt made the new checkpoint: the next run deletes it, aborts
+    # the job, and builds on the generation the checkpoint it keeps belongs to.
+    disk.churn(seed=21)
+    args = ("run", "--force", "--config", str(config))
+    killed = gfs_subprocess(*args, env={"GFS_CRASH_AT": "mid-export"})
+    assert killed.returncode == -9, killed.stderr
+    assert len(checkpoints(vm.domain)) == 2  # the base's and the orphan
+    second = run(config)
+    assert "of an interrupted run" in second["log"], second["log"]
+    assert second["source"]["capture"]["mode"] == "incremental"
+    assert second["source"]["capture"]["base"] == first["generation"]
+    assert checkpoints(vm.domain) == sorted(f"gfs-vm--{m['generation']}" for m in (first, second))
+    assert_same(image_of(second), disk.snapshot(tmp_path / "ref2.raw"))
+    assert not list(scratch.iterdir())  # its NBD socket and scratch directory went too
+
+    # full_every: a full read, checked against the base and the bitmap: no alarm.
+    age_last_full_read(second, 40)
+    disk.churn(seed=22)
+    third = run(config)
+    capture = third["source"]["capture"]
+    assert (capture["mode"], "alarm" in capture) == ("full", False), capture
+    assert "full_every" in capture["reason"]
+    assert_same(image_of(third), disk.snapshot(tmp_path / "ref3.raw"))
+
+    # The disk changes where its bitmap cannot see; the periodic full read says so.
+    vm.domain.destroy()
+    rewrite_behind_qemu(Path(vm.spec.disk), disk)
+    vm.domain.create()
+    age_last_full_read(third, 40)
+    fourth = run(config)
+    capture = fourth["source"]["capture"]
+    assert capture["mode"] == "full" and "vda" in capture["alarm"], capture
+    assert any("dirty-tracking alarm" in line for line in fourth["warnings"])
+    assert_same(image_of(fourth), disk.snapshot(tmp_path / "ref4.raw"))
+    status = gfs_subprocess("status", "--config", str(config))
+    assert "dirty-tracking alarm" in status.stdout + status.stderr
+    listed = gfs_subprocess("list", "--config", str(config)).stdout
+    assert f"incremental from {first['generation']}: read " in listed, listed
+    assert "full: read " in listed
