@@ -191,6 +191,12 @@ class LibvirtBackend:
                     "images (push mode), no changed-block capture",
                     ctx.job.name,
                 )
+            if running and method == "backup-api" and ctx.bandwidth and not pull:
+                raise GfsError(
+                    f"job {ctx.job.name}: target {ctx.job.target} has a bandwidth limit and "
+                    "without python3-libnbd the backup API cannot be rate limited: install "
+                    'it, or use method = "auto" (then the snapshot method)'
+                )
             if running and method == "auto" and ctx.bandwidth and not pull:
                 ctx.log.info(
                     "job %s: the push-mode backup API cannot be rate limited: using the "

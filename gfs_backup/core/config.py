@@ -338,16 +338,12 @@ def _job(
             "must be auto (backup API, else snapshot), backup-api, push or snapshot",
         )
     limited = targets.get(target)
-    if (
-        options.get("method") in ("backup-api", "push")
-        and limited is not None
-        and limited.bandwidth
-    ):
+    if options.get("method") == "push" and limited is not None and limited.bandwidth:
         collector.add(
             join_key(path, "method"),
-            f'"{options.get("method")}" cannot be rate limited, and target {target} has a '
-            'bandwidth limit: use method = "auto" (then the snapshot method, whose copy is '
-            "limited) or remove the limit",
+            f'"push" cannot be rate limited, and target {target} has a bandwidth limit: use '
+            'method = "auto" (pull mode, paced by gfs; the snapshot method without '
+            "python3-libnbd) or remove the limit",
         )
     disks = options.get("disks", [])
     if not isinstance(disks, list) or not all(isinstance(d, str) and d for d in disks):

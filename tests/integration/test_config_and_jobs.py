@@ -138,7 +138,7 @@ father-weekday = "someday"
         (
             "colour = 1\n",
             "colour: unknown key (allowed: state_dir, policy_dir, concurrency, target, hosts, "
-            "job, files)",
+            "job, files, incremental)",
         ),
         ("[hosts.kvm2]\nport = 70000\n", "hosts.kvm2.address: required"),
         (
@@ -182,9 +182,8 @@ father-weekday = "someday"
         (
             "[target.nas]\npath = '/mnt/nas'\nbandwidth = '50M'\n"
             "[[job]]\nname = 'vm'\nkind = 'libvirt'\ndomain = 'vm'\ntarget = 'nas'\n"
-            "method = 'backup-api'\npolicy = 'classic-gfs'\n",
-            'job[vm].method: "backup-api" cannot be rate limited, and target nas has a '
-            "bandwidth limit",
+            "method = 'push'\npolicy = 'classic-gfs'\n",
+            'job[vm].method: "push" cannot be rate limited, and target nas has a bandwidth limit',
         ),
         (
             "[hosts.kvm2]\naddress = '127.0.0.1'\n"

@@ -157,6 +157,10 @@ def test_shut_off_domain_is_copied_and_restores(
     (generation,) = listing(run_gfs("list", "--config", str(config), "--json"))
     manifest = json.loads((Path(generation["path"]) / "manifest.json").read_text())
     assert manifest["source"]["state"] == "shut off"
+    capture = manifest["source"]["capture"]  # read whole through qemu-nbd, no checkpoint
+    assert (manifest["source"]["method"], capture["mode"]) == ("qemu-nbd", "full")
+    assert "shut off" in capture["reason"] and capture["checkpoint"] is None
+    assert not vm.domain.listAllCheckpoints(0)
     assert run_gfs("verify", "--config", str(config)).exit_code == 0
     console = restore_and_boot(
         run_gfs, config, libvirt_conn, restored_domains, tmp_path, f"{vm.name}-r", "off1"
