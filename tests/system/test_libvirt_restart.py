@@ -49,6 +49,9 @@ schedule = "daily"
 [job.policy.retention]
 keep-last = 3
 """
+# QEMU's own backup job writes the image (push mode): what a libvirtd restart can lose. In
+# pull mode gfs reads from QEMU's NBD server, which a libvirtd restart leaves alone.
+PUSH = 'method = "push"\n'
 # Random data. Until libvirt's backupBegin lets go of the monitor, QEMU's job runs at full
 # speed to tmpfs: 384 MiB once ended before the test could slow it down (seen here).
 DATA_MIB = 1536
@@ -256,7 +259,9 @@ def start_slowed_backup(
     raw, disk = data_disk(tmp_path, DATA_MIB)
     vm = make_domain(action="idle", disk=disk)
     vm.wait_for("GFS-GUEST-UP")
-    config = write_config(tmp_path, target, "vm", "libvirt", "domain", Path(vm.name), DAILY)
+    config = write_config(
+        tmp_path, target, "vm", "libvirt", "domain", Path(vm.name), DAILY, PUSH
+    )
     gfs = start_gfs("run", "--config", str(config))
     slow_down_as_it_starts(make_domain.conn, vm.name, gfs)
     (job,) = qemu_backup_jobs(make_domain.conn, vm.name)
