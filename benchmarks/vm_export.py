@@ -7,7 +7,7 @@ ext4 filesystem (a sparse image file on the root disk), mounted before the domai
 An idle TCG domain boots from that disk; then, with the domain running:
 
 (a) `gfs run --force` of the domain (wall time of the subprocess; allocated bytes
-    st_blocks*512 and apparent size of disks/vda.qcow2);
+    st_blocks*512 and apparent size of disks/vda.raw);
 (b) baseline `qemu-img convert -U -O qcow2` of the same source image (read while the idle
     guest runs, hence -U) to the same target filesystem, with and without a final fsync
     (gfs fsyncs its copy, so "convert + fsync" is the fair comparison);
@@ -212,7 +212,7 @@ def main() -> int:
         config = write_config(workdir / "cfg-a", target, "vm", vm.name)
         evict(source)
         gfs_seconds = run_gfs(config)
-        gfs_file = generation_dir(target, "vm") / "disks" / "vda.qcow2"
+        gfs_file = generation_dir(target, "vm") / "disks" / "vda.raw"
 
         base_file = target / "baseline.qcow2"
         evict(source)

@@ -214,6 +214,7 @@ class DiskCapture:
     new_bytes: int | None = None
     alarm: list[int] = field(default_factory=list)  # blocks the bitmap missed (compare)
     warning: str = ""
+    sampled: int = 0  # unchanged MiBs re-read from the disk and from the target
 
 
 class NbdDir:
@@ -274,7 +275,12 @@ def capture_disk(
             damaged = check_stored_blocks(image, sample, base_digests)
             if not damaged:
                 return DiskCapture(
-                    disk.target, result, "incremental", path, new_bytes=unshared_bytes(image)
+                    disk.target,
+                    result,
+                    "incremental",
+                    path,
+                    new_bytes=unshared_bytes(image),
+                    sampled=len(sample),
                 )
             reason = (
                 f"generation {decision.base.id}'s image of {disk.target} is damaged on the "
@@ -358,6 +364,7 @@ def capture_record(
                 "bytes_written": c.result.bytes_written,
                 "zeroed": c.result.zeroed,
                 "new_bytes": c.new_bytes,
+                "sampled_mib": c.sampled,
                 **({"reason": c.reason} if c.reason else {}),
             }
             for c in captures
