@@ -1,11 +1,14 @@
 """Benchmark of changed-block capture: `sudo .venv/bin/python benchmarks/incremental.py`.
 
-Runs as root from the repo root on a machine prepared by scripts/lab-setup (~15 min on 2
+Runs as root from the repo root on a machine prepared by scripts/lab-setup (~5 min on 2
 cores). It starts the lab's libvirt daemons, builds the lab guest and makes an 8 GiB qcow2
 disk holding 4 GiB of random data (256 chunks of 16 MiB at a 32 MiB stride, the rest
 sparse). An idle TCG domain runs from it. The target is a loop-backed XFS with reflink on a
-sparse 24 GiB image file under /var/tmp, mounted before the domain starts. Before every
-timed round: `sync` and `echo 3 > /proc/sys/vm/drop_caches`. Medians of 3 rounds:
+sparse 40 GiB image file under /var/tmp, mounted before the domain starts (no generation is
+pruned during the benchmark, and on XFS a full image may take twice its data: the holes
+between the data runs are allocated by XFS's speculative preallocation past EOF as the file
+grows; the benchmark prints the image's allocation). Before every timed round: `sync` and
+`echo 3 > /proc/sys/vm/drop_caches`. Medians of 3 rounds:
 
 (a) gfs full: a job with `incremental = false`, `gfs run --force` (wall time of the
     subprocess); from the new generation's manifest `source.capture`: bytes_read,
@@ -33,6 +36,7 @@ Ctrl-C.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -66,7 +70,11 @@ CHUNK = 16 * MIB
 CHUNKS = 256  # 256 x 16 MiB = 4 GiB of data
 STRIDE = DISK_SIZE // CHUNKS  # 32 MiB: each chunk followed by 16 MiB of hole
 DATA = CHUNKS * CHUNK
-TARGET_IMAGE_SIZE = 24 * GIB
+TARGET_IMAGE_SIZE = 40 * GIB
+# Free space needed in /var/tmp: the source (4 GiB, 8 GiB sparse raw while it is made) and
+# what the target image may fill (3 fulls of up to 8 GiB, the baseline's 4 GiB, the
+# incremental job's first full and its rounds).
+NEEDED_FREE = 46 * GIB
 ROUNDS = 3
 CHANGES = (("1%", 0.01), ("10%", 0.10))
 TIME_GOAL = 0.10  # incremental 1% / full, wall time
@@ -87,10 +95,6 @@ keep-last = 10
 """
 
 
-class Abort(Exception):
-    """The benchmark cannot run here."""
-
-
 @dataclass
 class GfsSample:
     seconds: float
@@ -103,6 +107,8 @@ class GfsSample:
     reason: str
     verify: str  # the generation's own verify record: result (scope)
     generation: str
+    allocated: int  # st_blocks of disks/vda.raw
+    log: str  # gfs's stderr
 
 
 @dataclass
@@ -123,7 +129,6 @@ class Results:
     full: list[GfsSample] = field(default_factory=list)
     base: list[BaseSample] = field(default_factory=list)
     incremental: dict[str, list[GfsSample]] = field(default_factory=dict)
-    changed: dict[str, int] = field(default_factory=dict)  # label: bytes changed per round
     problems: list[str] = field(default_factory=list)
 
 
@@ -140,11 +145,19 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def used(path: Path) -> int:
-    """Used bytes of the filesystem holding `path` (after a sync: delayed allocation)."""
+def used(path: Path, settle: float = 60.0) -> int:
+    """Used bytes of the filesystem holding `path`, once settled: after a sync (delayed
+    allocation) and until two readings 0.5 s apart agree (XFS frees the blocks of a deleted
+    file in the background, e.g. the baseline's output, seconds later), at most `settle` s."""
     os.sync()
+    deadline = time.monotonic() + settle
     info = os.statvfs(path)
-    return (info.f_blocks - info.f_bfree) * info.f_frsize
+    while True:
+        time.sleep(0.5)
+        again = os.statvfs(path)
+        if again.f_bfree == info.f_bfree or time.monotonic() > deadline:
+            return (again.f_blocks - again.f_bfree) * again.f_frsize
+        info = again
 
 
 def allocated(path: Path) -> int:
@@ -173,25 +186,29 @@ def make_source(workdir: Path) -> Path:
 
 def write_config(directory: Path, target: Path, job: str, domain: str, extra: str = "") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
+    scratch = directory / "scratch"  # gfs's NBD socket directory: removed with the workdir
+    scratch.mkdir(exist_ok=True)
     config = directory / "gfs.toml"
     config.write_text(
         f"state_dir = {json.dumps(str(directory / 'state'))}\n"
         f"[target.usb]\npath = {json.dumps(str(target))}\nrequire_nfs = false\n"
         f'[[job]]\nname = {json.dumps(job)}\nkind = "libvirt"\n'
-        f"domain = {json.dumps(domain)}\n{extra}{POLICY}",
+        f"domain = {json.dumps(domain)}\nscratch_dir = {json.dumps(str(scratch))}\n"
+        f"{extra}{POLICY}",
         encoding="utf-8",
     )
     return config
 
 
-def run_gfs(config: Path) -> float:
+def run_gfs(config: Path) -> tuple[float, str]:
+    """`gfs run --force`: its wall time and log (stderr)."""
     argv = [sys.executable, "-m", "gfs_backup", "run", "--force", "--config", str(config)]
     started = time.monotonic()
     done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=False)
     elapsed = time.monotonic() - started
     if done.returncode != 0:
         raise RuntimeError(f"gfs run failed ({done.returncode}):\n{done.stderr}")
-    return elapsed
+    return elapsed, done.stderr
 
 
 def generations(target: Path, job: str) -> set[Path]:
@@ -203,7 +220,7 @@ def gfs_round(config: Path, target: Path, job: str) -> GfsSample:
     before = generations(target, job)
     drop_caches()
     space_before = used(target)
-    seconds = run_gfs(config)
+    seconds, log = run_gfs(config)
     space = used(target) - space_before
     new = sorted(generations(target, job) - before)
     if len(new) != 1:
@@ -223,6 +240,8 @@ def gfs_round(config: Path, target: Path, job: str) -> GfsSample:
         reason=str(capture.get("reason", "")),
         verify=verify,
         generation=str(manifest["generation"]),
+        allocated=allocated(new[0] / "disks" / "vda.raw"),
+        log=log,
     )
 
 
@@ -386,7 +405,7 @@ def measure(
         print(f"({'c' if label == '1%' else 'd'}) gfs incremental, {label} changed ({count} MiB)")
         samples = results.incremental.setdefault(label, [])
         for round_ in range(ROUNDS):
-            results.changed[label] = changer.change(count)
+            changer.change(count)
             sample = gfs_round(inc_config, target, "inc")
             samples.append(sample)
             check_round(results, f"incremental {label}", sample, "incremental", "clone")
@@ -395,15 +414,42 @@ def measure(
 
 
 def verify(config: str) -> tuple[bool, float, str]:
+    """`gfs verify` of every generation: whether all passed, its wall time, its report."""
     argv = [sys.executable, "-m", "gfs_backup", "verify", "--config", config]
     drop_caches()
     started = time.monotonic()
     done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, check=False)
     elapsed = time.monotonic() - started
-    return done.returncode == 0, elapsed, (done.stdout + done.stderr).strip()
+    ok = done.returncode == 0
+    return ok, elapsed, (done.stdout if ok else done.stdout + done.stderr).strip()
 
 
-def report(results: Results, verified: tuple[bool, float, str]) -> bool:
+def cpu_times() -> list[int]:
+    with open("/proc/stat") as stat:
+        return [int(field) for field in stat.readline().split()[1:]]
+
+
+def machine_load(before: list[int]) -> str:
+    """Load average and CPU steal since `before`, for the record."""
+    delta = [now - then for now, then in zip(cpu_times(), before, strict=True)]
+    steal = delta[7] / max(1, sum(delta))  # user nice system idle iowait irq softirq steal
+    busy = 1 - (delta[3] + delta[4]) / max(1, sum(delta))
+    return (
+        f"{os.cpu_count()} cores, {busy:.0%} busy, CPU steal {steal:.0%} during the rounds, "
+        f"load average {os.getloadavg()[0]:.1f} at the end"
+    )
+
+
+def sha256_rate() -> float:
+    """Bytes per second one core hashes (sha256 of 1 MiB blocks), for the record."""
+    block = os.urandom(MIB)
+    started = time.monotonic()
+    for _ in range(256):
+        hashlib.sha256(block).digest()
+    return 256 * MIB / (time.monotonic() - started)
+
+
+def report(results: Results, verified: tuple[bool, float, str], load: str) -> bool:
     """The table and the goal lines; whether every goal was met."""
     full = median([s.seconds for s in results.full])
     convert = median([b.convert for b in results.base])
@@ -467,6 +513,7 @@ def report(results: Results, verified: tuple[bool, float, str]) -> bool:
     )
     if full_new and inc_new is not None:
         text += f" (FIEMAP new_bytes: {mib(inc_new)} / {mib(full_new)} = {inc_new / full_new:.1%})"
+    text += f" (incremental 1% / the {DATA // GIB} GiB of data: {inc_space / DATA:.1%})"
     goals.append((text, ratio < SPACE_GOAL))
     ratio = full / reread
     goals.append(
@@ -491,7 +538,18 @@ def report(results: Results, verified: tuple[bool, float, str]) -> bool:
             whole and verified[0],
         )
     )
-    print(f"\nfull / convert alone: {full / convert:.2f} (for the record, no goal)")
+    print(f"\nmachine: {load}")
+    rate = sha256_rate()
+    print(
+        f"sha256 on one core: {rate / 1e6:.0f} MB/s ({DATA / rate:.1f} s for the "
+        f"{DATA // GIB} GiB of data)"
+    )
+    print(f"full / convert alone: {full / convert:.2f} (for the record, no goal)")
+    image = median([s.allocated for s in results.full])
+    print(
+        f"full image disks/vda.raw: {mib(image)} allocated for {mib(DATA)} of data "
+        f"(the baseline's qcow2: {mib(base_alloc)})"
+    )
     print("goals:")
     for text, met in goals:
         print(f"  {text}: {'yes' if met else 'no'}")
@@ -502,6 +560,10 @@ def report(results: Results, verified: tuple[bool, float, str]) -> bool:
     )
     for line in output.splitlines():
         print(f"  {line}")
+    for label, samples in (("full", results.full), ("incremental 1%", inc)):
+        print(f"\ngfs's log of the last {label} round:")
+        for line in samples[-1].log.splitlines():
+            print(f"  {line}")
     if results.problems:
         print("\nrounds that were not what they should be:")
         for problem in results.problems:
@@ -521,6 +583,12 @@ def main() -> int:
     if missing:
         print(f"missing tools: {', '.join(missing)}", file=sys.stderr)
         return 2
+    free = shutil.disk_usage("/var/tmp").free
+    if free < NEEDED_FREE:
+        print(
+            f"/var/tmp has {free / GIB:.1f} GiB free, needs {NEEDED_FREE // GIB}", file=sys.stderr
+        )
+        return 2
     signal.signal(signal.SIGTERM, _terminate)
     workdir = Path(tempfile.mkdtemp(prefix="gfs-inc-bench-", dir="/var/tmp"))
     cleanups: list[tuple[str, ...]] = []
@@ -537,9 +605,11 @@ def main() -> int:
         target = mount_target(workdir, cleanups)
         factory = DomainFactory(conn, image, workdir / "lab")
         results = Results()
+        before = cpu_times()
         config = measure(results, factory, source, target, workdir)
+        load = machine_load(before)
         verified = verify(config)
-        return 0 if report(results, verified) else 1
+        return 0 if report(results, verified, load) else 1
     except KeyboardInterrupt:
         print("\nincremental benchmark: interrupted, cleaning up", file=sys.stderr)
         return 130
