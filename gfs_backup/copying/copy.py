@@ -178,6 +178,8 @@ def _read_fd(reader: int, writer: _Writer | None, progress: Progress | None) -> 
     """Read the data regions of `reader`, hash every block, and hand the chunks to
     `writer` (none: only the digest), then finish it (truncate to size, fsync)."""
     size = os.fstat(reader).st_size
+    if writer is not None:
+        writer.presize(size)
     if size <= SMALL:
         digest, data = _copy_small(reader, writer, size, progress)
     else:
@@ -535,6 +537,13 @@ class _Writer:
             if self._readback is not None:  # the window written back before: read it back
                 self._readback.check_before(self._dropped)
 
+    def presize(self, size: int) -> None:
+        """Give a new file its final size before any write: XFS then allocates only what
+        is written (grown by writes past its end, it preallocates and keeps the holes
+        between data runs: measured 8 GiB allocated for a 4 GiB-data sparse image)."""
+        if not self._patch and os.fstat(self.fd).st_size < size:
+            os.ftruncate(self.fd, size)
+
     def zero_range(self, offset: int, length: int) -> int:
         """Make [offset, offset+length) of a patched file read as zeros (a hole where the
         filesystem can punch one); the read-back checks it. Returns `length`."""
@@ -701,6 +710,7 @@ class _HolePuncher(_Writer):
         # Not super().__init__(): that creates a new file; this one exists.
         self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         self._owned = True
+        self._patch = True  # the file exists with its size
         self._readback = None
         self._fallocate = ctypes.CDLL(None, use_errno=True).fallocate
         self._fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)

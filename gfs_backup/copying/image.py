@@ -200,6 +200,7 @@ def write_image(
     zeroed = 0
     writer = Writer(destination, verify=True, patch=base is not None)
     with writer:
+        writer.presize(size)
         for span in spans:
             if span.zero:
                 zeroed += writer.zero_range(span.start, span.end - span.start)
