@@ -852,7 +852,7 @@ def _export_nvram(ctx: JobContext, domain_xml: str, into: Path) -> list[DataFile
         return []
     (into / NVRAM).mkdir()
     copy = into / NVRAM / "VARS.fd"
-    result = copy_file(Path(path), copy)
+    result = copy_file(Path(path), copy, verify=True)  # read back, as the disks are
     ctx.log.info("job %s: saved the NVRAM %s", ctx.job.name, path)
     return [DataFile(f"{NVRAM}/{copy.name}", result.size, result.digest)]
 
