@@ -750,6 +750,12 @@ class LibvirtBackend:
         try:
             domain = connection.domain(job.options["domain"])
             warnings = []
+            if job.options.get("method", "auto") in ("auto", "backup-api") and not nbd.available():
+                warnings.append(
+                    f"job {job.name}: python3-libnbd is not installed: every run reads the "
+                    "whole disks (push mode, no changed-block capture); apt install "
+                    "python3-libnbd and run scripts/install again"
+                )
             for inactive in (False, True):
                 for disk in parse_disks(connection.xml(domain, inactive)):
                     if is_gfs_overlay(disk.source):

@@ -259,9 +259,7 @@ def start_slowed_backup(
     raw, disk = data_disk(tmp_path, DATA_MIB)
     vm = make_domain(action="idle", disk=disk)
     vm.wait_for("GFS-GUEST-UP")
-    config = write_config(
-        tmp_path, target, "vm", "libvirt", "domain", Path(vm.name), DAILY, PUSH
-    )
+    config = write_config(tmp_path, target, "vm", "libvirt", "domain", Path(vm.name), DAILY, PUSH)
     gfs = start_gfs("run", "--config", str(config))
     slow_down_as_it_starts(make_domain.conn, vm.name, gfs)
     (job,) = qemu_backup_jobs(make_domain.conn, vm.name)
