@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:
 
 import libvirt  # noqa: E402
 
+from benchmarks.common import sh  # noqa: E402
 from tests.lab.daemons import start_libvirt_daemons  # noqa: E402
 from tests.lab.domains import DomainFactory, reap_stale_domains  # noqa: E402
 from tests.lab.guest import BOOT_MARKER, GuestImage, build_guest_image  # noqa: E402
@@ -50,13 +51,6 @@ keep-last = 3
 console = "{BOOT_MARKER}"
 timeout = 300
 """
-
-
-def sh(*argv: str) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
-    return done.stdout
 
 
 def gfs(*args: str) -> subprocess.CompletedProcess[str]:

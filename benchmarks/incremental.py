@@ -59,6 +59,7 @@ if str(ROOT) not in sys.path:
 import libvirt  # noqa: E402
 import libvirt_qemu  # noqa: E402
 
+from benchmarks.common import allocated, sh  # noqa: E402
 from tests.lab.daemons import start_libvirt_daemons  # noqa: E402
 from tests.lab.domains import DomainFactory, reap_stale_domains  # noqa: E402
 from tests.lab.guest import BOOT_MARKER, build_guest_image  # noqa: E402
@@ -132,13 +133,6 @@ class Results:
     problems: list[str] = field(default_factory=list)
 
 
-def sh(*argv: str) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
-    return done.stdout
-
-
 def drop_caches() -> None:
     """`sync` and `echo 3 > /proc/sys/vm/drop_caches`: every round reads from storage."""
     os.sync()
@@ -158,10 +152,6 @@ def used(path: Path, settle: float = 60.0) -> int:
         if again.f_bfree == info.f_bfree or time.monotonic() > deadline:
             return (again.f_blocks - again.f_bfree) * again.f_frsize
         info = again
-
-
-def allocated(path: Path) -> int:
-    return path.stat().st_blocks * 512
 
 
 def data_mibs() -> list[int]:

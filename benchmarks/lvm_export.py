@@ -64,6 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import allocated, evict  # noqa: E402
 from gfs_backup.copying.copy import digest_file  # noqa: E402
 from gfs_backup.core.config import Host  # noqa: E402
 from gfs_backup.tools.lvm import make_read_command  # noqa: E402
@@ -111,20 +112,6 @@ def guest(host: RemoteHost, argv: list[str], timeout: float = 600.0) -> str:
     if done.returncode != 0:
         raise Abort(f"in the guest: {' '.join(argv)} failed: {done.stderr.strip()}")
     return done.stdout + done.stderr
-
-
-def evict(path: Path) -> None:
-    """Drops `path` from this host's page cache (only this file)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def allocated(path: Path) -> int:
-    return path.stat().st_blocks * 512
 
 
 @dataclass

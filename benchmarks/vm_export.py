@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:
 
 import libvirt  # noqa: E402
 
+from benchmarks.common import allocated, evict, sh  # noqa: E402
 from tests.lab.daemons import start_libvirt_daemons  # noqa: E402
 from tests.lab.domains import DomainFactory, reap_stale_domains  # noqa: E402
 from tests.lab.guest import BOOT_MARKER, PATTERN_WRITTEN, build_guest_image  # noqa: E402
@@ -54,27 +55,6 @@ schedule = "daily"
 [job.policy.retention]
 keep-last = 3
 """
-
-
-def sh(*argv: str) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
-    return done.stdout
-
-
-def evict(path: Path) -> None:
-    """Drops `path` from the page cache (only this file: other work on the host keeps its)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def allocated(path: Path) -> int:
-    return path.stat().st_blocks * 512
 
 
 def make_source(workdir: Path) -> Path:
