@@ -482,7 +482,7 @@ class LibvirtBackend:
         aborts a job that is left. Never raises: it runs while another error may be on its
         way out."""
         try:
-            if connection.has_backup_job(domain):
+            if connection.backup_job_after_restart(domain, f"job {ctx.job.name}"):
                 connection.abort_job(domain)
         except GfsError as exc:
             ctx.log.warning("job %s: %s; the next run aborts a job left behind", ctx.job.name, exc)

@@ -171,6 +171,21 @@ class Connection:
             and stats.get("operation") == self.lib.VIR_DOMAIN_JOB_OPERATION_BACKUP
         )
 
+    def backup_job_after_restart(self, domain: Any, what: str) -> bool:
+        """`has_backup_job`, surviving a libvirtd restart: a broken connection is opened
+        again (ConnectionLost when libvirtd does not come back), and then "no job" is
+        believed only once it held LOST_JOB_SECONDS (a restarted libvirtd reports a job it
+        is still recovering as none)."""
+        if not self._broken():
+            return self.has_backup_job(domain)
+        self._reconnect(what)
+        deadline = time.monotonic() + LOST_JOB_SECONDS
+        while not self.has_backup_job(domain):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(RECONNECT_POLL_SECONDS)
+        return True
+
     def abort_job(self, domain: Any) -> None:
         try:
             self._live(domain).abortJob()

@@ -209,3 +209,38 @@ def test_a_domain_that_stopped_is_still_reported_as_stopped(
     with pytest.raises(VirtError, match="domain web01 stopped during its backup"):
         connection.wait_backup(domain, None, 60)
     assert not connection.has_backup_job(domain)
+
+
+def test_a_pull_job_is_found_after_a_restart_once_libvirt_recovered_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Pull mode: gfs read from QEMU's NBD server while libvirtd restarted; ending the job
+    # then needs the new connection, and the job shows only after libvirt recovered it.
+    pull = {"type": 1, "operation": 9}
+    first = FakeConn([pull])
+    first.alive = False
+    second = FakeConn([NONE, NONE, pull])
+    connection = connect(monkeypatch, first, second)
+    domain = connection.domain("web01")
+    monkeypatch.setattr(virt, "LOST_JOB_SECONDS", 5.0)
+    assert connection.backup_job_after_restart(domain, "job web")
+    assert connection.conn is second
+
+
+def test_no_pull_job_after_a_restart_is_believed_once_it_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first = FakeConn([NONE])
+    first.alive = False
+    connection = connect(monkeypatch, first, FakeConn([NONE]))
+    assert not connection.backup_job_after_restart(connection.domain("web01"), "job web")
+
+
+def test_a_libvirtd_that_stays_away_when_the_pull_job_ends_is_a_lost_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first = FakeConn([NONE])
+    first.alive = False
+    connection = connect(monkeypatch, first)
+    with pytest.raises(ConnectionLost, match="did not come back"):
+        connection.backup_job_after_restart(connection.domain("web01"), "job web")
