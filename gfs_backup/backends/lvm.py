@@ -21,6 +21,14 @@ from gfs_backup.backends.base import (
     SourceError,
     snapshot_name,
 )
+from gfs_backup.backends.lvm_thin import LAYOUT, ThinDelta
+from gfs_backup.backends.vm_capture import (
+    VERIFY_SCOPE,
+    Decision,
+    capture_record,
+    capture_source,
+    files_of,
+)
 from gfs_backup.copying.copy import copy_file, copy_stream, digest_file
 from gfs_backup.copying.hostcopy import (
     CopyOutput,
@@ -65,6 +73,9 @@ def _volume(runner: Runner, vg: str, lv: str) -> Volume | None:
 
 class LvmBackend:
     kind = "lvm"
+
+    def __init__(self) -> None:
+        self._kept: set[str] = set()  # thin snapshots exported this run: kept as delta bases
 
     def sources(self, job: Job) -> list[Path]:
         return []  # a block device: no filesystem the target could share
@@ -133,6 +144,9 @@ class LvmBackend:
         self._still_valid(ctx, vg, name)
         if ctx.target is not LOCAL_FS:
             return self._export_on_host(ctx, snapshot, into, progress)
+        image_format = str(ctx.job.options.get("format", "raw"))
+        if snapshot.metadata.get("snapshot_kind") == "thin" and image_format == "raw":
+            return self._export_thin(ctx, snapshot, into, previous, progress)
         read = make_read_command(str(snapshot.path), EXPORT_TIMEOUT)
         try:
             with ctx.runner.reading(read) as stream:
@@ -154,6 +168,73 @@ class LvmBackend:
             files=(DataFile(IMAGE, result.size, result.digest),),
             source=source,
             bytes_written=result.data_bytes,
+        )
+
+    def _export_thin(
+        self,
+        ctx: JobContext,
+        snapshot: Snapshot,
+        into: Path,
+        previous: Stored | None,
+        progress: Progress | None,
+    ) -> Exported:
+        """A thin volume to a target mounted here: what changed since the previous run's
+        kept thin snapshot, patched into a clone of its image (see lvm_thin); the new
+        snapshot is kept as the next run's base."""
+        vg, name = str(snapshot.subvolume).split("/")
+        size = int(snapshot.metadata["size"])
+        origin = _volume(ctx.runner, *self._names(ctx.job))
+        thin = ThinDelta(ctx, vg, origin.pool if origin else "", name, size)
+        decision, base = thin.decide(previous)
+        dirty: list[tuple[int, int]] | None = None
+        zero: list[tuple[int, int]] = []
+        if base is not None and decision.base is not None:
+            try:
+                changed, zero = thin.changes(base)
+                dirty = changed + zero
+            except (GfsError, ValueError) as exc:
+                decision = Decision(None, f"thin_delta failed: {exc}")
+        ctx.log.info(
+            "job %s: %s",
+            ctx.job.name,
+            f"reading what changed since {base}"
+            if dirty is not None and not decision.compare
+            else f"full read: {decision.reason}",
+        )
+        try:
+            capture = capture_source(
+                ctx, thin.source(str(snapshot.path), dirty, zero), LAYOUT, into, decision, progress
+            )
+        except BaseException:
+            thin.abort_readers()
+            raise
+        self._still_valid(ctx, vg, name)
+        files = files_of(into, [capture])
+        record = {**capture_record(ctx, decision, [capture], None), "snapshot": name}
+        self._kept.add(str(snapshot.subvolume))
+        warnings = [capture.warning] if capture.warning else []
+        warnings += [f"dirty-tracking alarm: {a}" for a in record.get("alarm", {}).values()]
+        ctx.log.info(
+            "job %s: %s (%s), read %d MiB, wrote %d MiB%s",
+            ctx.job.name,
+            capture.mode,
+            capture.path,
+            capture.result.bytes_read >> 20,
+            capture.result.bytes_written >> 20,
+            f"; {capture.reason}" if capture.reason else "",
+        )
+        return Exported(
+            files=tuple(files),
+            source={
+                **snapshot.metadata,
+                "host": ctx.runner.host,
+                "format": "raw",
+                "capture": record,
+            },
+            bytes_written=capture.result.bytes_written,
+            warnings=tuple(warnings),
+            read_back=True,
+            verify_scope=VERIFY_SCOPE if capture.mode == "incremental" else "full",
         )
 
     def _export_on_host(
@@ -259,8 +340,17 @@ class LvmBackend:
             )
 
     def retire_snapshot(self, ctx: JobContext, snapshot: Snapshot, keep: int) -> None:
-        """Always removed: a classic snapshot slows every write to its origin."""
-        self._remove(ctx, str(snapshot.subvolume))
+        """Removed (a classic snapshot slows every write to its origin), except a thin one
+        whose export succeeded: the next run's delta base (see lvm_thin)."""
+        if str(snapshot.subvolume) in self._kept:
+            self._kept.discard(str(snapshot.subvolume))
+            ctx.log.info(
+                "job %s: kept thin snapshot %s: the next run reads what changed since",
+                ctx.job.name,
+                snapshot.subvolume,
+            )
+        else:
+            self._remove(ctx, str(snapshot.subvolume))
         ctx.state.done(snapshot.journal_id)
 
     def _remove(self, ctx: JobContext, vg_name: str) -> None:

@@ -28,6 +28,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -37,6 +38,7 @@ from gfs_backup.backends.base import JobContext, Progress
 from gfs_backup.backends.vm_inplace import DISKS
 from gfs_backup.copying.digest import BLOCK, BlockDigest
 from gfs_backup.copying.image import (
+    BlockSource,
     ImageResult,
     Span,
     block_count,
@@ -88,14 +90,6 @@ def is_job_checkpoint(name: str, job: str) -> bool:
 
 def generation_of(into: Path) -> str:
     return into.name.removeprefix(PARTIAL_PREFIX)
-
-
-def image_path(folder: Path, target: str) -> Path:
-    return folder / DISKS / f"{target}{RAW_SUFFIX}"
-
-
-def digests_path(folder: Path, target: str) -> Path:
-    return folder / BLOCKS / f"{target}.sha256-1m"
 
 
 def _stamp(when: datetime) -> str:
@@ -185,6 +179,14 @@ def decide(
             f"checkpoint {checkpoint} of generation {previous.id} is missing (deleted "
             "behind gfs's back, or the domain was moved or redefined)",
         )
+    return judge_base(ctx, previous)
+
+
+def judge_base(ctx: JobContext, previous: Stored) -> Decision:
+    """The rules every kind's base must pass: fully verified within
+    `base_verified_within`; a full read every `full_every` (compared with the base)."""
+    options = ctx.job.options
+    capture = capture_of(previous)
     verified = full_verify_time(previous)
     within = int(options.get("base_verified_within", 0))
     if within and (verified is None or ctx.now - verified > timedelta(seconds=within)):
@@ -204,6 +206,18 @@ def decide(
     return Decision(previous)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where an image and its per-MiB digests go, relative to a generation directory."""
+
+    image: str
+    blocks: str
+
+
+def disk_layout(target: str) -> Layout:
+    return Layout(f"{DISKS}/{target}{RAW_SUFFIX}", f"{BLOCKS}/{target}.sha256-1m")
+
+
 @dataclass
 class DiskCapture:
     target: str
@@ -215,6 +229,7 @@ class DiskCapture:
     alarm: list[int] = field(default_factory=list)  # blocks the bitmap missed (compare)
     warning: str = ""
     sampled: int = 0  # unchanged MiBs re-read from the disk and from the target
+    layout: Layout = field(default_factory=lambda: disk_layout("vda"))
 
 
 class NbdDir:
@@ -230,6 +245,23 @@ class NbdDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+@dataclass
+class SourceDisk:
+    """What a capture reads: a disk (or volume) of `size` bytes, the regions that may hold
+    data (a full read reads only these) and those known to read as zeros, the regions
+    changed since the base (`dirty()`, None without a base), and `reader(spans)`: a
+    BlockSource serving reads of those spans, in their order. `bitmap` names what tracks
+    the changes, for messages."""
+
+    name: str
+    size: int
+    data: list[tuple[int, int]]
+    zero: list[tuple[int, int]]
+    dirty: Callable[[], list[tuple[int, int]]] | None
+    reader: Callable[[list[Span]], BlockSource]
+    bitmap: str = "its bitmap"
+
+
 def capture_disk(
     ctx: JobContext,
     export: NbdExport,
@@ -238,59 +270,94 @@ def capture_disk(
     decision: Decision,
     progress: Progress | None,
 ) -> DiskCapture:
-    """One disk of the generation in `folder`: an incremental patch of the base's image
-    when the decision allows and the checks pass, else a full read."""
-    size = export.size
+    """One disk of a VM generation from its NBD export (see `capture_source`)."""
     allocation = export.extents(ALLOCATION)
-    zero = matching(allocation, lambda flags: flags & STATE_ZERO)
-    data = matching(allocation, lambda flags: not flags & STATE_ZERO)
-    image = image_path(folder, disk.target)
+    source = SourceDisk(
+        disk.target,
+        export.size,
+        data=matching(allocation, lambda flags: not flags & STATE_ZERO),
+        zero=matching(allocation, lambda flags: flags & STATE_ZERO),
+        dirty=lambda: matching(
+            export.extents(dirty_context(disk.target)), lambda f: f & STATE_DIRTY
+        ),
+        reader=lambda _spans: export,
+    )
+    return capture_source(ctx, source, disk_layout(disk.target), folder, decision, progress)
+
+
+def capture_source(
+    ctx: JobContext,
+    source: SourceDisk,
+    layout: Layout,
+    folder: Path,
+    decision: Decision,
+    progress: Progress | None,
+) -> DiskCapture:
+    """One image of the generation in `folder`: an incremental patch of the base's image
+    when the decision allows and the checks pass, else a full read."""
+    size = source.size
+    image = folder / layout.image
+    image.parent.mkdir(exist_ok=True)
     base_digests: list[bytes] | None = None
     reason = decision.reason
     if decision.base is not None:
-        base_digests, why = _base_digests(decision.base, disk.target, size)
+        base_digests, why = _base_digests(decision.base, layout, size)
         if base_digests is None:
             reason = why
     dirty: list[tuple[int, int]] = []
-    if base_digests is not None:
-        dirty = matching(export.extents(dirty_context(disk.target)), lambda f: f & STATE_DIRTY)
+    if base_digests is not None and source.dirty is not None:
+        dirty = source.dirty()
+    elif source.dirty is None and decision.base is not None and not reason:
+        reason = f"no record of what changed in {source.name}"
+        base_digests = None
     warning = ""
     if base_digests is not None and decision.base is not None and not decision.compare:
         changed = spans_of(dirty, size)
         changed_blocks = _blocks_of(changed)
-        rng = random.Random()
-        sample = sample_blocks(block_count(size), changed_blocks, rng)
-        wrong = differing_blocks(export.read_into, size, sample, base_digests)
+        sample = sample_blocks(block_count(size), changed_blocks, random.Random())
+        sample_spans = [Span(i * BLOCK, min(size, (i + 1) * BLOCK)) for i in sample]
+        reader = source.reader(sample_spans)
+        wrong = differing_blocks(reader.read_into, size, sample, base_digests)
         if wrong:
             reason = (
-                f"disk {disk.target} differs from generation {decision.base.id} at MiB "
-                f"{wrong[0]} where its bitmap says nothing changed: rolled back or replaced "
-                "behind gfs's back"
+                f"{source.name} differs from generation {decision.base.id} at MiB "
+                f"{wrong[0]} where {source.bitmap} says nothing changed: rolled back or "
+                "replaced behind gfs's back"
             )
             warning = reason
         else:
-            base_image = image_path(decision.base.path, disk.target)
-            path = clone_file(base_image, image)
-            result = write_image(export, image, split_zero(changed, zero), base_digests, progress)
+            path = clone_file(decision.base.path / layout.image, image)
+            spans = split_zero(changed, source.zero)
+            reader = source.reader([span for span in spans if not span.zero])
+            result = write_image(reader, image, spans, base_digests, progress)
             damaged = check_stored_blocks(image, sample, base_digests)
             if not damaged:
                 return DiskCapture(
-                    disk.target,
+                    source.name,
                     result,
                     "incremental",
                     path,
                     new_bytes=unshared_bytes(image),
                     sampled=len(sample),
+                    layout=layout,
                 )
             reason = (
-                f"generation {decision.base.id}'s image of {disk.target} is damaged on the "
+                f"generation {decision.base.id}'s image of {source.name} is damaged on the "
                 f"target (MiB {damaged[0]} no longer matches its digest): read in full"
             )
             warning = reason
             image.unlink()
-    result = write_image(export, image, spans_of(data, size), None, progress)
+    spans = spans_of(source.data, size)
+    result = write_image(source.reader(spans), image, spans, None, progress)
     capture = DiskCapture(
-        disk.target, result, "full", "new", reason, unshared_bytes(image), warning=warning
+        source.name,
+        result,
+        "full",
+        "new",
+        reason,
+        unshared_bytes(image),
+        warning=warning,
+        layout=layout,
     )
     if decision.compare and base_digests is not None:
         changed_blocks = _blocks_of(spans_of(dirty, size))
@@ -306,15 +373,15 @@ def _blocks_of(spans: list[Span]) -> set[int]:
     return {index for span in spans for index in range(span.start // BLOCK, block_count(span.end))}
 
 
-def _base_digests(base: Stored, target: str, size: int) -> tuple[list[bytes] | None, str]:
+def _base_digests(base: Stored, layout: Layout, size: int) -> tuple[list[bytes] | None, str]:
     """The base image's per-MiB digests, checked against its manifest, or why not."""
     files = {data.path: data for data in base.manifest.files}
-    image = files.get(f"{DISKS}/{target}{RAW_SUFFIX}")
-    blocks = files.get(f"{BLOCKS}/{target}.sha256-1m")
+    image = files.get(layout.image)
+    blocks = files.get(layout.blocks)
     if image is None or blocks is None:
-        return None, f"disk {target} is not in generation {base.id}"
+        return None, f"{layout.image} is not in generation {base.id}"
     if image.size != size:
-        return None, f"disk {target} was resized ({image.size} -> {size} bytes)"
+        return None, f"{layout.image} was resized ({image.size} -> {size} bytes)"
     try:
         digests = read_digests(base.path / blocks.path, size)
     except OSError as exc:
@@ -325,17 +392,17 @@ def _base_digests(base: Stored, target: str, size: int) -> tuple[list[bytes] | N
 
 
 def files_of(folder: Path, captures: list[DiskCapture]) -> list[DataFile]:
-    """The data files of the captured disks: each image and its per-MiB digests."""
+    """The data files of the captured images: each image and its per-MiB digests."""
     files = []
     for capture in captures:
-        image = image_path(folder, capture.target)
-        files.append(DataFile(f"{DISKS}/{image.name}", capture.result.size, capture.result.digest))
-        blocks = digests_path(folder, capture.target)
+        layout = capture.layout
+        files.append(DataFile(layout.image, capture.result.size, capture.result.digest))
+        blocks = folder / layout.blocks
         blocks.parent.mkdir(exist_ok=True)
         write_digests(blocks, capture.result.digests)
         digest = BlockDigest()
         digest.update(b"".join(capture.result.digests))
-        files.append(DataFile(f"{BLOCKS}/{blocks.name}", digest.size, digest.hexdigest()))
+        files.append(DataFile(layout.blocks, digest.size, digest.hexdigest()))
     return files
 
 

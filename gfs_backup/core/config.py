@@ -89,7 +89,17 @@ KIND_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "base_verified_within",
         ),
     ),
-    "lvm": (("volume",), ("snapshot_size", "format")),
+    "lvm": (
+        ("volume",),
+        (
+            "snapshot_size",
+            "format",
+            "incremental",
+            "full_every",
+            "base_verified_within",
+            "thin_pool_max_percent",
+        ),
+    ),
     "btrfs": (("subvolume",), ("snapshot_dir",)),
     "files": (("path",), ("snapshot_dir", "rehash_every")),
 }
@@ -174,7 +184,7 @@ def load_config(path: Path) -> Config:
         if job.kind == "files":
             off = "to never read every file again"
             _set_every(job, "rehash_every", files_defaults, DEFAULT_REHASH_EVERY, collector, off)
-        if job.kind == "libvirt":
+        if job.kind in ("libvirt", "lvm"):
             off = "to read the whole disk only when needed"
             _set_every(job, "full_every", incremental_defaults, DEFAULT_FULL_EVERY, collector, off)
             off = "to build on a base however long ago it was verified"
@@ -330,6 +340,13 @@ def _job(
             _check_path(options[key], join_key(path, key), collector)
     if options.get("quiesce", "auto") not in ("auto", "required", "off"):
         collector.add(join_key(path, "quiesce"), "must be auto, required or off")
+    percent = options.get("thin_pool_max_percent", 80)
+    if isinstance(percent, bool) or not isinstance(percent, int | float) or not 1 <= percent <= 100:
+        collector.add(
+            join_key(path, "thin_pool_max_percent"),
+            "must be a number from 1 to 100 (the thin pool's data or metadata use above "
+            "which gfs drops its delta base snapshot)",
+        )
     if not isinstance(options.get("incremental", True), bool):
         collector.add(join_key(path, "incremental"), "must be true or false")
     if options.get("method", "auto") not in ("auto", "backup-api", "push", "snapshot"):

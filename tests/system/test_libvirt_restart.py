@@ -399,3 +399,44 @@ def test_libvirtd_restarted_during_the_block_commit_of_the_snapshot_method(
     assert vm.is_active()
     assert leftovers(target / "vm")[0].startswith("2")  # one generation, no .partial-*
     assert gfs_subprocess("verify", "--config", str(config)).returncode == 0
+
+
+def test_libvirtd_restarted_during_a_pull_mode_backup_leaves_a_sound_generation_and_no_job(
+    libvirt_daemon: LibvirtDaemons,
+    make_domain: DomainFactory,
+    mounts: Mounter,
+    tmp_path: Path,
+    start_gfs: StartGfs,
+) -> None:
+    # Pull mode (the default): gfs reads from QEMU's NBD server, which a libvirtd restart
+    # leaves alone; ending the job afterwards needs the restarted libvirtd.
+    require_restartable(libvirt_daemon)
+    target = mounts("tgt", kind="tmpfs", size_mb=256)
+    raw, disk = data_disk(tmp_path, 48)
+    vm = make_domain(action="idle", disk=disk)
+    vm.wait_for("GFS-GUEST-UP")
+    config = write_config(tmp_path, target, "vm", "libvirt", "domain", Path(vm.name), DAILY)
+    limited = config.read_text().replace(
+        "require_nfs = false\n", 'require_nfs = false\nbandwidth = "4M"\n'
+    )
+    config.write_text(limited)  # 48 MiB at 4 MiB/s: the restart lands mid-read
+    gfs = start_gfs("run", "--config", str(config))
+    wait_for_backup_job(make_domain.conn, vm.name, gfs)
+    time.sleep(2)
+    libvirt_daemon.restart_libvirtd()
+    conn = make_domain.reconnect(libvirt_daemon.uri)
+    _, stderr = gfs.communicate(timeout=300)
+    assert gfs.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    (generation,) = leftovers(target / "vm")
+    exported = target / "vm" / generation / "disks" / "vda.raw"
+    compared = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(raw), str(exported)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    assert vm.is_active()
+    assert not has_job(conn, vm.name), stderr  # the recovered pull job was ended
+    assert_next_run_heals(config, target, conn, vm)
