@@ -48,9 +48,10 @@ def capture_summary(stored: Stored) -> str:
         if capture.get("mode") == "incremental"
         else "full"
     )
+    kept = f", keeps thin snapshot {capture['snapshot']}" if capture.get("snapshot") else ""
     return (
         f"{how}: read {amount('bytes_read')}, wrote {amount('bytes_written')}, "
-        f"new {amount('new_bytes')}"
+        f"new {amount('new_bytes')}{kept}"
     )
 
 

@@ -21,7 +21,7 @@ policy = "classic-gfs"              # a policy name, a path, or an inline table
 scratch_dir = "/var/tmp"            # where `gfs drill` restores (btrfs jobs: on btrfs)
 [files]                             # defaults of files jobs (a job may set its own)
 rehash_every = "30d"                # read every file again this often ("off": never)
-[incremental]                       # libvirt jobs' changed-block capture (a job may set its own)
+[incremental]                       # changed-block capture of libvirt and thin lvm jobs
 full_every = "30d"                  # read the whole disk this often anyway ("off": never)
 base_verified_within = "7d"         # build only on a generation fully verified this recently
 """
