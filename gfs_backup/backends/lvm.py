@@ -75,7 +75,8 @@ class LvmBackend:
     kind = "lvm"
 
     def __init__(self) -> None:
-        self._kept: set[str] = set()  # thin snapshots exported this run: kept as delta bases
+        # Thin snapshots exported this run, kept as delta bases: the base each replaces.
+        self._kept: dict[str, str | None] = {}
 
     def sources(self, job: Job) -> list[Path]:
         return []  # a block device: no filesystem the target could share
@@ -211,7 +212,7 @@ class LvmBackend:
         self._still_valid(ctx, vg, name)
         files = files_of(into, [capture])
         record = {**capture_record(ctx, decision, [capture], None), "snapshot": name}
-        self._kept.add(str(snapshot.subvolume))
+        self._kept[str(snapshot.subvolume)] = f"{vg}/{base}" if base else None
         warnings = [capture.warning] if capture.warning else []
         warnings += [f"dirty-tracking alarm: {a}" for a in record.get("alarm", {}).values()]
         ctx.log.info(
@@ -343,12 +344,14 @@ class LvmBackend:
         """Removed (a classic snapshot slows every write to its origin), except a thin one
         whose export succeeded: the next run's delta base (see lvm_thin)."""
         if str(snapshot.subvolume) in self._kept:
-            self._kept.discard(str(snapshot.subvolume))
+            replaced = self._kept.pop(str(snapshot.subvolume))
             ctx.log.info(
                 "job %s: kept thin snapshot %s: the next run reads what changed since",
                 ctx.job.name,
                 snapshot.subvolume,
             )
+            if replaced is not None:  # the previous base pins blocks for nothing now
+                self._remove(ctx, replaced)
         else:
             self._remove(ctx, str(snapshot.subvolume))
         ctx.state.done(snapshot.journal_id)
