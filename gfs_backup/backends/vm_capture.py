@@ -298,6 +298,7 @@ def capture_source(
     size = source.size
     image = folder / layout.image
     image.parent.mkdir(exist_ok=True)
+    free_before = _free_space(folder)
     base_digests: list[bytes] | None = None
     reason = decision.reason
     if decision.base is not None:
@@ -337,7 +338,7 @@ def capture_source(
                     result,
                     "incremental",
                     path,
-                    new_bytes=unshared_bytes(image),
+                    new_bytes=_new_space(image, free_before),
                     sampled=len(sample),
                     layout=layout,
                 )
@@ -355,7 +356,7 @@ def capture_source(
         "full",
         "new",
         reason,
-        unshared_bytes(image),
+        _new_space(image, free_before),
         warning=warning,
         layout=layout,
     )
@@ -367,6 +368,21 @@ def capture_source(
             if index not in changed_blocks and got != had
         ]
     return capture
+
+
+def _free_space(folder: Path) -> int:
+    info = os.statvfs(folder)
+    return info.f_bfree * info.f_frsize
+
+
+def _new_space(image: Path, free_before: int) -> int:
+    """The space the image alone takes: its extents no other file shares (FIEMAP), or
+    where FIEMAP is not offered (an NFS client) the filesystem's free space it used up
+    (other writers on the share make this an upper bound)."""
+    unshared = unshared_bytes(image)
+    if unshared is not None:
+        return unshared
+    return max(0, free_before - _free_space(image.parent))
 
 
 def _blocks_of(spans: list[Span]) -> set[int]:

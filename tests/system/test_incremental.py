@@ -365,6 +365,18 @@ def test_a_killed_run_leaves_no_checkpoint_and_the_periodic_full_read_checks_the
     assert_same(image_of(second), disk.snapshot(tmp_path / "ref2.raw"))
     assert not list(scratch.iterdir())  # its NBD socket and scratch directory went too
 
+    # Killed with every byte written, before publishing: its checkpoint belongs to no
+    # generation; the next run deletes it and builds on the published one.
+    disk.churn(seed=25)
+    killed = gfs_subprocess(*args, env={"GFS_CRASH_AT": "before-publish"})
+    assert killed.returncode == -9, killed.stderr
+    healed = run(config)
+    assert healed["source"]["capture"]["mode"] == "incremental", healed["log"]
+    assert healed["source"]["capture"]["base"] == second["generation"]
+    assert checkpoints(vm.domain) == sorted(f"gfs-vm--{m['generation']}" for m in (second, healed))
+    assert_same(image_of(healed), disk.snapshot(tmp_path / "ref2b.raw"))
+    second = healed
+
     # full_every: a full read, checked against the base and the bitmap: no alarm.
     age_last_full_read(second, 40)
     disk.churn(seed=22)
