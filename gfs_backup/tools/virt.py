@@ -177,7 +177,10 @@ class Connection:
         believed only once it held LOST_JOB_SECONDS (a restarted libvirtd reports a job it
         is still recovering as none)."""
         if not self._broken():
-            return self.has_backup_job(domain)
+            try:
+                return self.has_backup_job(domain)
+            except ConnectionLost:  # libvirt says it is alive until a call fails
+                pass
         self._reconnect(what)
         deadline = time.monotonic() + LOST_JOB_SECONDS
         while not self.has_backup_job(domain):

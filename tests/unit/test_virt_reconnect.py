@@ -244,3 +244,15 @@ def test_a_libvirtd_that_stays_away_when_the_pull_job_ends_is_a_lost_connection(
     connection = connect(monkeypatch, first)
     with pytest.raises(ConnectionLost, match="did not come back"):
         connection.backup_job_after_restart(connection.domain("web01"), "job web")
+
+
+def test_a_connection_found_dead_only_by_the_call_is_opened_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # libvirt's isAlive() stays true until a call fails on the broken socket (seen in CI).
+    pull = {"type": 1, "operation": 9}
+    first = FakeConn([DIE])
+    second = FakeConn([pull])
+    connection = connect(monkeypatch, first, second)
+    assert connection.backup_job_after_restart(connection.domain("web01"), "job web")
+    assert connection.conn is second
