@@ -94,3 +94,14 @@ def tree_state(root: Path, skip: tuple[str, ...] = (".gfs-snapshots",)) -> dict[
                 entry["mtime"] = info.st_mtime_ns
             state[key] = entry
     return state
+
+
+def assert_same_image(image: Path, reference: Path, image_format: str = "raw") -> None:
+    """`qemu-img compare` (a judge gfs did not write) of an image with a raw reference."""
+    done = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", image_format, str(reference), str(image)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -26,7 +26,7 @@ import pytest
 from tests.lab.domains import LabDomain, remove_domain
 from tests.lab.fixtures import guest_image, libvirt_conn, libvirt_daemon, make_domain
 from tests.system.conftest import Mounter
-from tests.system.helpers import gfs_subprocess, listing, write_config
+from tests.system.helpers import assert_same_image, gfs_subprocess, listing, write_config
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 __all__ = ["guest_image", "libvirt_conn", "libvirt_daemon", "make_domain"]
@@ -148,16 +148,6 @@ def image_of(manifest: dict[str, Any]) -> Path:
     return Path(manifest["path"]) / "disks" / "vda.raw"
 
 
-def assert_same(image: Path, reference: Path) -> None:
-    done = subprocess.run(
-        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(image), str(reference)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
 def checkpoints(domain: libvirt.virDomain) -> list[str]:
     return sorted(c.getName() for c in domain.listAllCheckpoints(0))
 
@@ -180,7 +170,7 @@ def test_incremental_generations_are_complete_images_that_restore_alone(
     assert "first run" in capture["reason"]
     assert capture["bytes_read"] == 128 * MIB  # the data only: holes are not read
     refs = [disk.snapshot(tmp_path / "ref1.raw")]
-    assert_same(image_of(first), refs[0])
+    assert_same_image(image_of(first), refs[0])
     assert checkpoints(vm.domain) == [f"gfs-vm--{first['generation']}"]
 
     manifests = [first]
@@ -196,7 +186,7 @@ def test_incremental_generations_are_complete_images_that_restore_alone(
         assert manifest["verify"][-1]["scope"] == "changed+sample"
         assert "changes since" in manifest["log"]
         refs.append(disk.snapshot(tmp_path / f"ref{round_}.raw"))
-        assert_same(image_of(manifest), refs[-1])
+        assert_same_image(image_of(manifest), refs[-1])
         manifests.append(manifest)
         # Only the base's checkpoint and the new one are kept (each is a bitmap that
         # every guest write updates).
@@ -210,7 +200,7 @@ def test_incremental_generations_are_complete_images_that_restore_alone(
     for index, manifest in enumerate(manifests):
         for older in manifests[:index]:
             shutil.rmtree(older["path"], ignore_errors=True)
-        assert_same(image_of(manifest), refs[index])
+        assert_same_image(image_of(manifest), refs[index])
     info = subprocess.run(
         ["qemu-img", "info", "--output=json", str(image_of(manifests[-1]))],
         capture_output=True,
@@ -225,7 +215,7 @@ def test_incremental_generations_are_complete_images_that_restore_alone(
     )
     try:
         assert done.returncode == 0, done.stderr
-        assert_same(restored / f"{name}-vda.raw", refs[-1])
+        assert_same_image(restored / f"{name}-vda.raw", refs[-1])
     finally:
         remove_domain(libvirt_conn.lookupByName(name))
 
@@ -246,7 +236,7 @@ def test_what_makes_a_base_untrustworthy_makes_a_full_read_that_never_inherits_d
     second = run(config)
     assert second["source"]["capture"]["mode"] == "incremental", second["log"]
     assert second["source"]["capture"]["disks"]["vda"]["path"] in ("server-copy", "full-write")
-    assert_same(image_of(second), disk.snapshot(tmp_path / "ref2.raw"))
+    assert_same_image(image_of(second), disk.snapshot(tmp_path / "ref2.raw"))
 
     # 1. The checkpoint is deleted behind gfs's back.
     vm.domain.checkpointLookupByName(f"gfs-vm--{second['generation']}").delete(0)
@@ -255,7 +245,7 @@ def test_what_makes_a_base_untrustworthy_makes_a_full_read_that_never_inherits_d
     capture = third["source"]["capture"]
     assert capture["mode"] == "full"
     assert "is missing" in capture["reason"], capture
-    assert_same(image_of(third), disk.snapshot(tmp_path / "ref3.raw"))
+    assert_same_image(image_of(third), disk.snapshot(tmp_path / "ref3.raw"))
 
     # 2. The base is damaged on the share, in blocks the guest did not change: the
     # sample finds it, the disk is read in full, the damage is not inherited.
@@ -269,7 +259,7 @@ def test_what_makes_a_base_untrustworthy_makes_a_full_read_that_never_inherits_d
     assert capture["mode"] == "full", capture
     assert "is damaged on the target" in capture["reason"]
     assert any("damaged on the target" in line for line in fourth["warnings"])
-    assert_same(image_of(fourth), disk.snapshot(tmp_path / "ref4.raw"))
+    assert_same_image(image_of(fourth), disk.snapshot(tmp_path / "ref4.raw"))
 
     # 3. QEMU is killed: its bitmaps are inconsistent at the next start; libvirt refuses
     # the checkpoint, gfs reads everything in the same run.
@@ -286,7 +276,7 @@ def test_what_makes_a_base_untrustworthy_makes_a_full_read_that_never_inherits_d
     capture = fifth["source"]["capture"]
     assert capture["mode"] == "full", capture
     assert "cannot use the base's checkpoint" in capture["reason"], capture
-    assert_same(image_of(fifth), disk.snapshot(tmp_path / "ref5.raw"))
+    assert_same_image(image_of(fifth), disk.snapshot(tmp_path / "ref5.raw"))
 
     # 4. The disk changes behind QEMU's back (its bitmap cannot know): the sample read
     # from the disk differs from the base where the bitmap says nothing changed.
@@ -299,7 +289,7 @@ def test_what_makes_a_base_untrustworthy_makes_a_full_read_that_never_inherits_d
     capture = seventh["source"]["capture"]
     assert capture["mode"] == "full", capture
     assert "rolled back or replaced" in capture["reason"], capture
-    assert_same(image_of(seventh), disk.snapshot(tmp_path / "ref7.raw"))
+    assert_same_image(image_of(seventh), disk.snapshot(tmp_path / "ref7.raw"))
 
     # Every generation is whole; the damaged one fails its verify and only it.
     verify = gfs_subprocess("verify", "--config", str(config))
@@ -362,7 +352,7 @@ def test_a_killed_run_leaves_no_checkpoint_and_the_periodic_full_read_checks_the
     assert second["source"]["capture"]["mode"] == "incremental"
     assert second["source"]["capture"]["base"] == first["generation"]
     assert checkpoints(vm.domain) == sorted(f"gfs-vm--{m['generation']}" for m in (first, second))
-    assert_same(image_of(second), disk.snapshot(tmp_path / "ref2.raw"))
+    assert_same_image(image_of(second), disk.snapshot(tmp_path / "ref2.raw"))
     assert not list(scratch.iterdir())  # its NBD socket and scratch directory went too
 
     # Killed with every byte written, before publishing: its checkpoint belongs to no
@@ -374,7 +364,7 @@ def test_a_killed_run_leaves_no_checkpoint_and_the_periodic_full_read_checks_the
     assert healed["source"]["capture"]["mode"] == "incremental", healed["log"]
     assert healed["source"]["capture"]["base"] == second["generation"]
     assert checkpoints(vm.domain) == sorted(f"gfs-vm--{m['generation']}" for m in (second, healed))
-    assert_same(image_of(healed), disk.snapshot(tmp_path / "ref2b.raw"))
+    assert_same_image(image_of(healed), disk.snapshot(tmp_path / "ref2b.raw"))
     second = healed
 
     # full_every: a full read, checked against the base and the bitmap: no alarm.
@@ -384,7 +374,7 @@ def test_a_killed_run_leaves_no_checkpoint_and_the_periodic_full_read_checks_the
     capture = third["source"]["capture"]
     assert (capture["mode"], "alarm" in capture) == ("full", False), capture
     assert "full_every" in capture["reason"]
-    assert_same(image_of(third), disk.snapshot(tmp_path / "ref3.raw"))
+    assert_same_image(image_of(third), disk.snapshot(tmp_path / "ref3.raw"))
 
     # The disk changes where its bitmap cannot see; the periodic full read says so.
     vm.domain.destroy()
@@ -395,7 +385,7 @@ def test_a_killed_run_leaves_no_checkpoint_and_the_periodic_full_read_checks_the
     capture = fourth["source"]["capture"]
     assert capture["mode"] == "full" and "vda" in capture["alarm"], capture
     assert any("dirty-tracking alarm" in line for line in fourth["warnings"])
-    assert_same(image_of(fourth), disk.snapshot(tmp_path / "ref4.raw"))
+    assert_same_image(image_of(fourth), disk.snapshot(tmp_path / "ref4.raw"))
     status = gfs_subprocess("status", "--config", str(config))
     assert "dirty-tracking alarm" in status.stdout + status.stderr
     listed = gfs_subprocess("list", "--config", str(config)).stdout

@@ -35,7 +35,7 @@ from tests.lab.domains import DomainFactory, LabDomain, reap_stale_domains
 from tests.lab.errors import LabError
 from tests.lab.fixtures import guest_image, libvirt_daemon, make_domain
 from tests.system.conftest import Mounter
-from tests.system.helpers import gfs_subprocess, write_config
+from tests.system.helpers import assert_same_image, gfs_subprocess, write_config
 from tests.system.test_libvirt_snapshot import SNAPSHOT, disk_sources
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
@@ -301,13 +301,7 @@ def test_libvirtd_restarted_mid_backup_the_recovered_job_makes_a_sound_generatio
     assert f"reconnected to libvirt at {libvirt_daemon.uri}" in stderr
     (generation,) = leftovers(target / "vm")  # no .partial-* beside it
     exported = target / "vm" / generation / "disks" / "vda.qcow2"
-    compared = subprocess.run(
-        ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(raw), str(exported)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert compared.returncode == 0, compared.stdout + compared.stderr  # every byte is there
+    assert_same_image(exported, raw, "qcow2")  # every byte is there
     assert vm.is_active()
     assert not has_job(conn, vm.name)
     assert_next_run_heals(config, target, conn, vm)
@@ -429,14 +423,7 @@ def test_libvirtd_restarted_during_a_pull_mode_backup_leaves_a_sound_generation_
     assert gfs.returncode == 0, stderr
     assert "Traceback" not in stderr
     (generation,) = leftovers(target / "vm")
-    exported = target / "vm" / generation / "disks" / "vda.raw"
-    compared = subprocess.run(
-        ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(raw), str(exported)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert compared.returncode == 0, compared.stdout + compared.stderr
+    assert_same_image(target / "vm" / generation / "disks" / "vda.raw", raw)
     assert vm.is_active()
     assert not has_job(conn, vm.name), stderr  # the recovered pull job was ended
     assert_next_run_heals(config, target, conn, vm)
