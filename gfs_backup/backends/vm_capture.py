@@ -305,12 +305,9 @@ def capture_source(
         base_digests, why = _base_digests(decision.base, layout, size)
         if base_digests is None:
             reason = why
-    dirty: list[tuple[int, int]] = []
-    if base_digests is not None and source.dirty is not None:
-        dirty = source.dirty()
-    elif source.dirty is None and decision.base is not None and not reason:
-        reason = f"no record of what changed in {source.name}"
-        base_digests = None
+    if source.dirty is None and base_digests is not None:  # never assume "nothing changed"
+        base_digests, reason = None, reason or f"no record of what changed in {source.name}"
+    dirty = source.dirty() if base_digests is not None and source.dirty is not None else []
     warning = ""
     if base_digests is not None and decision.base is not None and not decision.compare:
         changed = spans_of(dirty, size)
