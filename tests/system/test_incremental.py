@@ -391,3 +391,12 @@ def test_a_killed_run_leaves_no_checkpoint_and_the_periodic_full_read_checks_the
     listed = gfs_subprocess("list", "--config", str(config)).stdout
     assert f"incremental from {first['generation']}: read " in listed, listed
     assert "full: read " in listed
+
+    # The disk grows (virsh blockresize): its base image no longer fits, a full read.
+    vm.domain.blockResize("vda", (DISK_MIB + 64) * MIB, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+    with disk.shadow.open("r+b") as handle:
+        handle.truncate((DISK_MIB + 64) * MIB)
+    grown = run(config)
+    capture = grown["source"]["capture"]
+    assert capture["mode"] == "full" and "was resized" in capture["reason"], capture
+    assert_same_image(image_of(grown), disk.snapshot(tmp_path / "ref5.raw"))
