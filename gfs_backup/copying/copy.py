@@ -712,8 +712,6 @@ class _HolePuncher(_Writer):
         self._owned = True
         self._patch = True  # the file exists with its size
         self._readback = None
-        self._fallocate = ctypes.CDLL(None, use_errno=True).fallocate
-        self._fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
         self._supported = True
 
     def write_nonzero(
@@ -728,7 +726,7 @@ class _HolePuncher(_Writer):
 
     def _punch(self, offset: int, length: int) -> None:
         mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-        if self._fallocate(self.fd, mode, offset, length) != 0:
+        if _libc().fallocate(self.fd, mode, offset, length) != 0:
             code = ctypes.get_errno()
             if code in (errno.EOPNOTSUPP, errno.ENOSYS):
                 self._supported = False  # this filesystem keeps the zeros

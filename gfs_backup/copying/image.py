@@ -86,11 +86,6 @@ def block_count(size: int) -> int:
     return -(-size // BLOCK)
 
 
-def zero_digests(size: int) -> list[bytes]:
-    """The per-block digests of `size` zero bytes."""
-    return zero_block_digests(size)
-
-
 def digest_of(digests: Sequence[bytes]) -> str:
     """The `sha256-1m` of content whose block digests are `digests`."""
     outer = hashlib.sha256()
@@ -175,7 +170,7 @@ def write_image(
     image whose block digests are `base`: blocks outside `spans` keep it; blocks of
     `spans` that are zero are punched. OSError (EIO) when a block reads back wrong."""
     size = source.size
-    digests = zero_digests(size) if base is None else list(base)
+    digests = zero_block_digests(size) if base is None else list(base)
     if len(digests) != block_count(size):
         raise ValueError("the base's digests do not cover the disk")
     jobs = [
@@ -205,7 +200,7 @@ def write_image(
             if span.zero:
                 zeroed += writer.zero_range(span.start, span.end - span.start)
                 first = span.start // BLOCK
-                digests[first : block_count(span.end)] = zero_digests(span.end - span.start)
+                digests[first : block_count(span.end)] = zero_block_digests(span.end - span.start)
         with ReadAhead(fill, CHUNK) as chunks, write_in_background(writer) as write:
             for chunk in chunks:
                 blocks = hash_blocks(BlockDigest(), chunk.data)
