@@ -50,6 +50,10 @@ Progress = Callable[[int], None]  # called with the number of bytes just process
 CHUNK = 8 * BLOCK  # bytes per read; a multiple of BLOCK
 SMALL = 256 << 10  # files up to this size are read in one call, without threads
 BUFFERS = 8  # chunks in flight at most: being read, hashed, written, and slack
+# A verified copy keeps each written chunk until it is read back and compared (memcmp, not
+# a second sha256), so it needs more buffers: up to VERIFY_BUFFERS (128 MiB), and its
+# writeback window is at most a quarter of them (see `_Writer.write_nonzero`).
+VERIFY_BUFFERS = 16
 WRITEBACK = 128 * BLOCK  # start writeback of the target every this many bytes
 PIPE_SIZE = BLOCK  # pipe capacity asked for when copying from a pipe
 ALIGN = 4096  # O_DIRECT reads: offsets, lengths and buffers aligned to this
@@ -135,7 +139,10 @@ def copy_stream(
         return position - count, count
 
     with _Writer(destination, verify=verify) as writer:
-        with _ReadAhead(fill, CHUNK) as chunks, _background(writer) as write:
+        with (
+            _ReadAhead(fill, CHUNK, buffers=writer.buffers) as chunks,
+            _background(writer) as write,
+        ):
             for chunk in chunks:
                 write(chunk, _hash_blocks(digest, chunk.data), [(0, len(chunk.data))])
                 if progress is not None:
@@ -242,7 +249,7 @@ def _copy_extents(
         return job
 
     with (
-        _ReadAhead(fill, buffer_size, threaded) as chunks,
+        _ReadAhead(fill, buffer_size, threaded, writer.buffers if writer else BUFFERS) as chunks,
         _background(writer, threaded) as write,
     ):
         for chunk in chunks:
@@ -344,10 +351,12 @@ class _ReadAhead:
         fill: Callable[[memoryview], tuple[int, int] | None],
         size: int,
         threaded: bool = True,
+        buffers: int = BUFFERS,
     ) -> None:
         self._fill = fill
         self._size = size
         self._threaded = threaded
+        self._buffers = buffers
         self._allocated = 0
         self._free: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
         self._filled: queue.SimpleQueue[_Chunk | BaseException | None] = queue.SimpleQueue()
@@ -392,8 +401,8 @@ class _ReadAhead:
             self._filled.put(exc)
 
     def _take(self) -> memoryview | None:
-        """A free buffer: a released one, a new one while fewer than BUFFERS exist, or wait."""
-        if self._free.empty() and self._allocated < BUFFERS:
+        """A free buffer: a released one, a new one while fewer than allowed exist, or wait."""
+        if self._free.empty() and self._allocated < self._buffers:
             self._allocated += 1
             return _new_buffer(self._size)
         return self._free.get()
@@ -417,7 +426,8 @@ def _background(writer: _Writer | None, threaded: bool = True) -> Iterator[Write
 
     If `threaded`, in a background thread, so that writing overlaps hashing the next chunk;
     the first write error is then raised by the next `write` call or on leaving the `with`
-    block, and later chunks are released unwritten. Without a writer: only release.
+    block, and later chunks are released unwritten. A verifying writer then keeps the chunk
+    and releases it once it has read it back. Without a writer: only release.
     """
     if writer is None or not threaded:
 
@@ -437,13 +447,17 @@ def _background(writer: _Writer | None, threaded: bool = True) -> Iterator[Write
     def run() -> None:
         while (job := jobs.get()) is not None:
             chunk, blocks, ranges = job
+            kept = False
             try:
                 if not errors:
-                    writer.write_nonzero(chunk.data, chunk.offset, blocks, ranges)
+                    kept = writer.write_nonzero(
+                        chunk.data, chunk.offset, blocks, ranges, chunk.release
+                    )
             except BaseException as exc:  # raised in the submitting thread
                 errors.append(exc)
             finally:
-                chunk.release()
+                if not kept:
+                    chunk.release()
 
     def write(chunk: _Chunk, blocks: _Blocks, ranges: list[tuple[int, int]]) -> None:
         if errors:
@@ -488,7 +502,13 @@ class _Writer:
         self._flushed = 0  # writeback started for [0, _flushed)
         self._dropped = 0  # [0, _dropped) dropped from the page cache (if written back)
         self._written = 0  # highest offset written
+        self._kept = 0  # chunks kept for the read-back since writeback last started
         self._readback = _ReadBack(fd) if verify else None
+
+    @property
+    def buffers(self) -> int:
+        """How many chunk buffers a pipeline feeding this writer should allow."""
+        return BUFFERS if self._readback is None else VERIFY_BUFFERS
 
     @classmethod
     def adopt(cls, fd: int, sync: bool = True) -> _Writer:
@@ -505,9 +525,16 @@ class _Writer:
             os.close(self.fd)
 
     def write_nonzero(
-        self, chunk: memoryview, offset: int, blocks: _Blocks, ranges: list[tuple[int, int]]
-    ) -> None:
-        """Write the parts of `ranges` (relative to `chunk`) that are not in a zero block."""
+        self,
+        chunk: memoryview,
+        offset: int,
+        blocks: _Blocks,
+        ranges: list[tuple[int, int]],
+        release: Callable[[], None] | None = None,
+    ) -> bool:
+        """Write the parts of `ranges` (relative to `chunk`) that are not in a zero block.
+        With a `release` and a read-back, `chunk` is kept until it is read back and
+        compared, then released: True (the caller must not release or reuse it)."""
         zero = blocks.zero
         for start, end in ranges:
             position = start
@@ -524,18 +551,24 @@ class _Writer:
                 _pwrite_all(self.fd, chunk[position:run_end], offset + position)
                 self.written_bytes += run_end - position
                 position = run_end
+        kept = False
         if self._readback is not None:
-            self._readback.expect(offset, len(chunk), blocks.digests)
+            kept = self._readback.expect(offset, len(chunk), blocks.digests, chunk, release)
+        self._kept += kept
         self._written = max(self._written, offset + len(chunk))
-        if self._written - self._flushed >= WRITEBACK:
+        # Kept chunks wait for the window after theirs: a window of at most a quarter of the
+        # buffers keeps fewer than all of them waiting (else the reader would wait forever).
+        if self._written - self._flushed >= WRITEBACK or self._kept >= VERIFY_BUFFERS // 4:
             # Starts writeback of [_flushed, _written) without waiting for it, and drops the
             # pages of the window before, written back by now, from the page cache.
             with contextlib.suppress(OSError):  # only advice
                 start, length = self._dropped, self._written - self._dropped
                 os.posix_fadvise(self.fd, start, length, os.POSIX_FADV_DONTNEED)
             self._dropped, self._flushed = self._flushed, self._written
+            self._kept = 0
             if self._readback is not None:  # the window written back before: read it back
                 self._readback.check_before(self._dropped)
+        return kept
 
     def presize(self, size: int) -> None:
         """Give a new file its final size before any write: XFS then allocates only what
@@ -549,7 +582,7 @@ class _Writer:
         filesystem can punch one); the read-back checks it. Returns `length`."""
         done = self._zero(offset, length)
         if self._readback is not None:
-            self._readback.expect(offset, length, zero_block_digests(length))
+            self._readback.expect(offset, length, zero_block_digests(length), None, None)
         return done
 
     def _zero(self, offset: int, length: int) -> int:
@@ -575,16 +608,28 @@ class _Writer:
             self._readback.finish()
 
 
+class _Expected(NamedTuple):
+    """A block written and not yet read back: its digest, and the data written where the
+    writer kept its chunk (`release` set on the chunk's last block)."""
+
+    offset: int
+    length: int
+    digest: bytes
+    data: memoryview | None
+    release: Callable[[], None] | None
+
+
 class _ReadBack:
     """Reads back what a `_Writer` wrote, from the target's storage, pipelined with the copy.
 
     A thread re-reads each window a writeback window behind the writer, with O_DIRECT (the
     kernel writes dirty pages of the range first, then reads the device; on NFS the read
-    goes to the server, never this host's page cache), and compares every block's sha256
-    with the digest computed when the block was read from the source. Where O_DIRECT is
-    refused (tmpfs on old kernels) the range's clean pages are dropped before reading.
-    `finish` (after the writer's fsync) checks the rest and raises OSError(EIO) naming the
-    first offset that differs.
+    goes to the server, never this host's page cache), and compares every block with what
+    was written: byte for byte (memcmp) with the chunk the writer kept, else (a small file,
+    a punched range) by its sha256 with the digest computed when the block was read from
+    the source. Where O_DIRECT is refused (tmpfs on old kernels) the range's clean pages are
+    dropped before reading. `finish` (after the writer's fsync) checks the rest and raises
+    OSError(EIO) naming the first offset that differs.
     """
 
     def __init__(self, fd: int) -> None:
@@ -595,20 +640,44 @@ class _ReadBack:
             if exc.errno != errno.EINVAL:
                 raise
             self.fd, self.direct = os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
-        # (offset, length, sha256) of the blocks written and not yet checked, in order: the
-        # writer appends, the checker pops what it checked (memory follows the lag only).
-        self.expected: collections.deque[tuple[int, int, bytes]] = collections.deque()
+        # The blocks written and not yet checked, in order: the writer appends, the checker
+        # pops what it checked (memory follows the lag only).
+        self.expected: collections.deque[_Expected] = collections.deque()
         self.problems: list[str] = []
+        self._lock = threading.Lock()  # `expected` against the drop after a problem
         self._windows: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._buffer = _new_buffer(CHUNK + ALIGN)
         self._thread = threading.Thread(target=self._run, name="gfs-readback", daemon=True)
         self._thread.start()
 
-    def expect(self, offset: int, length: int, digests: list[bytes]) -> None:
-        """The blocks of a chunk written at `offset` (called in the writing thread)."""
-        for index, block_digest in enumerate(digests):
-            start = index * BLOCK
-            self.expected.append((offset + start, min(BLOCK, length - start), block_digest))
+    def expect(
+        self,
+        offset: int,
+        length: int,
+        digests: list[bytes],
+        data: memoryview | None,
+        release: Callable[[], None] | None,
+    ) -> bool:
+        """The blocks of a chunk written at `offset` (called in the writing thread). With
+        `data` and `release`, the chunk is kept and released once compared: True."""
+        keep = data is not None and release is not None
+        with self._lock:
+            if self.problems:  # nothing is checked any more: keep nothing
+                keep = False
+            for index, block_digest in enumerate(digests):
+                start = index * BLOCK
+                count = min(BLOCK, length - start)
+                last = index == len(digests) - 1
+                self.expected.append(
+                    _Expected(
+                        offset + start,
+                        count,
+                        block_digest,
+                        data[start : start + count] if keep and data is not None else None,
+                        release if keep and last else None,
+                    )
+                )
+        return keep
 
     def check_before(self, end: int) -> None:
         """Queue the re-read of the expected blocks that end at or before `end`."""
@@ -624,6 +693,7 @@ class _ReadBack:
         if self._thread.is_alive():
             self._windows.put(None)
             self._thread.join()
+        self._drop_all()
         os.close(self.fd)
 
     def _run(self) -> None:
@@ -632,7 +702,21 @@ class _ReadBack:
                 self._check(end)
             self._check(None)
         except OSError as exc:
-            self.problems.append(f"cannot read back what was written: {exc.strerror}")
+            self._fail(f"cannot read back what was written: {exc.strerror}")
+
+    def _fail(self, problem: str) -> None:
+        """Record `problem`, and hand back every kept chunk: the copy runs to its end (its
+        reader must not wait for buffers), and `finish` raises."""
+        with self._lock:
+            self.problems.append(problem)
+        self._drop_all()
+
+    def _drop_all(self) -> None:
+        with self._lock:
+            while self.expected:
+                release = self.expected.popleft().release
+                if release is not None:
+                    release()
 
     def _check(self, end: int | None) -> None:
         """Re-read and compare the expected blocks below `end` (None: all of them)."""
@@ -640,30 +724,39 @@ class _ReadBack:
             run = self._run_from(end)
             if not run:
                 return
-            first, last = run[0][0], run[-1][0] + run[-1][1]
-            data = self._read(first, last - first)
-            found = block_digests_of(
-                [data[offset - first : offset - first + length] for offset, length, _ in run]
+            first, last = run[0].offset, run[-1].offset + run[-1].length
+            stored = self._read(first, last - first)
+            hashed = [block for block in run if block.data is None]
+            found = iter(
+                block_digests_of(
+                    [stored[b.offset - first : b.offset - first + b.length] for b in hashed]
+                )
             )
-            for (offset, _length, wanted), got in zip(run, found, strict=True):
-                if got != wanted:
-                    self.problems.append(
-                        f"the target's copy differs from the data written at offset {offset} "
-                        "(read back from its storage)"
+            for block in run:
+                read = stored[block.offset - first : block.offset - first + block.length]
+                same = _same(read, block.data) if block.data is not None else None
+                if same is None:
+                    same = next(found) == block.digest
+                if not same:
+                    self._fail(
+                        f"the target's copy differs from the data written at offset "
+                        f"{block.offset} (read back from its storage)"
                     )
                     return
             for _checked in run:
-                self.expected.popleft()
+                release = self.expected.popleft().release
+                if release is not None:
+                    release()
 
-    def _run_from(self, end: int | None) -> list[tuple[int, int, bytes]]:
+    def _run_from(self, end: int | None) -> list[_Expected]:
         """The first contiguous expected blocks below `end`, at most CHUNK bytes."""
-        run: list[tuple[int, int, bytes]] = []
-        for offset, length, wanted in itertools.islice(self.expected, CHUNK // BLOCK):
-            if end is not None and offset + length > end:
+        run: list[_Expected] = []
+        for block in itertools.islice(self.expected, CHUNK // BLOCK):
+            if end is not None and block.offset + block.length > end:
                 break
-            if run and offset != run[-1][0] + run[-1][1]:
+            if run and block.offset != run[-1].offset + run[-1].length:
                 break
-            run.append((offset, length, wanted))
+            run.append(block)
         return run
 
     def _read(self, offset: int, length: int) -> memoryview:
@@ -685,6 +778,18 @@ class _ReadBack:
         return view[:length]
 
 
+def _same(first: memoryview, second: memoryview) -> bool:
+    """Whether two equally long writable buffers hold the same bytes: libc's memcmp (about
+    30 times faster than hashing them; Python compares memoryviews item by item)."""
+    if len(first) != len(second):
+        return False
+    if not first:
+        return True
+    left = (ctypes.c_char * len(first)).from_buffer(first)
+    right = (ctypes.c_char * len(second)).from_buffer(second)
+    return int(_libc().memcmp(left, right, len(first))) == 0
+
+
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 _ZERO_CHUNK = bytes(BLOCK)
@@ -694,6 +799,8 @@ _ZERO_CHUNK = bytes(BLOCK)
 def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+    libc.memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+    libc.memcmp.restype = ctypes.c_int
     return libc
 
 
@@ -715,14 +822,20 @@ class _HolePuncher(_Writer):
         self._supported = True
 
     def write_nonzero(
-        self, chunk: memoryview, offset: int, blocks: _Blocks, ranges: list[tuple[int, int]]
-    ) -> None:
+        self,
+        chunk: memoryview,
+        offset: int,
+        blocks: _Blocks,
+        ranges: list[tuple[int, int]],
+        release: Callable[[], None] | None = None,
+    ) -> bool:
         zero = blocks.zero
         for start, end in ranges:
             for block in range(start // BLOCK, -(-end // BLOCK)):
                 if zero[block] and self._supported:
                     low, high = max(start, block * BLOCK), min(end, (block + 1) * BLOCK)
                     self._punch(offset + low, high - low)
+        return False
 
     def _punch(self, offset: int, length: int) -> None:
         mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE

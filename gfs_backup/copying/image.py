@@ -201,7 +201,10 @@ def write_image(
                 zeroed += writer.zero_range(span.start, span.end - span.start)
                 first = span.start // BLOCK
                 digests[first : block_count(span.end)] = zero_block_digests(span.end - span.start)
-        with ReadAhead(fill, CHUNK) as chunks, write_in_background(writer) as write:
+        with (
+            ReadAhead(fill, CHUNK, buffers=writer.buffers) as chunks,
+            write_in_background(writer) as write,
+        ):
             for chunk in chunks:
                 blocks = hash_blocks(BlockDigest(), chunk.data)
                 first = chunk.offset // BLOCK

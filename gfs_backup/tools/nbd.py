@@ -24,6 +24,8 @@ STATUS_STEP = 1 << 30  # block status asks at most this much at once (32-bit cou
 MAX_READ = 32 << 20  # QEMU's NBD server answers reads of up to 32 MiB
 READERS = 2  # connections reading one export at once
 SPLIT_AT = 2 << 20  # reads at least this large are split over the connections
+PIECE = 2 << 20  # bytes per NBD read request
+DEPTH = 4  # requests in flight per connection
 
 
 class NbdUnavailable(GfsError):
@@ -155,12 +157,23 @@ class NbdExport:
             future.result()
 
     def _read(self, handle: Any, buffer: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(buffer):
-            count = min(MAX_READ, len(buffer) - done)
-            data = self._call(handle.pread, count, offset + done)
-            buffer[done : done + count] = data
-            done += count
+        """Fill `buffer` from `offset` with up to DEPTH requests of PIECE bytes in flight on
+        `handle`, straight into `buffer` (no copy)."""
+        nbd = _nbd()
+        pieces = iter(range(0, len(buffer), PIECE))
+        pending: list[int] = []
+        try:
+            while True:
+                while len(pending) < DEPTH and (start := next(pieces, None)) is not None:
+                    view = buffer[start : start + PIECE]
+                    pending.append(handle.aio_pread(nbd.Buffer.from_buffer(view), offset + start))
+                if not pending:
+                    return
+                if handle.aio_in_flight() > 0:
+                    handle.poll(-1)
+                pending = [cookie for cookie in pending if not handle.aio_command_completed(cookie)]
+        except nbd.Error as exc:
+            raise OSError(exc.errno or errno.EIO, f"{self.where}: {exc.string}") from None
 
     def _call(self, method: Any, *args: Any) -> Any:
         try:

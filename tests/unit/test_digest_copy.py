@@ -583,6 +583,88 @@ def test_a_verified_copy_reads_everything_back(
 
 
 @pytest.mark.parametrize("how", ["file", "stream"])
+def test_a_verified_copy_compares_kept_chunks_with_few_buffers(
+    tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch, no_leaked_threads: None
+) -> None:
+    """A chunk stays with the read-back until compared byte for byte (memcmp), never
+    hashed again; with many more chunks than buffers, and scattered small chunks (the
+    offset window then hardly moves), the copy neither waits forever nor mixes chunks."""
+    monkeypatch.setattr(copy, "CHUNK", BLOCK)
+    monkeypatch.setattr(copy, "VERIFY_BUFFERS", 4)
+    layout: Layout = [("r", 9 * BLOCK)]
+    for _ in range(12):  # 1 MiB of data, then a hole: a chunk each, far apart
+        layout += [("r", BLOCK), ("h", 3 * BLOCK)]
+    source, target = tmp_path / "source", tmp_path / "target"
+    data = write_layout(source, layout)
+    compared: list[int] = []
+    hashed: list[int] = []
+    real_same, real_digests = copy._same, copy.block_digests_of
+
+    def same(first: memoryview, second: memoryview) -> bool:
+        compared.append(len(first))
+        return real_same(first, second)
+
+    def digests(blocks: list[memoryview]) -> list[bytes]:
+        if threading.current_thread().name == "gfs-readback":
+            hashed.extend(len(block) for block in blocks)
+        return real_digests(blocks)
+
+    monkeypatch.setattr(copy, "_same", same)
+    monkeypatch.setattr(copy, "block_digests_of", digests)
+    if how == "file":
+        result = copy_file(source, target, verify=True)
+    else:
+        with source.open("rb") as stream:
+            result = copy_stream(cast(BinaryIO, stream), target, verify=True)
+    assert target.read_bytes() == data
+    assert result.digest == reference(data)
+    written = 21 * BLOCK if how == "file" else len(data)
+    assert sum(compared) == written
+    assert sum(hashed) == 0
+
+
+@pytest.mark.parametrize("how", ["file", "stream"])
+def test_a_long_verified_copy_with_a_bad_early_block_ends_and_fails(
+    tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch, no_leaked_threads: None
+) -> None:
+    """The read-back finds block 1 wrong while most of the copy is still to come: the copy
+    runs to its end (no buffer stays kept) and fails naming the block."""
+    monkeypatch.setattr(copy, "CHUNK", BLOCK)
+    monkeypatch.setattr(copy, "VERIFY_BUFFERS", 4)
+    source, target = tmp_path / "source", tmp_path / "target"
+    write_layout(source, [("r", 24 * BLOCK)])
+    real_write = copy._pwrite_all
+
+    def flip_in_block_one(fd: int, chunk: memoryview, offset: int) -> None:
+        if offset <= BLOCK < offset + len(chunk):
+            damaged = bytearray(chunk)
+            damaged[BLOCK - offset + 17] ^= 0x01
+            chunk = memoryview(damaged)
+        real_write(fd, chunk, offset)
+
+    monkeypatch.setattr(copy, "_pwrite_all", flip_in_block_one)
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            with pytest.raises(OSError, match=f"differs from the data written at offset {BLOCK}"):
+                if how == "file":
+                    copy_file(source, target, verify=True)
+                else:
+                    with source.open("rb") as stream:
+                        copy_stream(cast(BinaryIO, stream), target, verify=True)
+            done.set()
+        except BaseException:
+            pass
+
+    worker = threading.Thread(target=run, name="test-copy")
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the copy waits forever for a buffer"
+    assert done.is_set()
+
+
+@pytest.mark.parametrize("how", ["file", "stream"])
 def test_a_verified_copy_fails_when_the_target_holds_other_bytes(
     tmp_path: Path, how: str, monkeypatch: pytest.MonkeyPatch, no_leaked_threads: None
 ) -> None:
