@@ -41,7 +41,7 @@ from gfs_backup.copying.copy import (
     write_in_background,
     zero_block_digests,
 )
-from gfs_backup.copying.digest import BLOCK, BlockDigest
+from gfs_backup.copying.digest import BLOCK, BlockDigest, block_digests_of
 
 DIGEST_SIZE = 32
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
@@ -50,6 +50,7 @@ FIEMAP_EXTENT_LAST = 0x1
 FIEMAP_EXTENT_SHARED = 0x2000
 SAMPLE_FRACTION = 0.01  # unchanged blocks re-read by an incremental: at least 1% ...
 SAMPLE_MIN_BLOCKS = 64  # ... and at least 64 MiB (all of them when there are fewer)
+SAMPLE_BATCH = 8  # sampled blocks read, then hashed at once
 
 
 class BlockSource(Protocol):
@@ -274,15 +275,19 @@ def differing_blocks(
     read: Callable[[memoryview, int], None], size: int, indexes: Sequence[int], want: list[bytes]
 ) -> list[int]:
     """The blocks among `indexes` whose content (read with `read(buffer, offset)`) does not
-    have the digest in `want`."""
-    buffer = new_buffer(BLOCK + ALIGN)
+    have the digest in `want`. Read SAMPLE_BATCH at a time, hashed by the pool."""
+    buffer = new_buffer(SAMPLE_BATCH * BLOCK + ALIGN)
     wrong = []
-    for index in indexes:
-        length = min(BLOCK, size - index * BLOCK)
-        view = buffer[:length]
-        read(view, index * BLOCK)
-        if hashlib.sha256(view).digest() != want[index]:
-            wrong.append(index)
+    for first in range(0, len(indexes), SAMPLE_BATCH):
+        batch = indexes[first : first + SAMPLE_BATCH]
+        views = []
+        for slot, index in enumerate(batch):
+            view = buffer[slot * BLOCK : slot * BLOCK + min(BLOCK, size - index * BLOCK)]
+            read(view, index * BLOCK)
+            views.append(view)
+        for index, found in zip(batch, block_digests_of(views), strict=True):
+            if found != want[index]:
+                wrong.append(index)
     return wrong
 
 

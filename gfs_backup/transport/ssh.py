@@ -24,20 +24,22 @@ password or an agent: gfs runs from cron and systemd with nobody to answer a pro
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import logging
 import shlex
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from types import ModuleType
 from typing import IO, TYPE_CHECKING
 
-import paramiko
-
 if TYPE_CHECKING:
+    import paramiko
     from _typeshed import ReadableBuffer, WriteableBuffer
 
 from gfs_backup.core.config import LOCAL_HOST, Config, Host
@@ -62,6 +64,25 @@ from gfs_backup.transport.runner import (
     skipped_in_dry_run,
     timed_out,
 )
+
+
+def _lazy_module(name: str) -> ModuleType:
+    """`name`, imported at its first attribute access (importlib's LazyLoader): paramiko
+    takes ~0.1 s to import, which every run of jobs without a remote host would pay."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"No module named {name!r}")
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+if not TYPE_CHECKING:
+    paramiko = _lazy_module("paramiko")
 
 __all__ = ["HostKeyError", "IdleTimeout", "SSHError", "SSHRunner", "close_runners", "runner_for"]
 
