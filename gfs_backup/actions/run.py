@@ -25,6 +25,9 @@ from gfs_backup.core.faults import crash_point
 from gfs_backup.core.lock import LockHeld, job_lock
 from gfs_backup.core.state import State
 from gfs_backup.core.throttle import Throttle, format_rate, shares
+from gfs_backup.ops.hooks import Hooks, run_hook
+from gfs_backup.ops.pings import Pinger
+from gfs_backup.ops.settings import ops_of
 from gfs_backup.retention import Generation, plan
 from gfs_backup.target.catalog import Stored, list_generations, newest_verified
 from gfs_backup.target.checks import check_target
@@ -39,6 +42,12 @@ ProgressFactory = Callable[[Job], Progress | None]
 
 
 class ExportError(GfsError):
+    exit_code = ExitCode.FAILED
+
+
+class HookFailed(GfsError):
+    """The job's `before` hook failed: the job stops before its snapshot."""
+
     exit_code = ExitCode.FAILED
 
 
@@ -61,6 +70,7 @@ class JobOutcome:
     message: str = ""
     warnings: list[str] = field(default_factory=list)
     pruned: list[str] = field(default_factory=list)
+    path: Path | None = None  # the published generation
 
 
 def now_utc() -> datetime:
@@ -169,6 +179,10 @@ def _run_locked(
     runner = runner_for(job.host, config)
     ctx = JobContext(job, runner, state, run_id, now, log, bandwidth=bandwidth, target=fs)
     backend = backend_for(job.kind)
+    ops = ops_of(config).job(job.name)
+    pinger = Pinger(ops.ping_url, log) if ops.ping_url else None
+    if pinger is not None:
+        pinger.start()
     started = time.monotonic()
     try:
         outcome = _pipeline(ctx, backend, config, job_dir, options)
@@ -178,7 +192,21 @@ def _run_locked(
         state.finish_run(run_id, "failed", seconds=seconds, message=message)
         log.error("job %s: failed: %s", job.name, message)
         log.debug("job %s: failure details", job.name, exc_info=True)
-        return JobOutcome(job.name, "failed", seconds=seconds, message=message)
+        env = hook_env(job, job_dir, status="failed")
+        warnings = _hook_warnings(ops.hooks, ("on_failure", "after"), env)
+        if pinger is not None:
+            pinger.fail(
+                f"job {job.name}: failed: {message}\n"
+                + "".join(f"warning: {warning}\n" for warning in warnings)
+            )
+        return JobOutcome(job.name, "failed", seconds=seconds, message=message, warnings=warnings)
+    env = hook_env(job, outcome.path or job_dir, outcome.generation, "ok")
+    outcome.warnings += _hook_warnings(ops.hooks, ("after",), env)
+    if pinger is not None:
+        pinger.success(
+            f"job {job.name}: generation {outcome.generation}, {outcome.bytes} bytes\n"
+            + "".join(f"warning: {warning}\n" for warning in outcome.warnings)
+        )
     outcome.seconds = time.monotonic() - started
     state.finish_run(
         run_id,
@@ -197,6 +225,33 @@ def _run_locked(
         len(outcome.pruned),
     )
     return outcome
+
+
+def hook_env(
+    job: Job, path: Path, generation: str | None = None, status: str = "running"
+) -> dict[str, str]:
+    """The environment a job's hooks get (GFS_PHASE is added by run_hook)."""
+    env = {
+        "GFS_JOB": job.name,
+        "GFS_KIND": job.kind,
+        "GFS_STATUS": status,
+        "GFS_TARGET_PATH": str(path),
+        "GFS_GENERATION": generation or "",
+    }
+    if job.kind == "libvirt":
+        env["GFS_DOMAIN"] = str(job.options.get("domain", ""))
+    return env
+
+
+def _hook_warnings(hooks: Hooks, phases: tuple[str, ...], env: dict[str, str]) -> list[str]:
+    """Run the hooks of `phases` in order; their failures as warnings (a hook after the
+    snapshot never fails the backup)."""
+    warnings = []
+    for phase in phases:
+        result = run_hook(hooks, phase, env, log)
+        if result is not None and not result.ok:
+            warnings.append(result.problem)
+    return warnings
 
 
 def describe_failure(exc: Exception, config: Config, job: Job) -> str:
@@ -220,6 +275,10 @@ def _pipeline(
 ) -> JobOutcome:
     job = ctx.job
     fs = ctx.target
+    hooks = ops_of(config).job(job.name).hooks
+    result = run_hook(hooks, "before", hook_env(job, job_dir), ctx.log)
+    if result is not None and not result.ok:
+        raise HookFailed(f"{result.problem}; no snapshot was taken")
     reconcile(ctx, backend, job_dir)
     backend.check_source(ctx)
     target = check_target(config.targets[job.target], backend.sources(job), fs=fs)
@@ -235,6 +294,7 @@ def _pipeline(
         progress = _throttled(progress, Throttle(ctx.bandwidth))
     snapshot = backend.snapshot(ctx)
     crash_point("after-snapshot")
+    hook_warnings = _hook_warnings(hooks, ("after_snapshot",), hook_env(job, job_dir))
     try:
         listing = list_generations(job_dir, fs)
         previous = newest_verified(listing.stored)  # what a new export may build on
@@ -255,16 +315,26 @@ def _pipeline(
     finally:
         if snapshot is not None:
             _retire(ctx, backend, snapshot)
+    published = job_dir / partial.generation
+    env = hook_env(job, published, partial.generation, "ok")
+    hook_warnings += _hook_warnings(hooks, ("after_export",), env)
     warnings += exported.warnings
     for warning in warnings:
         ctx.log.warning("job %s: %s", job.name, warning)
+    warnings += hook_warnings  # logged by run_hook
     pruned: list[str] = []
     if options.prune:
         pruned = prune_job(job, job_dir, ctx.now, journaled_delete(ctx), fs).deleted
     warnings += periodic_verify(job, job_dir, ctx.now, fs)
     warnings += periodic_drill(job, job_dir, ctx.state, ctx.now, fs)
     return JobOutcome(
-        job.name, "ok", partial.generation, exported.bytes_written, warnings=warnings, pruned=pruned
+        job.name,
+        "ok",
+        partial.generation,
+        exported.bytes_written,
+        warnings=warnings,
+        pruned=pruned,
+        path=published,
     )
 
 

@@ -85,6 +85,7 @@ for command in (
     jobs.prune_command,
     inspect.list_command,
     inspect.status_command,
+    inspect.metrics_command,
     data.verify_command,
     data.restore_command,
     drill.drill_command,

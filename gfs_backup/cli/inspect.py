@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from gfs_backup.actions.freshness import UNKNOWN, check_line, judge
+from gfs_backup.actions.monitoring import write_metrics
 from gfs_backup.actions.plan import select_jobs
 from gfs_backup.actions.status import (
     capture_summary,
@@ -20,7 +22,9 @@ from gfs_backup.actions.verify import last_verified_ok
 from gfs_backup.backends.vm_capture import capture_of
 from gfs_backup.cli.options import config_option, json_option
 from gfs_backup.core.config import load_config
+from gfs_backup.core.errors import ExitCode, GfsError
 from gfs_backup.core.state import State
+from gfs_backup.ops.settings import ops_of
 from gfs_backup.target.catalog import Stored
 
 
@@ -111,9 +115,27 @@ def list_command(jobs: tuple[str, ...], config_path: Path, as_json: bool) -> Non
 @click.argument("jobs", nargs=-1)
 @config_option
 @json_option
-def status_command(jobs: tuple[str, ...], config_path: Path, as_json: bool) -> None:
+@click.option(
+    "--check",
+    is_flag=True,
+    help="One line for Nagios/Icinga with perfdata; exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.",
+)
+def status_command(jobs: tuple[str, ...], config_path: Path, as_json: bool, check: bool) -> None:
     """Last result of each job: last success, its age and size, next due, the last
-    restore drill (`gfs drill`), warnings."""
+    restore drill (`gfs drill`), warnings.
+
+    \b
+    --check judges each job as a monitoring plugin (on what the target holds):
+      WARNING   newest verified generation older than max_age, last run failed,
+                verify or drill older than max_verify_age / max_drill_age
+      CRITICAL  older than twice max_age, no verified generation, last drill failed
+      UNKNOWN   the config, state or a target cannot be read
+    max_age defaults to 1.5 x the longest gap of the policy's schedule (daily: 36h).
+    Its exit codes follow the plugin convention, not gfs's own (docs/operations.md).
+    """
+    if check:
+        _check_status(jobs, config_path)
+        return
     config = load_config(config_path)
     now = datetime.now(timezone.utc)
     state = State.read_only(config.state_dir)
@@ -169,3 +191,51 @@ def status_command(jobs: tuple[str, ...], config_path: Path, as_json: bool) -> N
             )
         for warning in row["warnings"]:
             click.echo(f"  warning: {warning}")
+
+
+def _check_status(jobs: tuple[str, ...], config_path: Path) -> None:
+    """`gfs status --check`: any error is UNKNOWN (exit 3) with one line, never a traceback."""
+    now = datetime.now(timezone.utc)
+    try:
+        config = load_config(config_path)
+        selected = select_jobs(config, jobs)
+        state = State.read_only(config.state_dir)
+        try:
+            judged = [judge(job_status(config, job, state, now), now) for job in selected]
+        finally:
+            if state is not None:
+                state.close()
+    except GfsError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        click.echo(f"GFS UNKNOWN - {first}")
+        raise SystemExit(UNKNOWN) from None
+    code, line = check_line(judged, now)
+    click.echo(line)
+    raise SystemExit(code)
+
+
+@click.command("metrics")
+@config_option
+@click.option(
+    "--textfile",
+    "textfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write here instead of [metrics] textfile.",
+)
+def metrics_command(config_path: Path, textfile: Path | None) -> None:
+    """Write every job's Prometheus metrics to node_exporter's textfile collector now
+    (`gfs run` does it after every run). The file is replaced atomically.
+
+    \b
+    Default path: /var/lib/prometheus/node-exporter/gfs.prom ([metrics] textfile).
+    Metric names and meanings: docs/operations.md. Exit 0 written, 5 not written.
+    """
+    config = load_config(config_path)
+    path = textfile or ops_of(config).textfile
+    if path is None:
+        raise click.ClickException('metrics are off ([metrics] textfile = "off"): use --textfile')
+    written = write_metrics(config, datetime.now(timezone.utc), path=path)
+    if written is None:
+        click.echo(f"gfs: metrics not written to {path} (see the message above)", err=True)
+        raise SystemExit(int(ExitCode.FAILED))
+    click.echo(f"metrics written to {written}")

@@ -10,6 +10,7 @@ from types import FrameType
 
 import click
 
+from gfs_backup.actions.monitoring import RunWatch
 from gfs_backup.actions.plan import select_jobs
 from gfs_backup.actions.run import JobOutcome, RunOptions, exit_code, now_utc, run_jobs
 from gfs_backup.actions.steps import prune_jobs, snapshot_jobs
@@ -90,6 +91,7 @@ def _run(names: tuple[str, ...], config_path: Path, options: RunOptions, as_json
     config = load_config(config_path)
     selected = select_jobs(config, names)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    watch = None if options.dry_run else RunWatch(config)
     try:
         if config.concurrency == 1:  # one progress bar at a time
             options = replace(
@@ -99,7 +101,13 @@ def _run(names: tuple[str, ...], config_path: Path, options: RunOptions, as_json
                     lambda: allocated_bytes(backend_for(job.kind).sources(job)),
                 ),
             )
-        outcomes = run_jobs(config, selected, now_utc, options)
+        if watch is None:
+            outcomes = run_jobs(config, selected, now_utc, options)
+        else:
+            with watch:
+                outcomes = run_jobs(config, selected, now_utc, options)
+                # metrics, notification and the run's ping: never change the result
+                watch.finish(selected, outcomes, int(exit_code(outcomes)))
     finally:
         signal.signal(signal.SIGTERM, previous)
     _report(outcomes, as_json)

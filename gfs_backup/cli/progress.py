@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from gfs_backup.ops.journal import JournalHandler, journal_available
+
 _active: list[TerminalProgress] = []  # the bar on screen, ended before a log line
 
 
@@ -25,13 +27,30 @@ class _LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def setup_logging(debug: bool) -> None:
-    """One line per step on stderr, journald-friendly (no timestamps: journald adds them)."""
-    handler = _LineHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("gfs: %(message)s"))
+    """One line per step on stderr (no timestamps: journald adds them); when stderr is
+    the journal (systemd sets JOURNAL_STREAM to its device:inode), journald's native
+    protocol instead, with SYSLOG_IDENTIFIER=gfs and GFS_JOB=<job> on a job's lines."""
+    handler: logging.Handler
+    if _stderr_is_journal() and journal_available():
+        handler = JournalHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = _LineHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("gfs: %(message)s"))
     root = logging.getLogger("gfs")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     root.propagate = False
+
+
+def _stderr_is_journal() -> bool:
+    """systemd's documented test: JOURNAL_STREAM holds stderr's device:inode."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        found = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expected == f"{found.st_dev}:{found.st_ino}"
 
 
 def _size(count: float) -> str:

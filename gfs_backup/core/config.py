@@ -28,6 +28,7 @@ base_verified_within = "7d"         # build only on a generation fully verified 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,9 @@ TOP_KEYS = (
     "job",
     "files",
     "incremental",
+    "metrics",
+    "notify",
+    "ping_url",
 )
 FILES_KEYS = ("rehash_every",)
 DEFAULT_REHASH_EVERY = "30d"
@@ -73,6 +77,8 @@ TARGET_KEYS = ("path", "require_nfs", "bandwidth", "host", "io_timeout")
 DEFAULT_IO_TIMEOUT = 600.0
 HOST_KEYS = ("address", "user", "port", "identity_file", "known_hosts")
 JOB_COMMON_KEYS = ("name", "kind", "host", "target", "policy", "scratch_dir")
+# Operations keys of every job, validated by the section parser of gfs_backup/ops.
+JOB_OPS_KEYS = ("hooks", "ping_url", "max_age", "max_verify_age", "max_drill_age")
 PATH_KEYS = ("path", "subvolume", "snapshot_dir", "overlay_dir", "scratch_dir")
 # Per kind: (required keys, optional keys).
 KIND_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -146,6 +152,20 @@ class Config:
     hosts: dict[str, Host]
     jobs: list[Job]
     concurrency: int = 1  # jobs `gfs run` runs at once
+    # What registered section parsers made of their keys (see `register_section`).
+    sections: dict[str, Any] = field(default_factory=dict)
+
+
+# Parsers of settings that belong to higher layers (operations: [notify], [metrics], the
+# jobs' hooks, ...): each gets the whole table, the collector and the jobs, reports its
+# problems with the others (one `gfs check` shows them all), and returns its settings.
+SectionParser = Callable[[Table, Collector, list[Job]], Any]
+_SECTIONS: dict[str, SectionParser] = {}
+
+
+def register_section(name: str, parser: SectionParser) -> None:
+    """Have `load_config` run `parser`; its result is `Config.sections[name]`."""
+    _SECTIONS[name] = parser
 
 
 def load_config(path: Path) -> Config:
@@ -193,8 +213,9 @@ def load_config(path: Path) -> Config:
     concurrency = collector.get(table, "concurrency", "", int, 1, "a number of jobs")
     if not 1 <= concurrency <= 64:
         collector.add("concurrency", f"{concurrency} is not allowed: run 1 to 64 jobs at once")
+    sections = {name: parser(table, collector, jobs) for name, parser in _SECTIONS.items()}
     collector.raise_if_any()
-    return Config(str(path), state_dir, policy_dir, targets, hosts, jobs, concurrency)
+    return Config(str(path), state_dir, policy_dir, targets, hosts, jobs, concurrency, sections)
 
 
 def _named_tables(table: Table, key: str, collector: Collector) -> list[tuple[str, Table]]:
@@ -308,7 +329,7 @@ def _job(
         )
         return None
     required, optional = KIND_KEYS[kind]
-    collector.unknown_keys(table, (*JOB_COMMON_KEYS, *required, *optional), path)
+    collector.unknown_keys(table, (*JOB_COMMON_KEYS, *JOB_OPS_KEYS, *required, *optional), path)
     for key in required:
         if key not in table:
             collector.add(join_key(path, key), f"required for kind {kind!r}")
@@ -334,7 +355,8 @@ def _job(
     policy = _job_policy(table, path, collector, policy_dir)
     if policy is None:
         return None
-    options = {key: table[key] for key in (*required, *optional, "scratch_dir") if key in table}
+    own = (*required, *optional, *JOB_OPS_KEYS, "scratch_dir")
+    options = {key: table[key] for key in own if key in table}
     for key in PATH_KEYS:
         if key in options:
             _check_path(options[key], join_key(path, key), collector)

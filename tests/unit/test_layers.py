@@ -20,6 +20,7 @@ LAYERS = [
     "copying",
     "target",
     "backends",
+    "ops",
     "actions",
     "cli",
 ]

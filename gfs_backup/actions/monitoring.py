@@ -1,0 +1,153 @@
+"""What a `gfs run` tells the world when it ends: the Prometheus textfile, the run's
+notification, the run's dead-man ping. None of them can change the run's result: each
+failure is one logged line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from datetime import datetime, timezone
+from pathlib import Path
+
+from gfs_backup.actions.freshness import judge
+from gfs_backup.actions.metrics import registry_of, write_textfile
+from gfs_backup.actions.run import JobOutcome
+from gfs_backup.actions.status import JobStatus, job_status
+from gfs_backup.core.config import Config, Job
+from gfs_backup.core.state import State
+from gfs_backup.ops.notify import notify
+from gfs_backup.ops.pings import LogTail, Pinger
+from gfs_backup.ops.report import JobReport, RunReport
+from gfs_backup.ops.settings import ops_of
+
+log = logging.getLogger("gfs")
+LAST_RUN = "last-run.json"  # in state_dir: the last run's exit code, for `gfs metrics`
+
+
+class RunWatch:
+    """Around one `gfs run`: the run's ping (start, then success or fail with the log's
+    last lines), then the report, metrics and notification."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.ops = ops_of(config)
+        self.started = datetime.now(timezone.utc)
+        self.tail = LogTail()
+        self.tail.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        self.pinger = Pinger(self.ops.ping_url, log) if self.ops.ping_url else None
+
+    def __enter__(self) -> RunWatch:
+        logging.getLogger("gfs").addHandler(self.tail)
+        if self.pinger is not None:
+            self.pinger.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("gfs").removeHandler(self.tail)
+
+    def finish(self, jobs: list[Job], outcomes: list[JobOutcome], exit_code: int) -> RunReport:
+        kinds = {job.name: job.kind for job in jobs}
+        report = RunReport(
+            socket.gethostname(),
+            self.started,
+            datetime.now(timezone.utc),
+            exit_code,
+            tuple(
+                JobReport(
+                    outcome.job,
+                    kinds.get(outcome.job, ""),
+                    outcome.status,
+                    outcome.generation,
+                    outcome.bytes,
+                    outcome.seconds,
+                    outcome.message,
+                    tuple(outcome.warnings),
+                )
+                for outcome in outcomes
+            ),
+        )
+        _record_last_run(self.config, report)
+        write_metrics(self.config, report.finished, report)
+        if self.ops.notify is not None:
+            notify(self.ops.notify, report, log)
+        if self.pinger is not None:
+            if exit_code == 0:
+                self.pinger.success(_summary(report))
+            else:
+                self.pinger.fail(_summary(report) + "\n" + self.tail.text())
+        return report
+
+
+def _summary(report: RunReport) -> str:
+    lines = [f"gfs run on {report.host}: exit code {report.exit_code}"]
+    lines += [
+        f"{job.job}: {job.status}{': ' + job.message if job.message else ''}" for job in report.jobs
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _record_last_run(config: Config, report: RunReport) -> None:
+    path = config.state_dir / LAST_RUN
+    data = {"exit_code": report.exit_code, "finished": report.finished.isoformat()}
+    try:
+        temporary = path.with_name(f".{LAST_RUN}.tmp")
+        temporary.write_text(json.dumps(data) + "\n", encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as exc:
+        log.warning("cannot record the run's result in %s: %s", path, exc.strerror)
+
+
+def last_run(config: Config) -> RunReport | None:
+    """The exit code and end of the last `gfs run` (None if unknown)."""
+    try:
+        data = json.loads((config.state_dir / LAST_RUN).read_text(encoding="utf-8"))
+        finished = datetime.fromisoformat(str(data["finished"]))
+        return RunReport("", finished, finished, int(data["exit_code"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def statuses(config: Config, jobs: list[Job], now: datetime) -> list[JobStatus]:
+    state = State.read_only(config.state_dir)
+    try:
+        return [job_status(config, job, state, now) for job in jobs]
+    finally:
+        if state is not None:
+            state.close()
+
+
+def write_metrics(
+    config: Config, now: datetime, report: RunReport | None = None, path: Path | None = None
+) -> Path | None:
+    """Write every job's metrics to `path` (default: the configured textfile); the path
+    written, or None (metrics off, or the default directory absent: no node_exporter).
+    Never raises: a failure is logged."""
+    ops = ops_of(config)
+    explicit = path is not None or ops.textfile_explicit
+    path = path or ops.textfile
+    if path is None:
+        return None
+    if not path.parent.is_dir():
+        if explicit:
+            log.warning(
+                "metrics: directory %s does not exist: create it (node_exporter's "
+                "--collector.textfile.directory) or set [metrics] textfile",
+                path.parent,
+            )
+        return None
+    try:
+        state = State.read_only(config.state_dir)
+        try:
+            found = [job_status(config, job, state, now) for job in config.jobs]
+            judged = [judge(status, now) for status in found]
+            registry = registry_of(found, judged, state, report or last_run(config))
+        finally:
+            if state is not None:
+                state.close()
+        write_textfile(path, registry)
+    except (OSError, ValueError) as exc:
+        log.warning("metrics: cannot write %s: %s", path, exc)
+        return None
+    return path
