@@ -8,7 +8,9 @@ import json
 import logging
 import os
 import socket
-from datetime import datetime, timezone
+import subprocess
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from gfs_backup.actions.freshness import judge
@@ -16,14 +18,17 @@ from gfs_backup.actions.metrics import registry_of, write_textfile
 from gfs_backup.actions.run import JobOutcome
 from gfs_backup.actions.status import JobStatus, job_status
 from gfs_backup.core.config import Config, Job
+from gfs_backup.core.errors import ExitCode
 from gfs_backup.core.state import State
 from gfs_backup.ops.notify import notify
 from gfs_backup.ops.pings import LogTail, Pinger
-from gfs_backup.ops.report import JobReport, RunReport
+from gfs_backup.ops.report import FAILURE, JobReport, RunReport
 from gfs_backup.ops.settings import ops_of
 
 log = logging.getLogger("gfs")
 LAST_RUN = "last-run.json"  # in state_dir: the last run's exit code, for `gfs metrics`
+# A unit failing this soon after a run that recorded its failure: gfs reported it already.
+REPORTED_WITHIN = timedelta(minutes=5)
 
 
 class RunWatch:
@@ -151,3 +156,49 @@ def write_metrics(
         log.warning("metrics: cannot write %s: %s", path, exc)
         return None
     return path
+
+
+def unit_failed(config: Config, unit: str, journal_lines: int = 20) -> list[str]:
+    """What `gfs-failure@.service` does when gfs-run.service failed (killed, timed out,
+    crashed before it could notify): one failure notification and the run's /fail ping,
+    with the unit's last journal lines. Returns the channels' problems (logged)."""
+    now = datetime.now(timezone.utc)
+    last = last_run(config)
+    if last is not None and last.exit_code != 0 and now - last.finished < REPORTED_WITHIN:
+        log.info(
+            "%s failed after gfs reported the run's exit code %d itself: nothing more to send",
+            unit,
+            last.exit_code,
+        )
+        return []
+    tail = _journal_tail(unit, journal_lines)
+    report = RunReport(
+        socket.gethostname(),
+        now,
+        now,
+        int(ExitCode.FAILED),
+        (
+            JobReport(
+                f"systemd unit {unit}",
+                "systemd",
+                "failed",
+                message=f"the unit failed; its journal's last lines:\n{tail}",
+            ),
+        ),
+    )
+    ops = ops_of(config)
+    settings = replace(ops.notify, on=(FAILURE,)) if ops.notify is not None else None
+    problems = notify(settings, report, log) if settings is not None else []
+    if ops.ping_url:
+        Pinger(ops.ping_url, log).fail(f"systemd unit {unit} failed\n{tail}")
+    return problems
+
+
+def _journal_tail(unit: str, lines: int) -> str:
+    argv = ["journalctl", "--unit", unit, "--lines", str(lines), "--no-pager", "--quiet"]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=15, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"(journalctl could not be run: {exc})"
+    text = done.stdout.strip() or done.stderr.strip()
+    return text or f"(journalctl shows nothing for {unit})"

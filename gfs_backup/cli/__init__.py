@@ -80,6 +80,7 @@ for command in (
     plan.plan_command,
     check.check_command,
     jobs.run_command,
+    jobs.notify_failure_command,
     jobs.export_command,
     jobs.snapshot_command,
     jobs.prune_command,

@@ -10,7 +10,7 @@ from types import FrameType
 
 import click
 
-from gfs_backup.actions.monitoring import RunWatch
+from gfs_backup.actions.monitoring import RunWatch, unit_failed
 from gfs_backup.actions.plan import select_jobs
 from gfs_backup.actions.run import JobOutcome, RunOptions, exit_code, now_utc, run_jobs
 from gfs_backup.actions.steps import prune_jobs, snapshot_jobs
@@ -161,3 +161,15 @@ def prune_command(
         if result.spared:
             line += "; spared (newest verified or protected): " + ", ".join(result.spared)
         click.echo(line)
+
+
+@click.command("notify-failure")
+@click.argument("unit")
+@config_option
+def notify_failure_command(unit: str, config_path: Path) -> None:
+    """Tell the admin that the systemd UNIT failed: one failure notification on the
+    [notify] channels (whatever `on` says) and a /fail ping of the run's ping_url, with the
+    unit's last journal lines. For contrib/systemd/gfs-failure@.service, which
+    gfs-run.service starts with OnFailure= when gfs itself could not report (killed,
+    timed out, crashed). Exit 0 even when a channel failed (each is logged)."""
+    unit_failed(load_config(config_path), unit)  # a channel's failure is logged

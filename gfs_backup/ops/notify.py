@@ -460,6 +460,7 @@ def _slack_escape(text: str) -> str:
 
 
 def build_email(email: EmailSettings, message: Message, report: RunReport) -> EmailMessage:
+    """The mail for `message`: plain text, From/To from `email`, marked auto-generated."""
     mail = EmailMessage()
     mail["Subject"] = message.subject
     mail["From"] = email.sender
@@ -477,7 +478,7 @@ def build_email(email: EmailSettings, message: Message, report: RunReport) -> Em
 
 @dataclass(frozen=True)
 class _Channel:
-    label: str  # "email to ... via ..." / "webhook[0] https://host/…"
+    label: str  # "email to ... via ..." / "webhook[0] https://host/..."
     budget: float  # seconds it may take at most, all tries together
     send: Callable[[], None]  # raises _Failed (or anything) on failure
 
@@ -555,11 +556,14 @@ def _run_channels(channels: list[_Channel], log: logging.Logger) -> list[str]:
 def _public_url(url: str) -> str:
     """The URL without what may be a secret (user info, path, query: Slack's and Gotify's
     tokens live there)."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(invalid URL)"
     host = parts.hostname or ""
     host = f"[{host}]" if ":" in host else host
-    port = f":{parts.port}" if parts.port else ""
-    rest = "/…" if parts.path.strip("/") or parts.query else ""
+    rest = "/..." if parts.path.strip("/") or parts.query else ""
     return f"{parts.scheme}://{host}{port}{rest}"
 
 
@@ -581,13 +585,16 @@ def _smtp(email: EmailSettings, message: Message, report: RunReport) -> None:
                 client.starttls(context=context)
             if email.username and password is not None:
                 client.login(email.username, password)
-            client.send_message(mail, from_addr=email.sender, to_addrs=list(email.to))
+            refused = client.send_message(mail, from_addr=email.sender, to_addrs=list(email.to))
             with contextlib.suppress(smtplib.SMTPException, OSError):
                 client.quit()
+            if refused:  # the others got it
+                raise smtplib.SMTPRecipientsRefused(refused)
         finally:
             client.close()
     except Exception as exc:
-        raise _Failed(_reason(exc, email.timeout, email.ca_file)) from None
+        hint = ": is ca_file its CA?" if email.ca_file else ": set ca_file to trust its CA"
+        raise _Failed(_reason(exc, email.timeout, hint)) from None
 
 
 def _tls_context(ca_file: str | None) -> ssl.SSLContext:
@@ -690,13 +697,12 @@ def _answer(error: urllib.error.HTTPError) -> str:
     return f": {first[:200]}" if first else ""
 
 
-def _reason(exc: BaseException, timeout: float, ca_file: str | None = None) -> str:
+def _reason(exc: BaseException, timeout: float, tls_hint: str = "") -> str:
     """One line saying why a network exchange failed."""
     if isinstance(exc, _Failed):
         return str(exc)
     if isinstance(exc, ssl.SSLCertVerificationError):
-        hint = "is ca_file its CA?" if ca_file else "set ca_file to trust its CA"
-        return f"TLS certificate verify failed ({exc.verify_message}): {hint}"
+        return f"TLS certificate verify failed ({exc.verify_message}){tls_hint}"
     if isinstance(exc, TimeoutError):
         return f"no answer within {timeout:g} s"
     if isinstance(exc, ssl.SSLError):

@@ -191,6 +191,33 @@ father-weekday = "someday"
             "target.nas.bandwidth: cannot be enforced on a target of host 'kvm2': the copy "
             "runs there",
         ),
+        # operations keys: validated with the rest, one line each
+        ("[metrics]\ntextfile = 'gfs.prom'\n", "metrics.textfile: 'gfs.prom' must be an absolute"),
+        ("[metrics]\ntextfile = '/var/lib/x/gfs.txt'\n", "node_exporter reads only *.prom"),
+        ("[notify]\non = ['always']\n", "notify.on"),
+        ("[notify.email]\nto = []\n", "notify.email.to"),
+        ("[[notify.webhook]]\nurl = 'ftp://x/y'\n", "notify.webhook[0].url"),
+        ("ping_url = 'hc-ping.com/abc'\n", "ping_url:"),
+        (
+            "[[job]]\nname = 'a'\nkind = 'files'\npath = '/x'\nping_url = 'nope'\n"
+            "policy = 'classic-gfs'\n",
+            "job[a].ping_url:",
+        ),
+        (
+            "[[job]]\nname = 'a'\nkind = 'files'\npath = '/x'\nmax_age = 'daily'\n"
+            "policy = 'classic-gfs'\n",
+            "job[a].max_age: expected seconds or a duration",
+        ),
+        (
+            "[[job]]\nname = 'a'\nkind = 'files'\npath = '/x'\n"
+            "hooks = { before = ['flush-db'] }\npolicy = 'classic-gfs'\n",
+            "job[a].hooks.before:",
+        ),
+        (
+            "[[job]]\nname = 'a'\nkind = 'files'\npath = '/x'\n"
+            "hooks = { pre = ['/bin/true'] }\npolicy = 'classic-gfs'\n",
+            "job[a].hooks.pre: unknown key",
+        ),
     ],
 )
 def test_check_names_file_key_and_fix(

@@ -68,6 +68,14 @@ def test_systemd_units_run_gfs_from_a_persistent_timer() -> None:
     assert timer["Install"]["WantedBy"] == "timers.target"
 
 
+def test_a_failed_run_unit_starts_the_failure_reporter() -> None:
+    service = unit("gfs-run.service")
+    assert service["Unit"]["OnFailure"] == "gfs-failure@%n.service"
+    reporter = unit("gfs-failure@.service")
+    assert reporter["Service"]["Type"] == "oneshot"
+    assert reporter["Service"]["ExecStart"] == "/usr/local/bin/gfs notify-failure %i"
+
+
 def test_cron_file_runs_gfs_as_root() -> None:
     lines = [
         line
