@@ -14,6 +14,7 @@ from gfs_backup.cli.render import describe_rules
 from gfs_backup.core.config import load_config
 from gfs_backup.core.errors import ExitCode
 from gfs_backup.core.state import State
+from gfs_backup.ops.settings import ops_warnings
 
 
 @click.command("check")
@@ -37,6 +38,7 @@ def check_command(config_path: Path, lint_only: bool, as_json: bool) -> None:
     """
     config = load_config(config_path)
     warnings: dict[str, list[str]] = {}
+    general = [] if lint_only else ops_warnings(config)
     if not lint_only:
         now = datetime.now(timezone.utc)
         state = State.read_only(config.state_dir)
@@ -51,6 +53,7 @@ def check_command(config_path: Path, lint_only: bool, as_json: bool) -> None:
             json.dumps(
                 {
                     "config": config.source,
+                    "warnings": general,
                     "jobs": [
                         {
                             "name": job.name,
@@ -70,6 +73,8 @@ def check_command(config_path: Path, lint_only: bool, as_json: bool) -> None:
         click.echo(
             f"{config.source}: valid, {len(config.jobs)} job(s), {len(config.targets)} target(s)"
         )
+        for warning in general:
+            click.echo(f"  warning: {warning}")
         for job in config.jobs:
             click.echo(
                 f"  {job.name}: {job.kind} on {job.host} -> {job.target}, policy "
@@ -77,5 +82,5 @@ def check_command(config_path: Path, lint_only: bool, as_json: bool) -> None:
             )
             for warning in warnings.get(job.name, []):
                 click.echo(f"    warning: {warning}")
-    if any(warnings.values()):
+    if general or any(warnings.values()):
         raise SystemExit(int(ExitCode.WARNINGS))

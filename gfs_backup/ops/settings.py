@@ -17,6 +17,7 @@ check commands import it), so `gfs check` reports these keys' problems with the 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,32 @@ def _age(value: object, key: str, collector: Collector) -> float:
         collector.add(key, f'{exc} (e.g. "36h", "8d", or "off" not to judge it)')
         return 0.0
     return float(seconds)
+
+
+def ops_warnings(config: Config) -> list[str]:
+    """What `gfs check` says about the operations settings: channels that cannot work as
+    configured on this machine (a notification that would fail the night it is needed)."""
+    ops = ops_of(config)
+    warnings = []
+    if ops.textfile is not None and ops.textfile_explicit and not ops.textfile.parent.is_dir():
+        warnings.append(
+            f"metrics: directory {ops.textfile.parent} does not exist: no metrics are written "
+            "(install prometheus-node-exporter, or set [metrics] textfile)"
+        )
+    email = ops.notify.email if ops.notify is not None else None
+    if email is not None and email.smtp_host is None and not os.access(email.sendmail, os.X_OK):
+        warnings.append(
+            f"notify: {email.sendmail} is not an executable: no email can be sent (install "
+            'an MTA, e.g. apt install dma, or set [notify.email] smtp = "host:587")'
+        )
+    if email is not None and email.password_file and not os.access(email.password_file, os.R_OK):
+        warnings.append(f"notify: password_file {email.password_file} cannot be read")
+    for job in config.jobs:
+        for phase in ops.job(job.name).hooks.phases:
+            program = ops.job(job.name).hooks.command(phase)[0]
+            if not os.access(program, os.X_OK):
+                warnings.append(f"job {job.name}: hook {phase}: {program} is not an executable")
+    return warnings
 
 
 def ops_of(config: Config) -> OpsSettings:

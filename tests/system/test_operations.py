@@ -325,3 +325,23 @@ def test_under_systemd_a_run_logs_to_journald_with_the_job_as_a_field(
     assert exporting[0]["SYSLOG_IDENTIFIER"] == "gfs"
     assert exporting[0]["PRIORITY"] == "6"
     assert result.stderr == ""  # not twice
+
+
+def test_check_warns_of_channels_that_cannot_work_here(
+    mounts: Mounter, tmp_path: Path, run_gfs: RunGfs, receiver: Receiver
+) -> None:
+    target = mounts("tgt", kind="tmpfs", size_mb=32)
+    config = write_ops_config(tmp_path, target, source_tree(tmp_path), receiver)
+    text = config.read_text().replace(
+        "[[notify.webhook]]",
+        '[notify.email]\nto = ["root@localhost"]\nsendmail = "/nonexistent/sendmail"\n'
+        "[[notify.webhook]]",
+    )
+    text = text.replace(str(tmp_path / "gfs.prom"), str(tmp_path / "absent" / "gfs.prom"))
+    config.write_text(text)
+    (tmp_path / "before.sh").unlink()
+    result = run_gfs("check", "--config", str(config))
+    assert result.exit_code == 7, result.output
+    assert f"warning: metrics: directory {tmp_path / 'absent'} does not exist" in result.stdout
+    assert "warning: notify: /nonexistent/sendmail is not an executable" in result.stdout
+    assert f"job srv: hook before: {tmp_path / 'before.sh'} is not an executable" in (result.stdout)
