@@ -1,9 +1,14 @@
 """`gfs drill`: prove a generation restores, in a scratch directory that is always removed.
 
-- libvirt: the disks are copied into the scratch directory (checksummed in the same pass
-  against the manifest, then `qemu-img check`), and booted from the saved domain XML in an
-  isolated plain QEMU (see drillvm): no network, memory capped, snapshot mode, never libvirt.
-  Pass when the policy's console regex appears and/or the guest agent answers in time.
+- libvirt: booted straight from the generation's images on the target, from the saved
+  domain XML in an isolated plain QEMU (see drillvm): no network, memory capped, never
+  libvirt, snapshot mode: QEMU opens each image read-only as the backing file of a qcow2
+  overlay in the scratch directory, so the boot starts in seconds whatever the disk's size
+  and the scratch space used is what the guest writes. While it boots, each image is read
+  once more in full and checked against the manifest's checksum, a check of its own: a
+  damaged image fails the drill even when it boots. Checks, each reported on its own:
+  checksums, `qemu-img check` (qcow2), boot (the policy's console regex and/or the guest
+  agent answering in time).
 - files: the tree is restored with owners, modes, times and xattrs, and every restored file
   is re-read and compared with the manifest's checksums.
 - lvm: the raw image is restored into the scratch directory (from a target on another
@@ -25,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,14 +43,14 @@ from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import JobContext, RestoreOptions
 from gfs_backup.backends.libvirt import image_problems
 from gfs_backup.backends.vm_inplace import disk_files
-from gfs_backup.copying.copy import copy_file
+from gfs_backup.copying.copy import digest_file
 from gfs_backup.core.config import Config, Job
 from gfs_backup.core.errors import GfsError, InputError, Problem
 from gfs_backup.core.lock import job_lock
 from gfs_backup.core.state import State
 from gfs_backup.target.catalog import Stored, list_generations
 from gfs_backup.target.fs import LOCAL_FS, TargetFS
-from gfs_backup.target.manifest import read_manifest, write_manifest
+from gfs_backup.target.manifest import DataFile, read_manifest, write_manifest
 from gfs_backup.tools.drillboot import AGENT_SOCKET, BootCheck, boot_and_check
 from gfs_backup.tools.drillvm import DrillLimits, make_qemu_argv, parse_drill_machine
 from gfs_backup.tools.fscheck import check_image
@@ -56,12 +62,25 @@ DEFAULT_SCRATCH = Path("/var/tmp")
 WORKDIR_PREFIX = ".gfs-drill-"
 
 
-class DrillCheckFailed(Exception):
-    """The generation did not pass: `reason` says why, `tail` is the console's end."""
+@dataclass(frozen=True)
+class CheckResult:
+    """One layer of a drill, reported on its own (a JUnit testcase)."""
 
-    def __init__(self, reason: str, tail: str = "") -> None:
+    name: str  # checksums | qemu-img check | boot
+    passed: bool
+    seconds: float
+    detail: str
+    output: str = ""  # the console's or a command's end, for a failure
+
+
+class DrillCheckFailed(Exception):
+    """The generation did not pass: `reason` says why, `tail` is the console's end,
+    `checks` the layers that ran."""
+
+    def __init__(self, reason: str, tail: str = "", checks: tuple[CheckResult, ...] = ()) -> None:
         super().__init__(reason)
         self.tail = tail
+        self.checks = checks
 
 
 @dataclass(frozen=True)
@@ -74,6 +93,7 @@ class DrillResult:
     seconds: float
     time: datetime
     console_tail: str = ""
+    checks: tuple[CheckResult, ...] = ()
 
     def record(self) -> dict[str, Any]:
         """The manifest's `drills` entry (console tail only on failure)."""
@@ -86,6 +106,16 @@ class DrillResult:
         }
         if not self.passed and self.console_tail:
             entry["console_tail"] = self.console_tail
+        if self.checks:
+            entry["checks"] = [
+                {
+                    "name": check.name,
+                    "outcome": "pass" if check.passed else "fail",
+                    "duration_s": round(check.seconds, 2),
+                    "detail": check.detail,
+                }
+                for check in self.checks
+            ]
         return entry
 
 
@@ -140,13 +170,14 @@ def drill_locked(job: Job, stored: Stored, root: Path, state: State, now: dateti
     log.info("job %s: drill of %s in %s (%s)", job.name, stored.id, workdir, check)
     started = time.monotonic()
     passed, reason, tail = False, "", ""
+    checks: tuple[CheckResult, ...] = ()
     try:
         try:
             workdir.mkdir(mode=0o700)
-            reason = _drill_kind(ctx, stored, workdir)
+            reason, checks = _drill_kind(ctx, stored, workdir)
             passed = True
         except DrillCheckFailed as exc:
-            reason, tail = str(exc), exc.tail
+            reason, tail, checks = str(exc), exc.tail, exc.checks
         except (GfsError, OSError, ValueError) as exc:
             reason = _one_line(exc)
     except BaseException:
@@ -156,7 +187,7 @@ def drill_locked(job: Job, stored: Stored, root: Path, state: State, now: dateti
         remove_leftover(ctx.runner, workdir)
         state.done(entry)
     result = DrillResult(
-        job.name, stored.id, passed, check, reason, time.monotonic() - started, now, tail
+        job.name, stored.id, passed, check, reason, time.monotonic() - started, now, tail, checks
     )
     _record(stored, result)
     status = "drilled" if passed else "drill-failed"
@@ -179,61 +210,109 @@ def describe_check(job: Job, stored: Stored) -> str:
     return "restore + checksums of every file"
 
 
-def _drill_kind(ctx: JobContext, stored: Stored, workdir: Path) -> str:
+def _drill_kind(
+    ctx: JobContext, stored: Stored, workdir: Path
+) -> tuple[str, tuple[CheckResult, ...]]:
+    """The drill of the generation's kind: its reason, and its checks when it has layers.
+    Raises DrillCheckFailed."""
     kind = stored.manifest.kind
     if kind == "libvirt":
         return _drill_vm(ctx, stored, workdir)
     if kind == "btrfs":
-        return _drill_btrfs(ctx, stored, workdir)
+        return _drill_btrfs(ctx, stored, workdir), ()
     if kind == "lvm":
-        return _drill_volume(ctx, stored, workdir)
+        return _drill_volume(ctx, stored, workdir), ()
     if kind == "files":
         restored = workdir / "restored"
         backend_for(kind).restore(ctx, stored, restored, None, RestoreOptions())
-        return f"restored {len(stored.manifest.tree)} entries, every checksum matches"
+        return f"restored {len(stored.manifest.tree)} entries, every checksum matches", ()
     raise DrillCheckFailed(f"no drill for {kind} generations yet")
 
 
-def _drill_vm(ctx: JobContext, stored: Stored, workdir: Path) -> str:
+def _drill_vm(
+    ctx: JobContext, stored: Stored, workdir: Path
+) -> tuple[str, tuple[CheckResult, ...]]:
+    """Boot from the images on the target (read-only backing files of QEMU's snapshot
+    overlays in `workdir`) while their checksums are verified: the reason and every
+    check's result, or DrillCheckFailed with them."""
     settings = ctx.job.policy.drill
     disks = disk_files(stored)
-    copies = {
-        Path(data.path).stem: workdir / f"disk{index}{Path(data.path).suffix}"
-        for index, data in enumerate(disks)
-    }
+    if stored.fs is not LOCAL_FS:
+        raise DrillCheckFailed(f"generation {stored.id} is on a remote target: not drillable")
+    images = {Path(data.path).stem: stored.path / data.path for data in disks}
     try:
-        machine = parse_drill_machine(str(stored.manifest.source.get("xml", "")), copies)
+        machine = parse_drill_machine(str(stored.manifest.source.get("xml", "")), images)
     except ValueError as exc:
         raise DrillCheckFailed(f"cannot boot generation {stored.id}: {exc}") from None
     for path in (machine.kernel, machine.initrd):
         if path is not None and not Path(path).is_file():
             raise DrillCheckFailed(f"the domain boots {path}, which is not on this host")
-    for data, copy in zip(disks, copies.values(), strict=True):
-        result = copy_file(stored.path / data.path, copy)
-        if (result.size, result.digest) != (data.size, data.digest):
-            raise DrillCheckFailed(
-                f"{data.path}: the restored copy does not match the manifest's checksum "
-                "(the generation's data is corrupted)"
-            )
-        problems = image_problems(ctx.runner, copy)
-        if problems:
-            raise DrillCheckFailed(f"{data.path}: qemu-img check: {problems}")
-    agent_socket = Path(AGENT_SOCKET) if settings.agent else None  # QEMU runs in workdir
-    console = workdir / "console.log"
-    limits = DrillLimits(
-        settings.memory_mib, settings.accel, console, agent_socket, f"gfs-drill-{ctx.job.name}"
+    checks: list[CheckResult] = []
+    started = time.monotonic()
+    problems = [
+        f"{data.path}: {found}"
+        for data in disks
+        if (found := image_problems(ctx.runner, stored.path / data.path))
+    ]
+    checks.append(
+        CheckResult(
+            "qemu-img check",
+            not problems,
+            time.monotonic() - started,
+            "; ".join(problems) or "image structure sound (raw images have none to check)",
+        )
     )
-    assert isinstance(ctx.runner, LocalRunner)
-    booted = boot_and_check(
-        ctx.runner,
-        make_qemu_argv(machine, limits),
-        workdir,
-        BootCheck(settings.console_pattern, settings.agent, settings.timeout),
-        console,
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gfs-drill-sum") as pool:
+        summed = pool.submit(_checksums, stored, disks)
+        agent_socket = Path(AGENT_SOCKET) if settings.agent else None  # QEMU runs in workdir
+        console = workdir / "console.log"
+        limits = DrillLimits(
+            settings.memory_mib, settings.accel, console, agent_socket, f"gfs-drill-{ctx.job.name}"
+        )
+        assert isinstance(ctx.runner, LocalRunner)
+        booted = boot_and_check(
+            ctx.runner,
+            make_qemu_argv(machine, limits),
+            workdir,
+            BootCheck(settings.console_pattern, settings.agent, settings.timeout),
+            console,
+        )
+        boot = CheckResult(
+            "boot",
+            booted.passed,
+            booted.seconds,
+            booted.reason,
+            "" if booted.passed else booted.console_tail,
+        )
+        checks.insert(0, summed.result())
+    checks.append(boot)
+    failed = [check for check in checks if not check.passed]
+    if failed:
+        reason = "; ".join(f"{check.name}: {check.detail}" for check in failed)
+        raise DrillCheckFailed(reason, booted.console_tail, tuple(checks))
+    return f"{booted.reason}; checksums of {len(disks)} image(s) match", tuple(checks)
+
+
+def _checksums(stored: Stored, disks: list[DataFile]) -> CheckResult:
+    """Every image read in full from the target's storage (not the page cache) and
+    compared with the manifest: a check of its own, run while the drill boots."""
+    started = time.monotonic()
+    wrong = []
+    for data in disks:
+        try:
+            found = digest_file(stored.path / data.path, uncached=True)
+        except OSError as exc:
+            wrong.append(f"{data.path}: cannot be read ({exc.strerror})")
+            continue
+        if (found.size, found.digest) != (data.size, data.digest):
+            wrong.append(f"{data.path} does not match the manifest's checksum (corrupted)")
+    size = sum(data.size for data in disks)
+    return CheckResult(
+        "checksums",
+        not wrong,
+        time.monotonic() - started,
+        "; ".join(wrong) or f"{len(disks)} image(s), {size:,d} bytes, match the manifest",
     )
-    if not booted.passed:
-        raise DrillCheckFailed(booted.reason, booted.console_tail)
-    return booted.reason
 
 
 def _drill_btrfs(ctx: JobContext, stored: Stored, workdir: Path) -> str:

@@ -112,6 +112,8 @@ def test_vm_drill_boots_the_backup_isolated_and_fails_clearly(
     assert (
         record["outcome"] == "pass" and record["check"] == "boot: console /GFS-PATTERN-OK tag=dr1/"
     )
+    assert [check["name"] for check in record["checks"]] == ["checksums", "qemu-img check", "boot"]
+    assert all(check["outcome"] == "pass" for check in record["checks"])
     assert "console_tail" not in record and record["duration_s"] > 0
     status = run_gfs("status", "--config", str(config), "--json")
     (row,) = json.loads(status.stdout)["jobs"]
@@ -140,21 +142,26 @@ def test_vm_drill_boots_the_backup_isolated_and_fails_clearly(
     assert_clean(scratch)
     assert vm.is_active()
 
-    # A corrupted copy of the generation on another target fails before booting.
+    # A corrupted copy of the generation on another target: it boots (the flipped byte is
+    # in a block the boot does not read), but the checksum check, run while it boots, fails
+    # the drill. The image is used in place, read-only: byte for byte the same afterwards.
     other = mounts("tgt2", kind="tmpfs", size_mb=512)
     shutil.copytree(target / "vm", other / "vm")
     copy_dir = other / "vm" / generation["id"]
     image = copy_dir / "disks" / "vda.raw"
-    flip_byte(image, image.stat().st_size // 2)
+    flip_byte(image, image.stat().st_size - 4096)
+    damaged = sha256(image)
     second = tmp_path / "second"
     second.mkdir()
     config2 = write_config(second, other, "vm", "libvirt", "domain", Path(vm.name), passing, extra)
     corrupt = run_gfs("drill", "vm", "--config", str(config2))
     assert corrupt.exit_code == 5, corrupt.output
-    assert "disks/vda.raw: the restored copy does not match the manifest's checksum" in (
-        corrupt.stdout
-    )
-    assert json.loads((copy_dir / "manifest.json").read_text())["drills"][-1]["outcome"] == "fail"
+    assert "checksums: disks/vda.raw does not match the manifest's checksum" in corrupt.stdout
+    record = json.loads((copy_dir / "manifest.json").read_text())["drills"][-1]
+    assert record["outcome"] == "fail"
+    outcomes = {check["name"]: check["outcome"] for check in record["checks"]}
+    assert outcomes == {"checksums": "fail", "qemu-img check": "pass", "boot": "pass"}
+    assert sha256(image) == damaged
     assert_clean(scratch)
 
 
