@@ -94,6 +94,7 @@ class DrillResult:
     time: datetime
     console_tail: str = ""
     checks: tuple[CheckResult, ...] = ()
+    error: bool = False  # the drill itself could not run (not a verdict on the backup)
 
     def record(self) -> dict[str, Any]:
         """The manifest's `drills` entry (console tail only on failure)."""
@@ -169,7 +170,7 @@ def drill_locked(job: Job, stored: Stored, root: Path, state: State, now: dateti
     check = describe_check(job, stored)
     log.info("job %s: drill of %s in %s (%s)", job.name, stored.id, workdir, check)
     started = time.monotonic()
-    passed, reason, tail = False, "", ""
+    passed, reason, tail, error = False, "", "", False
     checks: tuple[CheckResult, ...] = ()
     try:
         try:
@@ -179,15 +180,16 @@ def drill_locked(job: Job, stored: Stored, root: Path, state: State, now: dateti
         except DrillCheckFailed as exc:
             reason, tail, checks = str(exc), exc.tail, exc.checks
         except (GfsError, OSError, ValueError) as exc:
-            reason = _one_line(exc)
+            reason, error = _one_line(exc), True
     except BaseException:
         state.finish_run(run_id, "interrupted", stored.id, message="drill interrupted")
         raise
     finally:
         remove_leftover(ctx.runner, workdir)
         state.done(entry)
+    seconds = time.monotonic() - started
     result = DrillResult(
-        job.name, stored.id, passed, check, reason, time.monotonic() - started, now, tail, checks
+        job.name, stored.id, passed, check, reason, seconds, now, tail, checks, error
     )
     _record(stored, result)
     status = "drilled" if passed else "drill-failed"
@@ -444,4 +446,9 @@ def periodic_drill(
 
 
 def result_json(result: DrillResult) -> dict[str, Any]:
-    return {"job": result.job, "generation": result.generation, **result.record()}
+    return {
+        "job": result.job,
+        "generation": result.generation,
+        **result.record(),
+        "error": result.error,
+    }

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from gfs_backup.actions.drill import drill, result_json
+from gfs_backup.actions.drillreport import junit_xml, summary_markdown, write_report
 from gfs_backup.actions.plan import select_jobs
 from gfs_backup.actions.run import now_utc
 from gfs_backup.cli.data import generation_option
@@ -24,21 +25,44 @@ from gfs_backup.core.errors import ExitCode, GfsError
 @generation_option
 @wait_option
 @json_option
+@click.option(
+    "--junit",
+    "junit",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the result as JUnit XML (one testcase per check) for CI.",
+)
+@click.option(
+    "--summary",
+    "summary",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write a Markdown table (e.g. $GITHUB_STEP_SUMMARY).",
+)
 def drill_command(
-    job: str, config_path: Path, generation: str | None, wait: bool, as_json: bool
+    job: str,
+    config_path: Path,
+    generation: str | None,
+    wait: bool,
+    as_json: bool,
+    junit: Path | None,
+    summary: Path | None,
 ) -> None:
     """Restore a generation of JOB into a scratch directory and prove it works.
 
     \b
-    libvirt jobs: the disks are copied into the scratch directory, checked against the
-      manifest's checksums and with `qemu-img check`, then booted from the saved domain
-      XML in a plain QEMU, never through libvirt: no network device, memory capped, one
-      or two vCPUs, snapshot mode (nothing is written to the copies), serial console to
-      a file, direct kernel boot when the domain uses it. It passes when, within the
-      policy's [drill] timeout, its console regex appears on the serial console and/or
-      (agent = true) qemu-guest-agent answers guest-sync and guest-ping over a private
-      socket. Without console and agent the check is the regex `login:`. The original
-      domain, its disks and its network are never touched.
+    libvirt jobs: booted straight from the generation's images on the target, from the
+      saved domain XML in a plain QEMU, never through libvirt: no network device, memory
+      capped, one or two vCPUs, snapshot mode (each image is the read-only backing file
+      of an overlay in the scratch directory: the start costs seconds whatever the disk
+      size, the scratch holds what the guest writes), serial console to a file, direct
+      kernel boot when the domain uses it. Checks, each reported on its own:
+        checksums       every image read in full while it boots, against the manifest
+        qemu-img check  qcow2 images (raw images have no structure to check)
+        boot            within the policy's [drill] timeout its console regex appears
+                        and/or (agent = true) qemu-guest-agent answers guest-sync and
+                        guest-ping over a private socket (no console and no agent:
+                        the regex `login:`)
+      A damaged image fails the drill even when it boots. The original domain, its
+      disks and its network are never touched.
     files jobs: the tree is restored and every file re-read and compared with the
       manifest's checksums.
     btrfs jobs: the stream is checksummed, received (btrfs receive checks each
@@ -62,6 +86,7 @@ def drill_command(
     (regex), agent (true/false), timeout (seconds or "5m", default 5 min), memory (MiB
     cap, default 1024), accel (tcg, the default, or kvm).
     \b
+    --junit FILE and --summary FILE write the result for CI (docs/drills.md).
     Exit 0 passed, 5 the drill failed (or was interrupted), 3 invalid configuration,
     6 the job's lock is held.
     """
@@ -77,6 +102,10 @@ def drill_command(
         ) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if junit is not None:
+        write_report(junit, junit_xml([result]))
+    if summary is not None:
+        write_report(summary, summary_markdown([result]).encode())
     if as_json:
         click.echo(json.dumps(result_json(result), indent=2))
     else:
