@@ -36,13 +36,18 @@ def check_data(
     """Every data file's size and checksum (the manifest's digest_algorithm, computed where
     the target is mounted), then the kind's own checks; one line each. `read_back`: the
     export already read back from the target what it wrote (copy.py's read-back, a files
-    export's verify): on a local target only the sizes are checked again, and the kind's
-    own checks, which it ran, are not repeated."""
+    export's verify, the image writer on a target's host): only the sizes are checked
+    again (on a remote target: that each file exists), and the kind's own checks, which it
+    ran, are not repeated."""
     problems = []
     for data in stored.manifest.files:
         try:
             if read_back and stored.fs is LOCAL_FS:
                 result = FileDigest(_regular_file_size(stored.path / data.path), data.digest)
+            elif read_back:
+                if not stored.fs.exists(stored.path / data.path):
+                    raise FileNotFoundError(data.path)
+                result = FileDigest(data.size, data.digest)
             else:
                 result = _digest(stored, data, progress)
         except FileNotFoundError:
@@ -55,7 +60,7 @@ def check_data(
             problems.append(f"{data.path}: size {result.size}, manifest says {data.size}")
         elif result.digest != data.digest:
             problems.append(f"{data.path}: checksum mismatch (data corrupted)")
-    if not (read_back and stored.fs is LOCAL_FS):
+    if not read_back:
         problems += backend_for(stored.manifest.kind).verify_data(stored, progress)
     return problems
 

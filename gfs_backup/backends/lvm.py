@@ -21,12 +21,14 @@ from gfs_backup.backends.base import (
     SourceError,
     snapshot_name,
 )
-from gfs_backup.backends.lvm_thin import LAYOUT, ThinDelta
+from gfs_backup.backends.lvm_thin import LAYOUT, ThinDelta, capture_on_host
 from gfs_backup.backends.vm_capture import (
     VERIFY_SCOPE,
     Decision,
+    DiskCapture,
     capture_record,
     capture_source,
+    data_files,
     files_of,
 )
 from gfs_backup.copying.copy import copy_file, copy_stream, digest_file
@@ -143,11 +145,11 @@ class LvmBackend:
         assert snapshot is not None
         vg, name = str(snapshot.subvolume).split("/")
         self._still_valid(ctx, vg, name)
-        if ctx.target is not LOCAL_FS:
-            return self._export_on_host(ctx, snapshot, into, progress)
         image_format = str(ctx.job.options.get("format", "raw"))
         if snapshot.metadata.get("snapshot_kind") == "thin" and image_format == "raw":
             return self._export_thin(ctx, snapshot, into, previous, progress)
+        if ctx.target is not LOCAL_FS:
+            return self._export_on_host(ctx, snapshot, into, progress)
         read = make_read_command(str(snapshot.path), EXPORT_TIMEOUT)
         try:
             with ctx.runner.reading(read) as stream:
@@ -179,38 +181,22 @@ class LvmBackend:
         previous: Stored | None,
         progress: Progress | None,
     ) -> Exported:
-        """A thin volume to a target mounted here: what changed since the previous run's
-        kept thin snapshot, patched into a clone of its image (see lvm_thin); the new
-        snapshot is kept as the next run's base."""
+        """A thin volume: what changed since the previous run's kept thin snapshot,
+        patched into a clone of its image (see lvm_thin), here or, when the volume's host
+        mounts the target, on that host; the new snapshot is kept as the next run's base."""
         vg, name = str(snapshot.subvolume).split("/")
         size = int(snapshot.metadata["size"])
         origin = _volume(ctx.runner, *self._names(ctx.job))
         thin = ThinDelta(ctx, vg, origin.pool if origin else "", name, size)
         decision, base = thin.decide(previous)
-        dirty: list[tuple[int, int]] | None = None
-        zero: list[tuple[int, int]] = []
-        if base is not None and decision.base is not None:
-            try:
-                changed, zero = thin.changes(base)
-                dirty = changed + zero
-            except (GfsError, ValueError) as exc:
-                decision = Decision(None, f"thin_delta failed: {exc}")
-        ctx.log.info(
-            "job %s: %s",
-            ctx.job.name,
-            f"reading what changed since {base}"
-            if dirty is not None and not decision.compare
-            else f"full read: {decision.reason}",
-        )
-        try:
-            capture = capture_source(
-                ctx, thin.source(str(snapshot.path), dirty, zero), LAYOUT, into, decision, progress
-            )
-        except BaseException:
-            thin.abort_readers()
-            raise
-        self._still_valid(ctx, vg, name)
-        files = files_of(into, [capture])
+        if ctx.target is not LOCAL_FS:
+            capture = capture_on_host(ctx, thin, str(snapshot.path), into, decision, base, progress)
+            self._still_valid(ctx, vg, name)
+            files = data_files([capture])  # the digest file was written there
+        else:
+            capture = self._capture_here(ctx, thin, snapshot, into, decision, base, progress)
+            self._still_valid(ctx, vg, name)
+            files = files_of(into, [capture])
         record = {**capture_record(ctx, decision, [capture], None), "snapshot": name}
         self._kept[str(snapshot.subvolume)] = f"{vg}/{base}" if base else None
         warnings = [capture.warning] if capture.warning else []
@@ -237,6 +223,39 @@ class LvmBackend:
             read_back=True,
             verify_scope=VERIFY_SCOPE if capture.mode == "incremental" else "full",
         )
+
+    def _capture_here(
+        self,
+        ctx: JobContext,
+        thin: ThinDelta,
+        snapshot: Snapshot,
+        into: Path,
+        decision: Decision,
+        base: str | None,
+        progress: Progress | None,
+    ) -> DiskCapture:
+        dirty: list[tuple[int, int]] | None = None
+        zero: list[tuple[int, int]] = []
+        if base is not None and decision.base is not None:
+            try:
+                changed, zero = thin.changes(base)
+                dirty = changed + zero
+            except (GfsError, ValueError) as exc:
+                decision = Decision(None, f"thin_delta failed: {exc}")
+        ctx.log.info(
+            "job %s: %s",
+            ctx.job.name,
+            f"reading what changed since {base}"
+            if dirty is not None and not decision.compare
+            else f"full read: {decision.reason}",
+        )
+        try:
+            return capture_source(
+                ctx, thin.source(str(snapshot.path), dirty, zero), LAYOUT, into, decision, progress
+            )
+        except BaseException:
+            thin.abort_readers()
+            raise
 
     def _export_on_host(
         self, ctx: JobContext, snapshot: Snapshot, into: Path, progress: Progress | None

@@ -12,28 +12,50 @@ a sample of unchanged MiBs compared on the volume and on the target.
 The base snapshot is dropped (and the next run reads everything) when the pool's data or
 metadata use passes `thin_pool_max_percent` (default 80): a kept snapshot pins the blocks
 the origin has overwritten since. At the start of each run every other gfs snapshot of the
-job is removed. A target mounted by the volume's host copies there (hostcopy.py) and reads
-everything each run.
+job is removed. A target mounted by the volume's host: the same, built by that host in
+its mount (`capture_on_host`, copying/hostimage.py; python3 needed there): the data never
+crosses SSH, an NFS 4.2 mount clones on the server.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import random
 import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import IO
+from dataclasses import replace
+from pathlib import Path
+from typing import IO, Any
 
-from gfs_backup.backends.base import JobContext
+from gfs_backup.backends.base import JobContext, Progress
 from gfs_backup.backends.vm_capture import (
     Decision,
+    DiskCapture,
     Layout,
     SourceDisk,
+    blocks_of,
     capture_of,
     judge_base,
 )
-from gfs_backup.copying.image import Span
+from gfs_backup.copying.hostimage import (
+    MAX_SPEC,
+    ImageSpec,
+    ScriptOutput,
+    encode_spec,
+    make_image_command,
+)
+from gfs_backup.copying.image import (
+    ImageResult,
+    Span,
+    block_count,
+    digest_of,
+    sample_blocks,
+    spans_of,
+    split_zero,
+)
 from gfs_backup.core.errors import GfsError
 from gfs_backup.target.catalog import Stored
 from gfs_backup.tools.lvm import (
@@ -47,7 +69,7 @@ from gfs_backup.tools.lvm import (
     parse_thin_delta,
     parse_thin_info,
 )
-from gfs_backup.transport.runner import Runner
+from gfs_backup.transport.runner import CommandError, Runner
 
 LAYOUT = Layout("volume.raw", "blocks/volume.sha256-1m")
 READ_TIMEOUT = 24 * 3600.0
@@ -207,3 +229,129 @@ class ThinDelta:
     def _remove(self, name: str) -> None:
         self.ctx.runner.run(make_remove_command(self.vg, name))
         self.ctx.log.info("job %s: removed snapshot %s/%s", self.ctx.job.name, self.vg, name)
+
+
+def capture_on_host(
+    ctx: JobContext,
+    thin: ThinDelta,
+    device: str,
+    into: Path,
+    decision: Decision,
+    base: str | None,
+    progress: Progress | None,
+) -> DiskCapture:
+    """The image built by the volume's own host in the target it mounts (hostimage.py):
+    the changed MiBs patched into a clone of the base's image when the decision, the
+    base's digests and the sampled checks allow, else a full read. Nothing crosses SSH but
+    progress, the result and the digests."""
+    size = thin.size
+    reason = decision.reason
+    warning = ""
+    spec = ImageSpec(device, str(into / LAYOUT.image), str(into / LAYOUT.blocks), size, [])
+    incremental: ImageSpec | None = None
+    stored = decision.base
+    if base is not None and stored is not None and decision.compare:
+        reason = "full_every: a full read (no comparison with the base on a host's target)"
+    elif base is not None and stored is not None:
+        files = {data.path: data for data in stored.manifest.files}
+        image, blocks = files.get(LAYOUT.image), files.get(LAYOUT.blocks)
+        if image is None or blocks is None:
+            reason = f"generation {stored.id} has no per-MiB digests to build on"
+        elif image.size != size:
+            reason = f"{LAYOUT.image} was resized ({image.size} -> {size} bytes)"
+        else:
+            try:
+                changed, zero = thin.changes(base)
+            except (GfsError, ValueError) as exc:
+                reason = f"thin_delta failed: {exc}"
+            else:
+                touched = spans_of(changed + zero, size)
+                sample = sample_blocks(block_count(size), blocks_of(touched), random.Random())
+                incremental = replace(
+                    spec,
+                    spans=[(s.start, s.end, s.zero) for s in split_zero(touched, zero)],
+                    base_image=str(stored.path / LAYOUT.image),
+                    base_blocks=str(stored.path / LAYOUT.blocks),
+                    base_blocks_digest=blocks.digest,
+                    sample=sample,
+                )
+    if incremental is not None and stored is not None:
+        encoded = encode_spec(incremental)
+        if len(encoded) > MAX_SPEC:
+            reason = f"{len(incremental.spans)} changed ranges are too many for one command"
+        else:
+            ctx.log.info("job %s: reading what changed since %s", ctx.job.name, base)
+            outcome = _run_image_script(ctx, encoded, progress)
+            if "digests" in outcome:
+                return _capture(outcome, size, "incremental", "", "", len(incremental.sample or []))
+            reason = _refusal(outcome, stored.id)
+            warning = reason
+    ctx.log.info("job %s: full read: %s", ctx.job.name, reason)
+    outcome = _run_image_script(ctx, encode_spec(replace(spec, spans=[(0, size, False)])), progress)
+    if "digests" not in outcome:
+        raise GfsError(f"job {ctx.job.name}: the host's image writer gave no result: {outcome}")
+    return _capture(outcome, size, "full", reason, warning, 0)
+
+
+def _refusal(outcome: dict[str, Any], base: str) -> str:
+    if "source_differs" in outcome:
+        return (
+            f"volume differs from generation {base} at MiB {outcome['source_differs'][0]} "
+            "where thin_delta says nothing changed: rolled back or replaced behind gfs's back"
+        )
+    if "target_differs" in outcome:
+        return (
+            f"generation {base}'s image is damaged on the target (MiB "
+            f"{outcome['target_differs'][0]} no longer matches its digest): read in full"
+        )
+    return f"generation {base}: {outcome.get('refused', 'refused')}"
+
+
+def _capture(
+    outcome: dict[str, Any], size: int, mode: str, reason: str, warning: str, sampled: int
+) -> DiskCapture:
+    raw = bytes.fromhex(str(outcome["digests"]))
+    digests = [raw[index : index + 32] for index in range(0, len(raw), 32)]
+    if len(digests) != block_count(size):
+        raise GfsError(f"the host's image writer returned {len(digests)} digests for {size} B")
+    result = ImageResult(
+        size,
+        digest_of(digests),
+        digests,
+        int(outcome["bytes_read"]),
+        int(outcome["bytes_written"]),
+        int(outcome["zeroed"]),
+    )
+    path = str(outcome["path"]) if mode == "incremental" else "new"
+    return DiskCapture(
+        "volume", result, mode, path, reason, None, warning=warning, sampled=sampled, layout=LAYOUT
+    )
+
+
+def _run_image_script(ctx: JobContext, encoded: str, progress: Progress | None) -> dict[str, Any]:
+    command = make_image_command(encoded, READ_TIMEOUT, ctx.target.io_timeout)
+    output = ScriptOutput()
+    try:
+        with ctx.runner.reading(command) as stream:
+            while chunk := stream.read1(1 << 16):  # type: ignore[attr-defined]
+                grown = output.feed(chunk)
+                if grown and progress is not None:
+                    progress(grown)
+    except CommandError as exc:
+        text = " ".join(str(exc).split())
+        if "python3" in text and ("not found" in text or "No such file" in text):
+            raise GfsError(
+                f"job {ctx.job.name}: host {ctx.runner.host} has no python3, which builds "
+                "images in the target it mounts (apt install python3-minimal there)"
+            ) from None
+        raise GfsError(
+            f"job {ctx.job.name}: building the image on host {ctx.runner.host} failed: "
+            f"{text[-400:]}"
+        ) from None
+    found = output.result()
+    if found is None:
+        raise GfsError(f"job {ctx.job.name}: the host's image writer gave no result")
+    value = json.loads(found)
+    if not isinstance(value, dict):
+        raise GfsError(f"job {ctx.job.name}: the host's image writer gave {found[:200]}")
+    return value

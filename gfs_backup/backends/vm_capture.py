@@ -311,7 +311,7 @@ def capture_source(
     warning = ""
     if base_digests is not None and decision.base is not None and not decision.compare:
         changed = spans_of(dirty, size)
-        changed_blocks = _blocks_of(changed)
+        changed_blocks = blocks_of(changed)
         sample = sample_blocks(block_count(size), changed_blocks, random.Random())
         sample_spans = [Span(i * BLOCK, min(size, (i + 1) * BLOCK)) for i in sample]
         reader = source.reader(sample_spans)
@@ -358,7 +358,7 @@ def capture_source(
         layout=layout,
     )
     if decision.compare and base_digests is not None:
-        changed_blocks = _blocks_of(spans_of(dirty, size))
+        changed_blocks = blocks_of(spans_of(dirty, size))
         capture.alarm = [
             index
             for index, (got, had) in enumerate(zip(result.digests, base_digests, strict=True))
@@ -382,7 +382,7 @@ def _new_space(image: Path, free_before: int) -> int:
     return max(0, free_before - _free_space(image.parent))
 
 
-def _blocks_of(spans: list[Span]) -> set[int]:
+def blocks_of(spans: list[Span]) -> set[int]:
     return {index for span in spans for index in range(span.start // BLOCK, block_count(span.end))}
 
 
@@ -405,14 +405,22 @@ def _base_digests(base: Stored, layout: Layout, size: int) -> tuple[list[bytes] 
 
 
 def files_of(folder: Path, captures: list[DiskCapture]) -> list[DataFile]:
-    """The data files of the captured images: each image and its per-MiB digests."""
+    """The data files of the captured images: each image and its per-MiB digests (the
+    digest files written here)."""
+    for capture in captures:
+        blocks = folder / capture.layout.blocks
+        blocks.parent.mkdir(exist_ok=True)
+        write_digests(blocks, capture.result.digests)
+    return data_files(captures)
+
+
+def data_files(captures: list[DiskCapture]) -> list[DataFile]:
+    """The manifest's entries of the captured images and their digest files (written by
+    `files_of`, or on the target's host)."""
     files = []
     for capture in captures:
         layout = capture.layout
         files.append(DataFile(layout.image, capture.result.size, capture.result.digest))
-        blocks = folder / layout.blocks
-        blocks.parent.mkdir(exist_ok=True)
-        write_digests(blocks, capture.result.digests)
         digest = BlockDigest()
         digest.update(b"".join(capture.result.digests))
         files.append(DataFile(layout.blocks, digest.size, digest.hexdigest()))

@@ -23,6 +23,7 @@ from typing import IO, Protocol
 from gfs_backup.copying.copy import digest_file
 from gfs_backup.copying.digest import ALGORITHM
 from gfs_backup.copying.hostcopy import CopyOutput, make_file_digest_command
+from gfs_backup.copying.hostimage import ScriptOutput, make_digest_command
 from gfs_backup.core.errors import ExitCode, GfsError
 from gfs_backup.tools.mounts import Mount, parse_mountinfo, read_mounts
 from gfs_backup.transport.runner import Command, CommandError, Runner
@@ -325,13 +326,15 @@ class RemoteFS:
         return self._run(("realpath", "-m", "--", str(path)), path).rstrip("\n")
 
     def file_digest(self, path: Path, algorithm: str) -> FileDigest:
-        if algorithm != WHOLE_FILE_SHA256:
+        if algorithm not in (WHOLE_FILE_SHA256, ALGORITHM):
             raise TargetIOError(
                 f"{self._where(path)}: checksums of kind {algorithm!r} cannot be computed on "
-                f"the remote host (only {WHOLE_FILE_SHA256!r})"
+                f"the remote host (only {WHOLE_FILE_SHA256!r} and {ALGORITHM!r})"
             )
         if not self.exists(path):
             raise FileNotFoundError(2, "No such file or directory", str(path))
+        if algorithm == ALGORITHM:
+            return self._block_digest(path)
         command = make_file_digest_command(str(path), STREAM_TIMEOUT, self.io_timeout)
         output = CopyOutput()
         try:
@@ -348,6 +351,23 @@ class RemoteFS:
             why = "; ".join(output.failures()[-3:]) or "no checksum in the output"
             raise OSError(errno.EIO, why, str(path))  # verify reports it as unreadable
         return FileDigest(result.size, result.digest)
+
+    def _block_digest(self, path: Path) -> FileDigest:
+        """sha256-1m computed on the host (python3 there: copying/hostimage.py)."""
+        command = make_digest_command(str(path), STREAM_TIMEOUT, self.io_timeout)
+        output = ScriptOutput()
+        try:
+            with self.runner.reading(command) as stream:
+                while chunk := stream.read(1 << 12):
+                    output.feed(chunk)
+        except CommandError as exc:
+            if "idle timeout" in str(exc) or "timed out" in str(exc):
+                raise self.failure(path, "timed out") from None
+            raise OSError(errno.EIO, " ".join(str(exc).split())[-300:], str(path)) from None
+        found = (output.result() or "").split()
+        if len(found) != 2 or not found[0].isdigit():
+            raise OSError(errno.EIO, "no checksum in the output", str(path))
+        return FileDigest(int(found[0]), found[1])
 
     @contextmanager
     def open_read(self, path: Path) -> Iterator[IO[bytes]]:
