@@ -3,7 +3,8 @@
 The guest is a Debian cloud kernel plus a busybox initramfs holding the real tools a remote
 KVM host has: lvm2 (all its commands as links to /usr/sbin/lvm), dmsetup, thin-provisioning
 tools, btrfs-progs, mke2fs, qemu-img, GNU coreutils and findutils (in /usr/bin, ahead of the
-busybox applets in /bin on PATH), the kernel NFS server tools and mount.nfs, and OpenSSH's sshd.
+busybox applets in /bin on PATH), python3 with its standard library (gfs builds thin
+volumes' images there), the kernel NFS server tools and mount.nfs, and OpenSSH's sshd.
 Binaries are copied from this host with their `ldd` libraries (scripts/lab-setup installs them).
 
 Its /init (INIT_SCRIPT) loads the modules, configures the network as QEMU user networking
@@ -11,7 +12,8 @@ expects (eth0 10.0.2.15/24 via 10.0.2.2, lo up), then:
 
 - LVM: the disk with serial PV_SERIAL becomes a PV of the VG `VG_NAME` holding the thin pool
   `VG_NAME/THIN_POOL` (THIN_POOL_SIZE); the rest of the VG is free for classic LVs/snapshots;
-- NFS: the disk with serial NFS_SERIAL gets ext4, mounted at NFS_EXPORT and exported as the
+- NFS: the disk with serial NFS_SERIAL gets btrfs (reflink: an NFS 4.2 CLONE of a file on
+  the mount shares its extents on the server), mounted at NFS_EXPORT and exported as the
   NFSv4 root (fsid=0) to 127.0.0.1 only; the guest mounts it with its kernel NFSv4.2 client at
   NFS_MOUNT with NFS_MOUNT_OPTIONS (grace and lease times 10 s, so it is usable at once);
 - sshd on port 22: root with the lab's client key only (no passwords, no PAM);
@@ -85,6 +87,19 @@ BIN_TOOLS = ("btrfs", "qemu-img", "bash", "dash")
 # may be busybox: sshd runs every command with `$SHELL -c`, and gfs needs the GNU tools.
 SHELL_LINKS = {"bin/sh": "/usr/bin/dash", "bin/bash": "/usr/bin/bash"}
 GNU_PACKAGES = ("coreutils", "findutils")  # all their commands go to /usr/bin
+# The parts of Python's standard library a host script never needs (tests, GUI, tools).
+PYTHON_SKIP = {
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "lib2to3",
+    "ensurepip",
+    "pydoc_data",
+    "site-packages",
+    "dist-packages",
+    "__pycache__",
+}
 ETC_FILES = ("services", "protocols", "netconfig", "mke2fs.conf")
 
 LVM_CONF = """\
@@ -177,9 +192,9 @@ must ip route add default via 10.0.2.2
 # The NFS server first: its grace period (10 s) passes while LVM is set up.
 begin nfs-server
 disk=$(disk_with_serial @NFS_SERIAL@) || fail "nfs: no disk with serial @NFS_SERIAL@"
-must /usr/sbin/mke2fs -q -F -t ext4 -E lazy_itable_init=1,lazy_journal_init=1 -L gfs-nfs "$disk"
+must /usr/sbin/mkfs.btrfs -q -f -L gfs-nfs "$disk"
 mkdir -p @EXPORT@ @MOUNT@
-must mount -t ext4 "$disk" @EXPORT@
+must mount -t btrfs "$disk" @EXPORT@
 must mount -t nfsd nfsd /proc/fs/nfsd
 # Before nfsd starts: the kernel's 90 s grace period would block every open for that long.
 must sh -c 'echo 10 >/proc/fs/nfsd/nfsv4gracetime && echo 10 >/proc/fs/nfsd/nfsv4leasetime'
@@ -347,6 +362,28 @@ def _install_tools(root: Path) -> None:
     for command in package_commands(GNU_PACKAGES):
         if not (root / "usr/bin" / command.name).exists():
             _install(root, command, f"/usr/bin/{command.name}")
+    _install_python(root)
+
+
+def _install_python(root: Path) -> None:
+    """python3 and its standard library (without tests, GUI and tools), the libraries of
+    its extension modules too."""
+    binary = _find_tool("python3").resolve()
+    _install(root, binary, f"/usr/bin/{binary.name}")
+    (root / "usr/bin/python3").symlink_to(binary.name)
+    library = Path(f"/usr/lib/{binary.name}")
+    if not library.is_dir():
+        raise LabUnavailable(f"no {library} for {binary}")
+    for path in sorted(library.rglob("*")):
+        parts = set(path.relative_to(library).parts)
+        skipped = parts & PYTHON_SKIP or any(part.startswith("config-") for part in parts)
+        if skipped or not path.is_file():
+            continue
+        _copy_into(root, path)
+        if path.suffix == ".so":
+            for needed in library_files(path):
+                if not (root / needed.relative_to("/")).exists():
+                    _copy_into(root, needed)
 
 
 def _install_config(root: Path, keys: SshKeys) -> None:

@@ -15,9 +15,12 @@ import pytest
 from tests.conftest import RunGfs
 from tests.lab.fixtures import remote_host
 from tests.lab.remote_host import RemoteHost
+from tests.lab.remote_image import NFS_EXPORT, NFS_MOUNT
 from tests.system.conftest import Mounter
 from tests.system.helpers import gfs_subprocess, listing
 from tests.system.test_lvm_remote import VG, gfs_snapshots, lvm_config, ok
+from tests.system.test_remote_target import policy as remote_policy
+from tests.system.test_remote_target import write_config as write_remote_config
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 __all__ = ["remote_host"]
@@ -103,5 +106,87 @@ def test_a_thin_volume_is_read_by_what_changed_and_each_generation_stands_alone(
         assert "thin_pool_max_percent" in capture["reason"], capture
         assert image_digest(third) == volume_digest(remote_host, name)
     finally:
+        for leftover in [*gfs_snapshots(remote_host), name]:
+            remote_host.run(["lvremove", "-f", f"{VG}/{leftover}"])
+
+
+def host_sha256(host: RemoteHost, path: str) -> str:
+    return ok(host, ["sha256sum", path]).split()[0]
+
+
+def remote_manifest(host: RemoteHost, config: Path) -> dict[str, Any]:
+    done = gfs_subprocess("list", "--config", str(config), "--json")
+    assert done.returncode == 0, done.stderr
+    newest = json.loads(done.stdout)["jobs"][0]["generations"][-1]
+    manifest: dict[str, Any] = json.loads(ok(host, ["cat", f"{newest['path']}/manifest.json"]))
+    manifest["path"] = newest["path"]
+    return manifest
+
+
+def test_a_thin_volume_to_its_hosts_nfs_target_is_cloned_and_patched_on_the_server(
+    remote_host: RemoteHost, tmp_path: Path, run_gfs: RunGfs
+) -> None:
+    """The target is the lab host's NFS 4.2 mount of a btrfs export: the base image is
+    cloned on the server (NFS CLONE), only the changed MiBs cross from the snapshot into
+    it, on that host; nothing but progress and digests crosses SSH."""
+    name = f"thin{uuid.uuid4().hex[:6]}"
+    job = f"nfs-{name}"
+    device = f"/dev/{VG}/{name}"
+    ok(remote_host, ["lvcreate", "-q", "-y", "-V", "64m", "-T", f"{VG}/thinpool", "-n", name])
+    config = write_remote_config(tmp_path / "gfs.toml", remote_host, job, name, NFS_MOUNT)
+    config.write_text(config.read_text() + remote_policy(5))
+    try:
+        ok(remote_host, ["dd", "if=/dev/urandom", f"of={device}", "bs=1M", "count=24"])
+        ok(remote_host, ["dd", "if=/dev/urandom", f"of={device}", "bs=1M", "count=8", "seek=40"])
+        done = gfs_subprocess("run", "--force", "--config", str(config))
+        assert done.returncode == 0, done.stderr
+        first = remote_manifest(remote_host, config)
+        capture = first["source"]["capture"]
+        assert (capture["mode"], capture["disks"]["volume"]["path"]) == ("full", "new")
+        assert first["digest_algorithm"] == "sha256-1m"
+        assert host_sha256(remote_host, f"{first['path']}/volume.raw") == host_sha256(
+            remote_host, device
+        )
+
+        ok(remote_host, ["dd", "if=/dev/urandom", f"of={device}", "bs=1M", "count=2", "seek=10"])
+        ok(remote_host, ["blkdiscard", "-o", str(40 * MIB), "-l", str(4 * MIB), device])
+        used_before = int(ok(remote_host, ["df", "-B1", "--output=used", NFS_EXPORT]).split()[-1])
+        done = gfs_subprocess("run", "--force", "--config", str(config))
+        assert done.returncode == 0, done.stderr
+        second = remote_manifest(remote_host, config)
+        capture = second["source"]["capture"]
+        assert capture["mode"] == "incremental", done.stderr
+        assert capture["disks"]["volume"]["path"] == "clone"  # NFS 4.2 CLONE on btrfs
+        assert capture["bytes_read"] <= 3 * MIB and capture["disks"]["volume"]["zeroed"] >= 4 * MIB
+        used = int(ok(remote_host, ["df", "-B1", "--output=used", NFS_EXPORT]).split()[-1])
+        assert used - used_before < 12 * MIB, "the clone took the image's space again"
+        assert second["verify"][-1]["scope"] == "changed+sample"
+        expected = host_sha256(remote_host, device)
+        assert host_sha256(remote_host, f"{second['path']}/volume.raw") == expected
+
+        verify = gfs_subprocess("verify", "--config", str(config))
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+        ok(remote_host, ["rm", "-rf", first["path"]])  # the second stands alone
+        restored = tmp_path / "restored.raw"
+        result = run_gfs("restore", job, "--config", str(config), "--to", str(restored))
+        assert result.exit_code == 0, result.output
+        with restored.open("rb") as handle:
+            assert hashlib.file_digest(handle, "sha256").hexdigest() == expected
+
+        # The base damaged on the share in a MiB nothing changed: the sampled check on
+        # the clone catches it, and the run reads in full instead of inheriting it.
+        image = f"{second['path']}/volume.raw"
+        ok(remote_host, ["sh", "-c", f"printf x | dd of={image} bs=1 seek={30 * MIB} conv=notrunc"])
+        ok(remote_host, ["dd", "if=/dev/urandom", f"of={device}", "bs=1M", "count=1", "seek=3"])
+        done = gfs_subprocess("run", "--force", "--config", str(config))
+        assert done.returncode == 0, done.stderr
+        third = remote_manifest(remote_host, config)
+        capture = third["source"]["capture"]
+        assert capture["mode"] == "full" and "damaged on the target" in capture["reason"]
+        assert host_sha256(remote_host, f"{third['path']}/volume.raw") == host_sha256(
+            remote_host, device
+        )
+    finally:
+        remote_host.run(["rm", "-rf", f"{NFS_EXPORT}/{job}"])
         for leftover in [*gfs_snapshots(remote_host), name]:
             remote_host.run(["lvremove", "-f", f"{VG}/{leftover}"])
