@@ -47,10 +47,12 @@ from gfs_backup.copying.copy import digest_file
 from gfs_backup.core.config import Config, Job
 from gfs_backup.core.errors import GfsError, InputError, Problem
 from gfs_backup.core.lock import job_lock
+from gfs_backup.core.policy import TCG_TIMEOUT_FACTOR, DrillSettings
 from gfs_backup.core.state import State
 from gfs_backup.target.catalog import Stored, list_generations
 from gfs_backup.target.fs import LOCAL_FS, TargetFS
 from gfs_backup.target.manifest import DataFile, read_manifest, write_manifest
+from gfs_backup.tools.accel import best_accel
 from gfs_backup.tools.drillboot import AGENT_SOCKET, BootCheck, boot_and_check
 from gfs_backup.tools.drillvm import DrillLimits, make_qemu_argv, parse_drill_machine
 from gfs_backup.tools.fscheck import check_image
@@ -95,6 +97,7 @@ class DrillResult:
     console_tail: str = ""
     checks: tuple[CheckResult, ...] = ()
     error: bool = False  # the drill itself could not run (not a verdict on the backup)
+    accel: str = ""  # the accelerator a VM drill ran under (kvm, tcg)
 
     def record(self) -> dict[str, Any]:
         """The manifest's `drills` entry (console tail only on failure)."""
@@ -107,6 +110,8 @@ class DrillResult:
         }
         if not self.passed and self.console_tail:
             entry["console_tail"] = self.console_tail
+        if self.accel:
+            entry["accel"] = self.accel
         if self.checks:
             entry["checks"] = [
                 {
@@ -266,24 +271,25 @@ def _drill_vm(
     )
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gfs-drill-sum") as pool:
         summed = pool.submit(_checksums, stored, disks)
+        accel, timeout = resolve_accel(ctx, settings)
         agent_socket = Path(AGENT_SOCKET) if settings.agent else None  # QEMU runs in workdir
         console = workdir / "console.log"
         limits = DrillLimits(
-            settings.memory_mib, settings.accel, console, agent_socket, f"gfs-drill-{ctx.job.name}"
+            settings.memory_mib, accel, console, agent_socket, f"gfs-drill-{ctx.job.name}"
         )
         assert isinstance(ctx.runner, LocalRunner)
         booted = boot_and_check(
             ctx.runner,
             make_qemu_argv(machine, limits),
             workdir,
-            BootCheck(settings.console_pattern, settings.agent, settings.timeout),
+            BootCheck(settings.console_pattern, settings.agent, timeout),
             console,
         )
         boot = CheckResult(
             "boot",
             booted.passed,
             booted.seconds,
-            booted.reason,
+            f"{booted.reason} (under {accel.upper()})",
             "" if booted.passed else booted.console_tail,
         )
         checks.insert(0, summed.result())
@@ -293,6 +299,26 @@ def _drill_vm(
         reason = "; ".join(f"{check.name}: {check.detail}" for check in failed)
         raise DrillCheckFailed(reason, booted.console_tail, tuple(checks))
     return f"{booted.reason}; checksums of {len(disks)} image(s) match", tuple(checks)
+
+
+def resolve_accel(ctx: JobContext, settings: DrillSettings) -> tuple[str, float]:
+    """The accelerator a VM drill runs under and its boot timeout: `auto` is KVM when the
+    probe (tools/accel.py) ran guest code under it, else TCG with the timeout multiplied
+    by TCG_TIMEOUT_FACTOR; `tcg` and `kvm` as given."""
+    if settings.accel != "auto":
+        return settings.accel, settings.timeout
+    accel, why = best_accel()
+    if accel == "kvm":
+        return accel, settings.timeout
+    timeout = settings.timeout * TCG_TIMEOUT_FACTOR
+    ctx.log.info(
+        "job %s: drill under TCG, boot timeout %g s (x%d): %s",
+        ctx.job.name,
+        timeout,
+        TCG_TIMEOUT_FACTOR,
+        why,
+    )
+    return "tcg", timeout
 
 
 def _checksums(stored: Stored, disks: list[DataFile]) -> CheckResult:

@@ -70,7 +70,7 @@ class JobOutcome:
     message: str = ""
     warnings: list[str] = field(default_factory=list)
     pruned: list[str] = field(default_factory=list)
-    path: Path | None = None  # the published generation
+    path: str | None = None  # the published generation's directory
 
 
 def now_utc() -> datetime:
@@ -200,7 +200,7 @@ def _run_locked(
                 + "".join(f"warning: {warning}\n" for warning in warnings)
             )
         return JobOutcome(job.name, "failed", seconds=seconds, message=message, warnings=warnings)
-    env = hook_env(job, outcome.path or job_dir, outcome.generation, "ok")
+    env = hook_env(job, Path(outcome.path) if outcome.path else job_dir, outcome.generation, "ok")
     outcome.warnings += _hook_warnings(ops.hooks, ("after",), env)
     if pinger is not None:
         pinger.success(
@@ -334,7 +334,7 @@ def _pipeline(
         exported.bytes_written,
         warnings=warnings,
         pruned=pruned,
-        path=published,
+        path=str(published),
     )
 
 

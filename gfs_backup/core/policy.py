@@ -21,7 +21,8 @@ A policy file (`policies/NAME.toml`, or an inline `policy` table of a job):
     agent = false                # VM: the guest agent must answer guest-ping
     timeout = "5m"               # VM: seconds, or a number with s, m or h
     memory = 1024                # VM: MiB cap (the domain's memory if smaller)
-    accel = "tcg"                # VM: tcg (works everywhere) or kvm
+    accel = "auto"               # VM: auto (KVM when a probe runs guest code under it, else
+                                 # TCG with the timeout x 3), tcg or kvm
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ POLICY_KEYS = (
 )
 DRILL_KEYS = ("schedule", "select", "console", "agent", "timeout", "memory", "accel")
 DRILL_SELECT = ("newest", "son", "father", "grandfather", "yearly")
-DRILL_ACCEL = ("tcg", "kvm")
+DRILL_ACCEL = ("auto", "tcg", "kvm")
+TCG_TIMEOUT_FACTOR = 3  # accel = "auto" fell back to TCG: emulation boots slower
 DEFAULT_DRILL_CONSOLE = "login:"
 _DURATION_RE = re.compile(r"(\d+)\s*([smhdw]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -85,7 +87,7 @@ class DrillSettings:
     agent: bool = False
     timeout: float = 300.0
     memory_mib: int = 1024
-    accel: str = "tcg"
+    accel: str = "auto"
 
     @property
     def console_pattern(self) -> str | None:

@@ -17,6 +17,7 @@ from typing import Any
 import libvirt
 import pytest
 
+from gfs_backup.tools.accel import runs_guest_code
 from tests.conftest import RunGfs
 from tests.lab.domains import LabDomain
 from tests.lab.fixtures import guest_image, libvirt_conn, libvirt_daemon, make_domain
@@ -128,12 +129,17 @@ def test_vm_drill_boots_the_backup_isolated_and_fails_clearly(
     assert_clean(scratch)
 
     # A marker that never appears: fails after the timeout with the console's end recorded.
-    never = policy('console = "NEVER-PRINTED"\ntimeout = 20\n')
+    # accel = "auto" (the default): KVM does not run guests on these machines, the probe
+    # says so and the drill runs under TCG with the timeout x 3.
+    never = policy('console = "NEVER-PRINTED"\ntimeout = 7\n')
     write_config(tmp_path, target, "vm", "libvirt", "domain", Path(vm.name), never, extra)
+    kvm_works, _why = runs_guest_code("kvm")
     failed = run_gfs("drill", "vm", "--config", str(config))
     assert failed.exit_code == 5, failed.output
     assert "drill FAILED" in failed.stdout
-    assert "timed out after 20 s: the console never matched /NEVER-PRINTED/" in failed.stdout
+    wait = 7 if kvm_works else 21
+    assert f"timed out after {wait} s: the console never matched /NEVER-PRINTED/" in failed.stdout
+    assert drills(generation)[-1]["accel"] == ("kvm" if kvm_works else "tcg")
     record = drills(generation)[-1]
     assert record["outcome"] == "fail"
     assert "GFS-PATTERN-OK tag=dr1" in record["console_tail"]

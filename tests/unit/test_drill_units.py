@@ -214,7 +214,7 @@ def test_drill_settings_problems_are_all_reported_with_their_keys() -> None:
     assert "p.toml: drill.agent: expected true or false" in joined
     assert "p.toml: drill.timeout: expected seconds or a duration" in joined
     assert "p.toml: drill.memory: 8 MiB is not allowed" in joined
-    assert "p.toml: drill.accel: unknown value 'xen' (allowed: tcg, kvm)" in joined
+    assert "p.toml: drill.accel: unknown value 'xen' (allowed: auto, tcg, kvm)" in joined
     assert len(problems) == 7
 
 
