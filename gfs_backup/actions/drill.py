@@ -27,6 +27,7 @@ The result goes into the generation's manifest (`drills`) and the run history.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -51,7 +52,7 @@ from gfs_backup.core.policy import TCG_TIMEOUT_FACTOR, DrillSettings
 from gfs_backup.core.state import State
 from gfs_backup.target.catalog import Stored, list_generations
 from gfs_backup.target.fs import LOCAL_FS, TargetFS
-from gfs_backup.target.manifest import DataFile, read_manifest, write_manifest
+from gfs_backup.target.manifest import MANIFEST, DataFile, read_manifest, write_manifest
 from gfs_backup.tools.accel import best_accel
 from gfs_backup.tools.drillboot import AGENT_SOCKET, BootCheck, boot_and_check
 from gfs_backup.tools.drillvm import DrillLimits, make_qemu_argv, parse_drill_machine
@@ -79,10 +80,17 @@ class DrillCheckFailed(Exception):
     """The generation did not pass: `reason` says why, `tail` is the console's end,
     `checks` the layers that ran."""
 
-    def __init__(self, reason: str, tail: str = "", checks: tuple[CheckResult, ...] = ()) -> None:
+    def __init__(
+        self, reason: str, tail: str = "", checks: tuple[CheckResult, ...] = (), accel: str = ""
+    ) -> None:
         super().__init__(reason)
         self.tail = tail
         self.checks = checks
+        self.accel = accel
+
+
+class GenerationGone(GfsError):
+    """The generation vanished while it was drilled (pruned, ESTALE): no verdict."""
 
 
 @dataclass(frozen=True)
@@ -166,8 +174,11 @@ def drill(
             state.close()
 
 
-def drill_locked(job: Job, stored: Stored, root: Path, state: State, now: datetime) -> DrillResult:
-    """Drill `stored` in a new directory under `root` (the caller holds the job's lock)."""
+def drill_locked(
+    job: Job, stored: Stored, root: Path, state: State, now: datetime, record: bool = True
+) -> DrillResult:
+    """Drill `stored` in a new directory under `root` (the caller holds the job's lock);
+    with `record`, the result goes into the generation's manifest."""
     run_id = state.start_run(job.name)
     workdir = root / f"{WORKDIR_PREFIX}{job.name}-{stored.id}-r{run_id}"
     entry = state.journal(run_id, job.name, "drill", str(workdir))
@@ -175,17 +186,21 @@ def drill_locked(job: Job, stored: Stored, root: Path, state: State, now: dateti
     check = describe_check(job, stored)
     log.info("job %s: drill of %s in %s (%s)", job.name, stored.id, workdir, check)
     started = time.monotonic()
-    passed, reason, tail, error = False, "", "", False
+    passed, reason, tail, error, accel = False, "", "", False, ""
     checks: tuple[CheckResult, ...] = ()
     try:
         try:
             workdir.mkdir(mode=0o700)
-            reason, checks = _drill_kind(ctx, stored, workdir)
+            reason, checks, accel = _drill_kind(ctx, stored, workdir)
             passed = True
         except DrillCheckFailed as exc:
-            reason, tail, checks = str(exc), exc.tail, exc.checks
+            reason, tail, checks, accel = str(exc), exc.tail, exc.checks, exc.accel
         except (GfsError, OSError, ValueError) as exc:
             reason, error = _one_line(exc), True
+        gone = not stored.fs.exists(stored.path / MANIFEST)
+        if gone:
+            passed, error = False, True
+            reason = f"generation {stored.id} was removed during its drill (pruned?): no verdict"
     except BaseException:
         state.finish_run(run_id, "interrupted", stored.id, message="drill interrupted")
         raise
@@ -194,9 +209,10 @@ def drill_locked(job: Job, stored: Stored, root: Path, state: State, now: dateti
         state.done(entry)
     seconds = time.monotonic() - started
     result = DrillResult(
-        job.name, stored.id, passed, check, reason, seconds, now, tail, checks, error
+        job.name, stored.id, passed, check, reason, seconds, now, tail, checks, error, accel
     )
-    _record(stored, result)
+    if record and not gone:
+        _record(stored, result)
     status = "drilled" if passed else "drill-failed"
     state.finish_run(run_id, status, stored.id, seconds=result.seconds, message=reason)
     verdict = "passed" if passed else "FAILED"
@@ -219,26 +235,26 @@ def describe_check(job: Job, stored: Stored) -> str:
 
 def _drill_kind(
     ctx: JobContext, stored: Stored, workdir: Path
-) -> tuple[str, tuple[CheckResult, ...]]:
-    """The drill of the generation's kind: its reason, and its checks when it has layers.
-    Raises DrillCheckFailed."""
+) -> tuple[str, tuple[CheckResult, ...], str]:
+    """The drill of the generation's kind: its reason, its checks when it has layers, the
+    accelerator a VM ran under. Raises DrillCheckFailed."""
     kind = stored.manifest.kind
     if kind == "libvirt":
         return _drill_vm(ctx, stored, workdir)
     if kind == "btrfs":
-        return _drill_btrfs(ctx, stored, workdir), ()
+        return _drill_btrfs(ctx, stored, workdir), (), ""
     if kind == "lvm":
-        return _drill_volume(ctx, stored, workdir), ()
+        return _drill_volume(ctx, stored, workdir), (), ""
     if kind == "files":
         restored = workdir / "restored"
         backend_for(kind).restore(ctx, stored, restored, None, RestoreOptions())
-        return f"restored {len(stored.manifest.tree)} entries, every checksum matches", ()
+        return f"restored {len(stored.manifest.tree)} entries, every checksum matches", (), ""
     raise DrillCheckFailed(f"no drill for {kind} generations yet")
 
 
 def _drill_vm(
     ctx: JobContext, stored: Stored, workdir: Path
-) -> tuple[str, tuple[CheckResult, ...]]:
+) -> tuple[str, tuple[CheckResult, ...], str]:
     """Boot from the images on the target (read-only backing files of QEMU's snapshot
     overlays in `workdir`) while their checksums are verified: the reason and every
     check's result, or DrillCheckFailed with them."""
@@ -297,8 +313,8 @@ def _drill_vm(
     failed = [check for check in checks if not check.passed]
     if failed:
         reason = "; ".join(f"{check.name}: {check.detail}" for check in failed)
-        raise DrillCheckFailed(reason, booted.console_tail, tuple(checks))
-    return f"{booted.reason}; checksums of {len(disks)} image(s) match", tuple(checks)
+        raise DrillCheckFailed(reason, booted.console_tail, tuple(checks), accel)
+    return f"{booted.reason}; checksums of {len(disks)} image(s) match", tuple(checks), accel
 
 
 def resolve_accel(ctx: JobContext, settings: DrillSettings) -> tuple[str, float]:
@@ -330,6 +346,11 @@ def _checksums(stored: Stored, disks: list[DataFile]) -> CheckResult:
         try:
             found = digest_file(stored.path / data.path, uncached=True)
         except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ESTALE):
+                raise GenerationGone(
+                    f"{data.path} vanished while it was drilled ({exc.strerror}): the "
+                    f"generation was removed (pruned?): no verdict"
+                ) from None
             wrong.append(f"{data.path}: cannot be read ({exc.strerror})")
             continue
         if (found.size, found.digest) != (data.size, data.digest):
@@ -421,14 +442,19 @@ def _one_line(exc: BaseException) -> str:
 def select_for_schedule(job: Job, stored: list[Stored]) -> Stored | None:
     """The generation a scheduled drill picks: the newest with the policy's `select` label
     (the newest generation when none has it, or for `newest`)."""
+    return select_labelled(stored, job.policy.drill.select, job.name)
+
+
+def select_labelled(stored: list[Stored], wanted: str, job: str = "") -> Stored | None:
+    """The newest generation with the label `wanted` (the newest of all when none has it,
+    or for `newest`)."""
     if not stored:
         return None
-    wanted = job.policy.drill.select
     if wanted != "newest":
         labelled = [item for item in stored if wanted in item.manifest.labels]
         if labelled:
             return labelled[-1]
-        log.info("job %s: no %s generation to drill: drilling the newest", job.name, wanted)
+        log.info("job %s: no %s generation to drill: drilling the newest", job, wanted)
     return stored[-1]
 
 

@@ -418,6 +418,7 @@ def _manifest(
         source=exported.source,
         digest_algorithm=exported.digest_algorithm,
         warnings=exported.warnings,
+        drill_check=drill_check(job) if job.kind == "libvirt" else {},
     )
     if job.policy.verify_after_export:
         stored = Stored(partial.path, manifest, partial.fs)
@@ -436,6 +437,18 @@ def _manifest(
     result = plan([*existing, new], job.policy.rules, ctx.now, job.policy.zone)
     labels = next((kept.labels for kept in result.keep if kept.generation is new), ())
     return replace(manifest, labels=labels)
+
+
+def drill_check(job: Job) -> dict[str, object]:
+    """The policy's VM drill check, kept in each generation for drills away from the host."""
+    settings = job.policy.drill
+    return {
+        "console": settings.console,
+        "agent": settings.agent,
+        "timeout": settings.timeout,
+        "memory": settings.memory_mib,
+        "accel": settings.accel,
+    }
 
 
 def _retire(ctx: JobContext, backend: Backend, snapshot: Snapshot) -> None:

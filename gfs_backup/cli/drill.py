@@ -4,23 +4,55 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from gfs_backup.actions.drill import drill, result_json
+from gfs_backup.actions.drill import DrillResult, drill, result_json
 from gfs_backup.actions.drillreport import junit_xml, summary_markdown, write_report
 from gfs_backup.actions.plan import select_jobs
 from gfs_backup.actions.run import now_utc
+from gfs_backup.actions.targetdrill import DEFAULT_SCRATCH, TargetDrill, drill_target
 from gfs_backup.cli.data import generation_option
 from gfs_backup.cli.jobs import Terminated, _on_sigterm, wait_option
 from gfs_backup.cli.options import config_option, json_option
 from gfs_backup.core.config import load_config
 from gfs_backup.core.errors import ExitCode, GfsError
+from gfs_backup.core.policy import DRILL_ACCEL, DRILL_SELECT
 
 
 @click.command("drill")
-@click.argument("job")
+@click.argument("jobs", nargs=-1)
+@click.option(
+    "--target",
+    "target",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Drill from this backup target alone (a CI runner): no config, state or libvirt.",
+)
+@click.option("--all-jobs", is_flag=True, help="With --target: every job found there.")
+@click.option(
+    "--select",
+    type=click.Choice(DRILL_SELECT),
+    default="newest",
+    show_default=True,
+    help="With --target: which generation of each job (by its rotation label).",
+)
+@click.option(
+    "--scratch",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="With --target: the scratch directory (default $TMPDIR or /var/tmp).",
+)
+@click.option("--console", help="With --target: the console regex (default: the generation's).")
+@click.option("--agent/--no-agent", default=None, help="With --target: require the guest agent.")
+@click.option("--timeout", type=float, help="With --target: boot timeout in seconds.")
+@click.option("--memory", type=int, help="With --target: memory cap in MiB.")
+@click.option("--accel", type=click.Choice(DRILL_ACCEL), help="With --target: auto, tcg, kvm.")
+@click.option(
+    "--record",
+    is_flag=True,
+    help="With --target: append each result to its generation's manifest (writable target).",
+)
 @config_option
 @generation_option
 @wait_option
@@ -38,7 +70,17 @@ from gfs_backup.core.errors import ExitCode, GfsError
     help="Also write a Markdown table (e.g. $GITHUB_STEP_SUMMARY).",
 )
 def drill_command(
-    job: str,
+    jobs: tuple[str, ...],
+    target: Path | None,
+    all_jobs: bool,
+    select: str,
+    scratch: Path | None,
+    console: str | None,
+    agent: bool | None,
+    timeout: float | None,
+    memory: int | None,
+    accel: str | None,
+    record: bool,
     config_path: Path,
     generation: str | None,
     wait: bool,
@@ -87,9 +129,37 @@ def drill_command(
     cap, default 1024), accel (tcg, the default, or kvm).
     \b
     --junit FILE and --summary FILE write the result for CI (docs/drills.md).
+    \b
+    From the target alone (a CI runner mounting the share, read-only is enough):
+      gfs drill --target /mnt/backup --all-jobs --select grandfather \\
+                --junit drill.xml --summary "$GITHUB_STEP_SUMMARY"
+    no configuration, state or libvirt; VM checks come from each generation (the policy
+    at export time) or the flags; nothing under the target is written (--record: the
+    result into the manifest); files, btrfs and lvm generations need root. Exit 5 when
+    any drill failed or could not run.
     Exit 0 passed, 5 the drill failed (or was interrupted), 3 invalid configuration,
     6 the job's lock is held.
     """
+    if target is not None:
+        request = TargetDrill(
+            target,
+            jobs,
+            all_jobs,
+            select,
+            generation,
+            scratch or DEFAULT_SCRATCH,
+            console,
+            agent,
+            timeout,
+            memory,
+            accel,
+            record,
+        )
+        _report(_interruptible(lambda: drill_target(request, now_utc())), as_json, junit, summary)
+        return
+    if len(jobs) != 1 or all_jobs:
+        raise click.UsageError("name exactly one JOB (or drill from a target: --target PATH)")
+    job = jobs[0]
     config = load_config(config_path)
     (selected,) = select_jobs(config, [job])
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
@@ -119,4 +189,42 @@ def drill_command(
             for line in result.console_tail.splitlines()[-15:]:
                 click.echo(f"  | {line}")
     if not result.passed:
+        raise SystemExit(int(ExitCode.FAILED))
+
+
+def _interruptible(work: Callable[[], list[DrillResult]]) -> list[DrillResult]:
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return work()
+    except Terminated:
+        raise GfsError(
+            "drill interrupted by SIGTERM: QEMU was killed and the scratch directory removed"
+        ) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _report(
+    results: list[DrillResult], as_json: bool, junit: Path | None, summary: Path | None
+) -> None:
+    """Print and write the results of a target drill; exit 5 unless every one passed."""
+    if junit is not None:
+        write_report(junit, junit_xml(results))
+    if summary is not None:
+        write_report(summary, summary_markdown(results).encode())
+    if as_json:
+        click.echo(json.dumps({"drills": [result_json(r) for r in results]}, indent=2))
+    else:
+        for result in results:
+            verdict = "ERROR" if result.error else "passed" if result.passed else "FAILED"
+            click.echo(
+                f"{result.job} {result.generation}: drill {verdict} in "
+                f"{result.seconds:.1f} s: {result.reason}"
+            )
+            for check in result.checks:
+                click.echo(
+                    f"  {'ok    ' if check.passed else 'FAILED'} {check.name} "
+                    f"({check.seconds:.1f} s): {check.detail}"
+                )
+    if not results or not all(result.passed for result in results):
         raise SystemExit(int(ExitCode.FAILED))

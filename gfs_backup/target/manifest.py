@@ -52,6 +52,9 @@ class Manifest:
     tool: str = f"gfs-backup {__version__}"
     digest_algorithm: str = ALGORITHM
     warnings: tuple[str, ...] = ()  # what the export found worth a human's look
+    # A VM's drill check as its policy said (console, agent, timeout, memory, accel): what
+    # `gfs drill --target` uses without the host's configuration.
+    drill_check: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -74,6 +77,7 @@ class Manifest:
             "verify": list(self.verify),
             "drills": list(self.drills),
             "warnings": list(self.warnings),
+            "drill_check": self.drill_check,
         }
 
     def with_verify(self, record: dict[str, Any]) -> Manifest:
@@ -151,6 +155,7 @@ def parse_manifest(text: str, where: str) -> Manifest:
         tool=str(data.get("tool", "")),
         digest_algorithm=_field(data, "digest_algorithm", str, where),
         warnings=tuple(str(line) for line in _optional_list(data, "warnings", where)),
+        drill_check=_field(data, "drill_check", dict, where) if "drill_check" in data else {},
     )
 
 
