@@ -308,7 +308,8 @@ def _pipeline(
             )
             manifest = _manifest(ctx, partial, exported, listing.generations)
             crash_point("before-publish")
-            partial.publish(manifest)
+            shared = config.targets[job.target].read_group if job.kind == "libvirt" else None
+            partial.publish(manifest, shared)
         except BaseException as exc:
             _abort(ctx, partial, exc)
             raise

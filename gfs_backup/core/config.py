@@ -28,6 +28,8 @@ base_verified_within = "7d"         # build only on a generation fully verified 
 
 from __future__ import annotations
 
+import grp
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +75,7 @@ DEFAULT_REHASH_EVERY = "30d"
 INCREMENTAL_KEYS = ("full_every", "base_verified_within")
 DEFAULT_FULL_EVERY = "30d"
 DEFAULT_BASE_VERIFIED_WITHIN = "7d"
-TARGET_KEYS = ("path", "require_nfs", "bandwidth", "host", "io_timeout")
+TARGET_KEYS = ("path", "require_nfs", "bandwidth", "host", "io_timeout", "read_group")
 DEFAULT_IO_TIMEOUT = 600.0
 HOST_KEYS = ("address", "user", "port", "identity_file", "known_hosts")
 JOB_COMMON_KEYS = ("name", "kind", "host", "target", "policy", "scratch_dir")
@@ -119,6 +121,7 @@ class Target:
     bandwidth: int = 0  # bytes/s all jobs together may write to it; 0 = no limit
     host: str = "local"  # the host that mounts it; a job writing to it must run there
     io_timeout: float = DEFAULT_IO_TIMEOUT  # seconds without progress on a remote target
+    read_group: str | None = None  # may read VM generations (a CI runner's drills)
 
 
 @dataclass(frozen=True)
@@ -256,7 +259,25 @@ def _target(name: str, table: Table, collector: Collector) -> Target:
             f"cannot be enforced on a target of host {host!r}: the copy runs there; "
             "remove it (limit the host's NFS traffic there instead)",
         )
-    return Target(name, Path(where), require_nfs, bandwidth, host, float(io_timeout))
+    read_group = collector.get(table, "read_group", path, str, None, "a group name")
+    if read_group is not None:
+        if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", read_group):
+            collector.add(join_key(path, "read_group"), f"{read_group!r} is not a group name")
+        elif host == LOCAL_HOST and not _group_exists(read_group):
+            collector.add(
+                join_key(path, "read_group"),
+                f"group {read_group!r} does not exist on this machine: create it (groupadd) "
+                "with the same GID as on the machines that drill from the share",
+            )
+    return Target(name, Path(where), require_nfs, bandwidth, host, float(io_timeout), read_group)
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
 
 
 def _host(name: str, table: Table, collector: Collector) -> Host:

@@ -11,9 +11,11 @@ TargetIOError instead of hanging gfs.
 from __future__ import annotations
 
 import errno
+import grp
 import hashlib
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -84,6 +86,10 @@ class TargetFS(Protocol):
         ...
 
     def chmod(self, path: Path, mode: int) -> None: ...
+
+    def share_with_group(self, path: Path, group: str) -> None:
+        """Give the tree `path` to `group`, readable by it (g+r files, g+rx directories)."""
+        ...
 
     def rename(self, source: Path, destination: Path) -> None:
         """Rename within one directory tree and sync the destination's directory."""
@@ -183,6 +189,13 @@ class LocalFS:
 
     def chmod(self, path: Path, mode: int) -> None:
         os.chmod(path, mode)
+
+    def share_with_group(self, path: Path, group: str) -> None:
+        gid = grp.getgrnam(group).gr_gid
+        for directory, _dirs, files in os.walk(path):
+            for name, bits in [(directory, 0o050), *((f"{directory}/{f}", 0o040) for f in files)]:
+                os.chown(name, -1, gid, follow_symlinks=False)
+                os.chmod(name, stat.S_IMODE(os.lstat(name).st_mode) | bits)
 
     def rename(self, source: Path, destination: Path) -> None:
         os.rename(source, destination)
@@ -304,6 +317,11 @@ class RemoteFS:
     def chmod(self, path: Path, mode: int) -> None:
         self._inside(path)
         self._run(("chmod", f"{mode:o}", "--", str(path)), path, mutating=True)
+
+    def share_with_group(self, path: Path, group: str) -> None:
+        self._inside(path)
+        self._run(("chgrp", "-R", "--", group, str(path)), path, mutating=True)
+        self._run(("chmod", "-R", "g+rX", "--", str(path)), path, mutating=True)
 
     def rename(self, source: Path, destination: Path) -> None:
         self._inside(source)

@@ -53,11 +53,15 @@ class PartialGeneration:
         self._entry = state.journal(run_id, job, "partial", str(self.path))
         fs.make_dir(self.path, 0o700)
 
-    def publish(self, manifest: Manifest) -> Path:
-        """Write the manifest last and rename into place; return the generation's path."""
+    def publish(self, manifest: Manifest, read_group: str | None = None) -> Path:
+        """Write the manifest last and rename into place; return the generation's path.
+        The generation is for root only (mode 0750, root's group: backups hold secrets),
+        or with `read_group` readable by that group too (a CI runner's drills)."""
         write_manifest(self.path, manifest, self.fs)
         final = self.job_dir / self.generation
-        self.fs.chmod(self.path, 0o755)
+        if read_group:
+            self.fs.share_with_group(self.path, read_group)
+        self.fs.chmod(self.path, 0o750)
         self.fs.rename(self.path, final)
         self._state.done(self._entry)
         return final
