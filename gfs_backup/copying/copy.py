@@ -640,9 +640,13 @@ class _ReadBack:
             if exc.errno != errno.EINVAL:
                 raise
             self.fd, self.direct = os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
-        # The blocks written and not yet checked, in order: the writer appends, the checker
-        # pops what it checked (memory follows the lag only).
+        # The kept blocks written and not yet checked, in order: the writer appends, the
+        # checker pops what it checked (memory follows the lag only).
         self.expected: collections.deque[_Expected] = collections.deque()
+        # Blocks that hold no buffer (a punched range, a small file's one chunk): in any
+        # order (an image's zero ranges come before its data), checked at the end; they
+        # must never stand in the way of kept chunks waiting for their window.
+        self.deferred: list[_Expected] = []
         self.problems: list[str] = []
         self._lock = threading.Lock()  # `expected` against the drop after a problem
         self._windows: queue.SimpleQueue[int | None] = queue.SimpleQueue()
@@ -664,11 +668,12 @@ class _ReadBack:
         with self._lock:
             if self.problems:  # nothing is checked any more: keep nothing
                 keep = False
+            queue = self.expected.append if keep else self.deferred.append
             for index, block_digest in enumerate(digests):
                 start = index * BLOCK
                 count = min(BLOCK, length - start)
                 last = index == len(digests) - 1
-                self.expected.append(
+                queue(
                     _Expected(
                         offset + start,
                         count,
@@ -700,6 +705,10 @@ class _ReadBack:
         try:
             while (end := self._windows.get()) is not None:
                 self._check(end)
+            self._check(None)
+            with self._lock:
+                self.expected.extend(sorted(self.deferred, key=lambda block: block.offset))
+                self.deferred.clear()
             self._check(None)
         except OSError as exc:
             self._fail(f"cannot read back what was written: {exc.strerror}")

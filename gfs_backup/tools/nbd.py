@@ -161,17 +161,22 @@ class NbdExport:
         `handle`, straight into `buffer` (no copy)."""
         nbd = _nbd()
         pieces = iter(range(0, len(buffer), PIECE))
-        pending: list[int] = []
+        next_start = next(pieces, None)
+        pending: dict[int, Any] = {}  # cookie -> its buffer, alive until retired
         try:
             while True:
-                while len(pending) < DEPTH and (start := next(pieces, None)) is not None:
-                    view = buffer[start : start + PIECE]
-                    pending.append(handle.aio_pread(nbd.Buffer.from_buffer(view), offset + start))
-                if not pending:
-                    return
-                if handle.aio_in_flight() > 0:
+                while len(pending) < DEPTH and next_start is not None:
+                    view = nbd.Buffer.from_buffer(buffer[next_start : next_start + PIECE])
+                    pending[handle.aio_pread(view, offset + next_start)] = view
+                    next_start = next(pieces, None)
+                # Retire what completed first: a command may complete while others are
+                # issued, and poll must only wait for one the server still owes.
+                for cookie in [c for c in pending if handle.aio_command_completed(c)]:
+                    del pending[cookie]
+                if pending:
                     handle.poll(-1)
-                pending = [cookie for cookie in pending if not handle.aio_command_completed(cookie)]
+                elif next_start is None:
+                    return
         except nbd.Error as exc:
             raise OSError(exc.errno or errno.EIO, f"{self.where}: {exc.string}") from None
 

@@ -9,14 +9,18 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
+from gfs_backup.copying import copy as copy_module
+from gfs_backup.copying import image as image_module
 from gfs_backup.copying.copy import digest_file
 from gfs_backup.copying.digest import BLOCK
 from gfs_backup.copying.image import (
     SAMPLE_MIN_BLOCKS,
+    ImageResult,
     Span,
     block_count,
     check_stored_blocks,
@@ -173,3 +177,36 @@ def test_clone_on_a_filesystem_without_reflink_still_copies_sparse(tmp_path: Pat
     assert how in ("clone", "server-copy", "full-write")
     assert same(base, copy)
     assert copy.stat().st_blocks * 512 <= 2 * BLOCK
+
+
+def test_zero_ranges_ahead_of_the_data_never_hold_up_kept_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A patch punches its zero ranges (here at the disk's end) before it writes the data;
+    the read-back must still check and hand back each kept chunk in its window, or the
+    reader waits forever for a buffer (found in CI: a run hung with every thread idle)."""
+    monkeypatch.setattr(image_module, "CHUNK", BLOCK)
+    monkeypatch.setattr(copy_module, "CHUNK", BLOCK)
+    monkeypatch.setattr(copy_module, "VERIFY_BUFFERS", 4)
+    size = 40 * BLOCK
+    base_disk = disk(tmp_path / "old", size, [(0, os.urandom(size))])
+    base = tmp_path / "base.raw"
+    full = write_image(FileSource(base_disk), base, spans_of([(0, size)], size), None)
+    new_disk = tmp_path / "new"
+    new_disk.write_bytes(base_disk.read_bytes()[: 30 * BLOCK] + bytes(10 * BLOCK))
+    with new_disk.open("r+b") as handle:
+        handle.write(os.urandom(20 * BLOCK))  # 20 changed chunks: more than the buffers
+    dirty = [(0, 20 * BLOCK), (30 * BLOCK, 10 * BLOCK)]
+    spans = split_zero(spans_of(dirty, size), [(30 * BLOCK, 10 * BLOCK)])
+    assert spans[-1].zero and spans[-1].start == 30 * BLOCK
+    image = tmp_path / "new.raw"
+    clone_file(base, image)
+    done: list[ImageResult] = []
+    worker = threading.Thread(
+        target=lambda: done.append(write_image(FileSource(new_disk), image, spans, full.digests))
+    )
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the patch waits forever"
+    assert same(new_disk, image)
+    assert done[0].digest == digest_file(new_disk).digest
