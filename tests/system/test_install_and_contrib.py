@@ -76,6 +76,13 @@ def test_a_failed_run_unit_starts_the_failure_reporter() -> None:
     assert reporter["Service"]["ExecStart"] == "/usr/local/bin/gfs notify-failure %i"
 
 
+def test_both_ci_definitions_call_the_same_drill_line() -> None:
+    wanted = "gfs drill --target /mnt/backup --all-jobs --select grandfather --junit drill.xml"
+    for name in ("gitlab-ci.yml", "github-drill.yml"):
+        text = (REPO / "contrib" / "ci" / name).read_text()
+        assert wanted in " ".join(text.replace("\\\n", " ").split()), name
+
+
 def test_cron_file_runs_gfs_as_root() -> None:
     lines = [
         line
