@@ -77,10 +77,17 @@ def job_names(request: TargetDrill) -> list[str]:
     return [
         entry.name
         for entry in sorted(root.iterdir())
-        if entry.is_dir()
-        and NAME_RE.fullmatch(entry.name)
-        and any((child / MANIFEST).is_file() for child in entry.iterdir() if child.is_dir())
+        if entry.is_dir() and NAME_RE.fullmatch(entry.name) and _holds_generations(entry)
     ]
+
+
+def _holds_generations(job_dir: Path) -> bool:
+    """Whether `job_dir` has a generation directory (its manifest may be unreadable here:
+    a generation this user may not read is still one to report)."""
+    try:
+        return any(child.is_dir() and not child.name.startswith(".") for child in job_dir.iterdir())
+    except OSError:
+        return False
 
 
 def privileged() -> bool:
@@ -171,6 +178,20 @@ def drill_target(request: TargetDrill, now: datetime) -> list[DrillResult]:
     for name in job_names(request):
         listing = list_generations(request.root / name)
         chosen = pick(listing.stored, request)
+        denied = [p for p in listing.problems if "Permission denied" in str(p)]
+        if chosen is None and denied and not privileged():
+            results.append(
+                error_result(
+                    name,
+                    request.generation or request.select,
+                    "its generations are not readable by this user: VM generations are "
+                    "readable by the target's read_group; files, btrfs and lvm generations "
+                    "keep their sources' owners and modes: drilling them needs root or "
+                    "CAP_DAC_READ_SEARCH (run this drill as root)",
+                    now,
+                )
+            )
+            continue
         if chosen is None:
             why = "; ".join(str(problem) for problem in listing.problems[:3])
             wanted = request.generation or request.select

@@ -120,3 +120,48 @@ class AgentClient:
             if not data:
                 raise ConnectionResetError("the guest agent socket closed")
             self.buffer += data
+
+    def call(self, command: str, arguments: dict[str, Any] | None, budget: float) -> Any:
+        """The `return` value of one command (after a fresh guest-sync), within `budget`
+        seconds. AgentError with the agent's error or the reason it did not answer."""
+        if not self.attempt(budget):
+            raise AgentError(self.last_error)
+        deadline = time.monotonic() + budget
+        replies: list[Any] = []
+        try:
+            self._send(agent_request(command, arguments))
+
+            def answered(reply: Any) -> bool:
+                replies.append(reply)
+                return "return" in reply or "error" in reply
+
+            self._wait_for(answered, deadline)
+        except OSError as exc:
+            raise AgentError(f"{command}: {exc.strerror or exc}") from None
+        final = next((r for r in reversed(replies) if "return" in r or "error" in r), None)
+        if final is None:
+            raise AgentError(f"the guest agent did not answer {command} in {budget:g} s")
+        if "error" in final:
+            error = final["error"]
+            detail = error.get("desc", error) if isinstance(error, dict) else error
+            raise AgentError(f"{command}: {detail}")
+        return final["return"]
+
+
+class AgentError(Exception):
+    """The guest agent refused or did not answer a command."""
+
+
+def guest_exec_allowed(info: Any) -> str:
+    """ "" when guest-info says guest-exec is enabled, else why not."""
+    commands = info.get("supported_commands", []) if isinstance(info, dict) else []
+    enabled = {c.get("name"): c.get("enabled", True) for c in commands if isinstance(c, dict)}
+    for name in ("guest-exec", "guest-exec-status"):
+        if name not in enabled:
+            return f"this guest's agent has no {name}"
+        if not enabled[name]:
+            return (
+                f"{name} is disabled in this guest's agent (RHEL's default: allow it with "
+                "qemu-ga --allow-rpcs, or remove it from BLOCK_RPCS in /etc/sysconfig/qemu-ga)"
+            )
+    return ""

@@ -178,7 +178,7 @@ def test_a_ci_runner_drills_from_a_read_only_target_as_an_unprivileged_user(
     assert [c["name"] for c in vm["checks"]] == ["checksums", "qemu-img check", "boot"]
     files = results["etc"]
     assert files["error"] is True
-    assert "need root or CAP_DAC_READ_SEARCH" in files["reason"]
+    assert "needs root or CAP_DAC_READ_SEARCH" in files["reason"]
 
     xml = JUnitXml.fromfile(str(junit))
     counts = {suite.name: (suite.tests, suite.failures, suite.errors) for suite in xml}
