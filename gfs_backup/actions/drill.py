@@ -55,13 +55,16 @@ from gfs_backup.target.fs import LOCAL_FS, TargetFS
 from gfs_backup.target.manifest import MANIFEST, DataFile, read_manifest, write_manifest
 from gfs_backup.tools.accel import best_accel
 from gfs_backup.tools.drillboot import AGENT_SOCKET, BootCheck, boot_and_check
+from gfs_backup.tools.drillprobe import Probe, free_port, probe_ports, run_commands
 from gfs_backup.tools.drillvm import DrillLimits, make_qemu_argv, parse_drill_machine
 from gfs_backup.tools.fscheck import check_image
+from gfs_backup.tools.guest_agent import AgentClient
 from gfs_backup.tools.mounts import mount_of, read_mounts
 from gfs_backup.transport.runner import LocalRunner
 
 log = logging.getLogger("gfs")
 DEFAULT_SCRATCH = Path("/var/tmp")
+MONITOR_SOCKET = "qmp.sock"  # in the drill's directory, named relative (QEMU runs there)
 WORKDIR_PREFIX = ".gfs-drill-"
 
 
@@ -288,11 +291,26 @@ def _drill_vm(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gfs-drill-sum") as pool:
         summed = pool.submit(_checksums, stored, disks)
         accel, timeout = resolve_accel(ctx, settings)
-        agent_socket = Path(AGENT_SOCKET) if settings.agent else None  # QEMU runs in workdir
+        needs_agent = settings.agent or bool(settings.commands)
+        agent_socket = Path(AGENT_SOCKET) if needs_agent else None  # QEMU runs in workdir
+        forwards = tuple((port, free_port()) for port in settings.ports)
         console = workdir / "console.log"
         limits = DrillLimits(
-            settings.memory_mib, accel, console, agent_socket, f"gfs-drill-{ctx.job.name}"
+            settings.memory_mib,
+            accel,
+            console,
+            agent_socket,
+            f"gfs-drill-{ctx.job.name}",
+            forwards,
+            Path(MONITOR_SOCKET) if forwards else None,
         )
+
+        def after_boot(agent: AgentClient) -> list[Probe]:
+            found = run_commands(agent, settings.commands, timeout) if settings.commands else []
+            if forwards:
+                found += probe_ports(forwards, workdir / MONITOR_SOCKET)
+            return found
+
         assert isinstance(ctx.runner, LocalRunner)
         booted = boot_and_check(
             ctx.runner,
@@ -300,6 +318,7 @@ def _drill_vm(
             workdir,
             BootCheck(settings.console_pattern, settings.agent, timeout),
             console,
+            after_boot if settings.commands or forwards else None,
         )
         boot = CheckResult(
             "boot",
@@ -310,6 +329,10 @@ def _drill_vm(
         )
         checks.insert(0, summed.result())
     checks.append(boot)
+    checks += [
+        CheckResult(probe.name, probe.passed, probe.seconds, probe.detail, probe.output)
+        for probe in booted.probes
+    ]
     failed = [check for check in checks if not check.passed]
     if failed:
         reason = "; ".join(f"{check.name}: {check.detail}" for check in failed)

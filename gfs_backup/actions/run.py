@@ -449,6 +449,8 @@ def drill_check(job: Job) -> dict[str, object]:
         "timeout": settings.timeout,
         "memory": settings.memory_mib,
         "accel": settings.accel,
+        "commands": [list(argv) for argv in settings.commands],
+        "ports": list(settings.ports),
     }
 
 

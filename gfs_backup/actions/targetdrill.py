@@ -31,6 +31,8 @@ from gfs_backup.core.policy import (
     NAME_RE,
     DrillSettings,
     Policy,
+    drill_commands,
+    drill_ports,
     policy_from_table,
 )
 from gfs_backup.core.state import State
@@ -59,6 +61,8 @@ class TargetDrill:
     memory_mib: int | None = None
     accel: str | None = None
     record: bool = False
+    commands: tuple[tuple[str, ...], ...] | None = None  # replace the generation's
+    ports: tuple[int, ...] | None = None
 
 
 def job_names(request: TargetDrill) -> list[str]:
@@ -126,8 +130,18 @@ def settings_for(stored: Stored, request: TargetDrill) -> DrillSettings:
         raise InputError(Problem(where, "memory is not 64 to 65536 MiB"))
     if accel not in DRILL_ACCEL:
         raise InputError(Problem(where, f"accel {accel!r} is not one of {DRILL_ACCEL}"))
+    checked = Collector(where)
+    commands = drill_commands(saved.get("commands", []), "commands", checked)
+    ports = drill_ports(saved.get("ports", []), "ports", checked)
+    checked.raise_if_any()
     settings = replace(
-        settings, agent=agent, timeout=float(timeout), memory_mib=memory, accel=str(accel)
+        settings,
+        agent=agent,
+        timeout=float(timeout),
+        memory_mib=memory,
+        accel=str(accel),
+        commands=commands,
+        ports=ports,
     )
     if request.console is not None:
         settings = replace(settings, console=request.console)
@@ -139,6 +153,10 @@ def settings_for(stored: Stored, request: TargetDrill) -> DrillSettings:
         settings = replace(settings, memory_mib=request.memory_mib)
     if request.accel is not None:
         settings = replace(settings, accel=request.accel)
+    if request.commands is not None:
+        settings = replace(settings, commands=request.commands)
+    if request.ports is not None:
+        settings = replace(settings, ports=request.ports)
     return settings
 
 

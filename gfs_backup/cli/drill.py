@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +50,20 @@ from gfs_backup.core.policy import DRILL_ACCEL, DRILL_SELECT
 @click.option("--memory", type=int, help="With --target: memory cap in MiB.")
 @click.option("--accel", type=click.Choice(DRILL_ACCEL), help="With --target: auto, tcg, kvm.")
 @click.option(
+    "--command",
+    "commands",
+    multiple=True,
+    help="With --target: a command the guest's agent runs (split like a shell would, not "
+    "run by one); repeatable; replaces the generation's.",
+)
+@click.option(
+    "--port",
+    "ports",
+    type=click.IntRange(1, 65535),
+    multiple=True,
+    help="With --target: a guest TCP port that must accept; repeatable.",
+)
+@click.option(
     "--record",
     is_flag=True,
     help="With --target: append each result to its generation's manifest (writable target).",
@@ -80,6 +95,8 @@ def drill_command(
     timeout: float | None,
     memory: int | None,
     accel: str | None,
+    commands: tuple[str, ...],
+    ports: tuple[int, ...],
     record: bool,
     config_path: Path,
     generation: str | None,
@@ -154,6 +171,8 @@ def drill_command(
             memory,
             accel,
             record,
+            tuple(tuple(shlex.split(command)) for command in commands) if commands else None,
+            ports or None,
         )
         _report(_interruptible(lambda: drill_target(request, now_utc())), as_json, junit, summary)
         return

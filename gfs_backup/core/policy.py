@@ -20,6 +20,9 @@ A policy file (`policies/NAME.toml`, or an inline `policy` table of a job):
     console = "login:"           # VM: a regular expression on the serial console
     agent = false                # VM: the guest agent must answer guest-ping
     timeout = "5m"               # VM: seconds, or a number with s, m or h
+    commands = [["pg_isready"]]  # VM: run in the guest by its agent (guest-exec): exit 0
+    ports = [22, 5432]           # VM: guest TCP ports that must accept, through a restricted
+                                 # user-mode network (DHCP on the guest's first NIC)
     memory = 1024                # VM: MiB cap (the domain's memory if smaller)
     accel = "auto"               # VM: auto (KVM when a probe runs guest code under it, else
                                  # TCG with the timeout x 3), tcg or kvm
@@ -63,7 +66,17 @@ POLICY_KEYS = (
     "verify",
     "drill",
 )
-DRILL_KEYS = ("schedule", "select", "console", "agent", "timeout", "memory", "accel")
+DRILL_KEYS = (
+    "schedule",
+    "select",
+    "console",
+    "agent",
+    "timeout",
+    "memory",
+    "accel",
+    "commands",
+    "ports",
+)
 DRILL_SELECT = ("newest", "son", "father", "grandfather", "yearly")
 DRILL_ACCEL = ("auto", "tcg", "kvm")
 TCG_TIMEOUT_FACTOR = 3  # accel = "auto" fell back to TCG: emulation boots slower
@@ -88,6 +101,10 @@ class DrillSettings:
     timeout: float = 300.0
     memory_mib: int = 1024
     accel: str = "auto"
+    # Run in the booted guest by its agent (guest-exec), each must exit 0.
+    commands: tuple[tuple[str, ...], ...] = ()
+    # Guest TCP ports that must accept a connection through the drill's restricted network.
+    ports: tuple[int, ...] = ()
 
     @property
     def console_pattern(self) -> str | None:
@@ -103,6 +120,10 @@ class DrillSettings:
             parts.append(f"console /{self.console_pattern}/")
         if self.agent:
             parts.append("agent ping")
+        if self.commands:
+            parts.append(f"{len(self.commands)} command(s)")
+        if self.ports:
+            parts.append(f"port(s) {', '.join(map(str, self.ports))}")
         return " + ".join(parts)
 
 
@@ -253,7 +274,38 @@ def drill_settings(table: Table, collector: Collector, path: str) -> DrillSettin
             timeout = parse_drill_timeout(value)
         except ValueError as exc:
             collector.add(join_key(path, "timeout"), str(exc))
-    return DrillSettings(select, console, agent, timeout, memory, accel)
+    commands = drill_commands(table.get("commands", []), join_key(path, "commands"), collector)
+    ports = drill_ports(table.get("ports", []), join_key(path, "ports"), collector)
+    return DrillSettings(select, console, agent, timeout, memory, accel, commands, ports)
+
+
+def drill_commands(value: object, key: str, collector: Collector) -> tuple[tuple[str, ...], ...]:
+    """`commands`: a list of argv lists (no shell), e.g. [["pg_isready", "-q"]]."""
+    example = 'e.g. [["systemctl", "is-active", "postgresql"]]'
+    if not isinstance(value, list):
+        collector.add(key, f"expected a list of argv lists, {example}")
+        return ()
+    found = []
+    for index, argv in enumerate(value):
+        if (
+            not isinstance(argv, list)
+            or not argv
+            or not all(isinstance(item, str) and item for item in argv)
+        ):
+            collector.add(f"{key}[{index}]", f"expected a non-empty list of strings, {example}")
+            continue
+        found.append(tuple(argv))
+    return tuple(found)
+
+
+def drill_ports(value: object, key: str, collector: Collector) -> tuple[int, ...]:
+    """`ports`: guest TCP ports, e.g. [22, 5432]."""
+    if not isinstance(value, list) or not all(
+        isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536 for port in value
+    ):
+        collector.add(key, "expected a list of TCP port numbers (1-65535), e.g. [22, 5432]")
+        return ()
+    return tuple(value)
 
 
 def parse_duration(value: object) -> int:

@@ -10,9 +10,11 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gfs_backup.tools.drillprobe import Probe
 from gfs_backup.tools.guest_agent import AgentClient
 from gfs_backup.transport.runner import Command, LocalRunner
 
@@ -38,6 +40,7 @@ class BootResult:
     reason: str
     console_tail: str
     seconds: float  # from QEMU's start to the verdict
+    probes: tuple[Probe, ...] = ()  # the checks run in the booted guest (`after_boot`)
 
 
 def read_console(path: Path, limit: int = CONSOLE_READ_LIMIT) -> str:
@@ -58,18 +61,34 @@ def console_tail(text: str, limit: int = CONSOLE_TAIL_BYTES) -> str:
 
 
 def boot_and_check(
-    runner: LocalRunner, argv: tuple[str, ...], workdir: Path, check: BootCheck, console: Path
+    runner: LocalRunner,
+    argv: tuple[str, ...],
+    workdir: Path,
+    check: BootCheck,
+    console: Path,
+    after_boot: Callable[[AgentClient], list[Probe]] | None = None,
 ) -> BootResult:
-    """Start QEMU (argv) in `workdir`, wait for the check, kill QEMU; the verdict.
+    """Start QEMU (argv) in `workdir`, wait for the check, run `after_boot` (the guest's
+    agent client at hand) while the guest still runs, kill QEMU; the verdict.
 
     The agent socket (when checked) is AGENT_SOCKET in `workdir`, named relative in argv."""
     pattern = re.compile(check.console) if check.console is not None else None
     agent = AgentClient(workdir / AGENT_SOCKET) if check.agent else None
     env = {**os.environ, "TMPDIR": str(workdir)}
     started = time.monotonic()
+    probes: list[Probe] = []
     process = runner.spawn(Command(argv, timeout=None), workdir / "qemu.log", env, workdir)
     try:
         passed, reason = _watch(process, pattern, agent, check, console, started)
+        if passed and after_boot is not None:
+            seconds = time.monotonic() - started
+            client = agent if agent is not None else AgentClient(workdir / AGENT_SOCKET)
+            try:
+                probes = after_boot(client)
+            finally:
+                if client is not agent:
+                    client.close()
+            return BootResult(passed, reason, "", seconds, tuple(probes))
     finally:
         if agent is not None:
             agent.close()

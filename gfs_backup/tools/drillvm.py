@@ -72,6 +72,10 @@ class DrillLimits:
     console: Path
     agent_socket: Path | None = None
     name: str = "gfs-drill"
+    # (guest port, host port): a restricted user-mode network (the guest reaches nothing,
+    # 127.0.0.1:host port reaches the guest's port); none: no network device at all.
+    forwards: tuple[tuple[int, int], ...] = ()
+    monitor: Path | None = None  # a QMP socket (the port probes ask QEMU's network state)
 
 
 def qemu_escape(value: str) -> str:
@@ -182,7 +186,7 @@ def make_qemu_argv(machine: DrillMachine, limits: DrillLimits) -> tuple[str, ...
         "-nodefaults",
         "-no-user-config",
         "-nic",
-        "none",
+        _nic(limits.forwards),
         "-display",
         "none",
         "-vga",
@@ -203,6 +207,8 @@ def make_qemu_argv(machine: DrillMachine, limits: DrillLimits) -> tuple[str, ...
         if machine.cmdline is not None:
             argv += ["-append", machine.cmdline]
     argv += _disk_args(machine)
+    if limits.monitor is not None:
+        argv += ["-qmp", f"unix:{qemu_escape(str(limits.monitor))},server=on,wait=off"]
     if limits.agent_socket is not None:
         argv += [
             "-chardev",
@@ -213,6 +219,15 @@ def make_qemu_argv(machine: DrillMachine, limits: DrillLimits) -> tuple[str, ...
             f"virtserialport,bus=serial0.0,chardev=qga0,name={AGENT_PORT}",
         ]
     return tuple(argv)
+
+
+def _nic(forwards: tuple[tuple[int, int], ...]) -> str:
+    """`none`, or user-mode networking with `restrict=on` (no route out of the guest, not
+    even to the host) and a host-side forward on 127.0.0.1 for each probed guest port."""
+    if not forwards:
+        return "none"
+    rules = "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for guest, host in forwards)
+    return f"user,model=virtio-net-pci,restrict=on{rules}"
 
 
 def _disk_args(machine: DrillMachine) -> list[str]:

@@ -15,6 +15,9 @@ does what `gfs.action=` on the kernel command line says (see `guest_cmdline`):
 starts qemu-ga on the virtio port `org.qemu.guest_agent.0` and prints `AGENT_MARKER`;
 `gfs.freezehang=N` gives that qemu-ga a freeze hook that sleeps N seconds (a hanging freeze).
 
+A guest given a network card (a drill probing ports) takes its address by DHCP, prints
+`GFS-NET-UP <address>` and serves HTTP on LISTEN_PORT (busybox httpd).
+
 `gfs.layout=raw` (default), raw disk layout (offsets in bytes): a one-sector header
 `GFS-LAB-DISK tag=T` at 0, `PATTERN_SIZE` bytes of `pattern_bytes()` at `PATTERN_OFFSET`, the
 churn area at `CHURN_OFFSET` (1 MiB). `gfs.layout=fs`: write-pattern makes an ext2 filesystem
@@ -38,7 +41,8 @@ from tests.lab.errors import LabError, LabUnavailable, require_tools
 DEFAULT_CACHE = Path("/var/cache/gfs-lab")
 BUSYBOX = Path("/bin/busybox")
 QEMU_GA = Path("/usr/sbin/qemu-ga")
-DEFAULT_MODULES = ("virtio_pci", "virtio_blk", "virtio_console")
+DEFAULT_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_net")
+LISTEN_PORT = 8080  # a guest with a NIC serves HTTP here (a drill's port probe)
 
 BOOT_MARKER = "GFS-GUEST-UP"
 PATTERN_WRITTEN = "GFS-PATTERN-WRITTEN"
@@ -162,7 +166,27 @@ churn() {
     done
 }
 
+start_network() {  # only a guest given a NIC: DHCP, then an HTTP listener
+    [ -d /sys/class/net/eth0 ] || return 0
+    ip link set lo up
+    ip link set eth0 up
+    cat >/run/udhcpc.sh <<'SCRIPT'
+#!/bin/sh
+[ "$1" = bound ] && ip addr add "$ip/${mask:-24}" dev "$interface"
+exit 0
+SCRIPT
+    chmod 755 /run/udhcpc.sh
+    if udhcpc -i eth0 -s /run/udhcpc.sh -q -n -t 10 -T 1 >/dev/null 2>&1; then
+        mkdir -p /run/www && echo gfs-lab >/run/www/index.html
+        httpd -p @LISTEN_PORT@ -h /run/www
+        echo "GFS-NET-UP $(ip -4 -o addr show eth0 | awk '{print $4}')"
+    else
+        echo "GFS-GUEST-ERROR no DHCP answer on eth0"
+    fi
+}
+
 [ "$agent" = 1 ] && start_agent
+start_network
 echo "GFS-GUEST-UP action=$action kernel=$(uname -r)"
 case "$action" in
     idle) after=${after:-idle} ;;
@@ -280,7 +304,7 @@ def _stage(root: Path, kernel: Kernel, modules: tuple[str, ...], binaries: list[
     for directory in ("bin", "dev", "proc", "sys", "run", "tmp", "modules", "usr/sbin"):
         (root / directory).mkdir(parents=True, exist_ok=True)
     _copy_into(root, BUSYBOX, 0o755)
-    (root / "init").write_text(INIT_SCRIPT)
+    (root / "init").write_text(INIT_SCRIPT.replace("@LISTEN_PORT@", str(LISTEN_PORT)))
     (root / "init").chmod(0o755)
     pattern = pattern_bytes()
     (root / "pattern.bin").write_bytes(pattern)

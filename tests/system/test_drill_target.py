@@ -26,6 +26,7 @@ from junitparser import Error, Failure, JUnitXml
 from tests.conftest import RunGfs
 from tests.lab.domains import LabDomain
 from tests.lab.fixtures import guest_image, libvirt_conn, libvirt_daemon, make_domain
+from tests.lab.guest import LISTEN_PORT
 from tests.system.conftest import Mounter
 from tests.system.test_drill import flip_byte, policy, processes_mentioning
 
@@ -115,12 +116,18 @@ def make_generations(
     writer.wait_for(f"GFS-PATTERN-WRITTEN tag={tag}")
     writer.wait_shutoff()
     # The original checks its pattern, then idles: its backup, booted, prints the same.
-    vm: LabDomain = make_domain(action="check-pattern", after="idle", tag=tag, disk=writer.disk)
+    vm: LabDomain = make_domain(
+        action="check-pattern", after="idle", tag=tag, disk=writer.disk, agent=True
+    )
     vm.wait_for(f"GFS-PATTERN-OK tag={tag}")
     source = tmp_path / "etc-copy"
     (source / "conf").mkdir(parents=True)
     (source / "conf" / "app.conf").write_text("port = 1\n")
-    drill = policy(f'console = "GFS-PATTERN-OK tag={tag}"\ntimeout = 120\naccel = "tcg"\n')
+    drill = policy(
+        f'console = "GFS-PATTERN-OK tag={tag}"\ntimeout = 120\naccel = "tcg"\n'
+        'commands = [["/bin/sh", "-c", "test -s /pattern.bin && echo pattern here"]]\n'
+        f"ports = [{LISTEN_PORT}]\n"
+    )
     config = tmp_path / "gfs.toml"
     config.write_text(
         f"state_dir = {json.dumps(str(tmp_path / 'state'))}\n"
@@ -175,20 +182,60 @@ def test_a_ci_runner_drills_from_a_read_only_target_as_an_unprivileged_user(
     vm = results["vm"]
     assert vm["outcome"] == "pass", (vm, err)
     assert vm["accel"] == "tcg"
-    assert [c["name"] for c in vm["checks"]] == ["checksums", "qemu-img check", "boot"]
+    assert [c["name"] for c in vm["checks"]] == [
+        "checksums",
+        "qemu-img check",
+        "boot",
+        "command: /bin/sh -c 'test -s /pattern.bin && echo pattern here'",
+        f"port {LISTEN_PORT}",
+    ]
+    assert all(c["outcome"] == "pass" for c in vm["checks"]), vm
+    assert "exit status 0: pattern here" in vm["checks"][3]["detail"]
     files = results["etc"]
     assert files["error"] is True
     assert "needs root or CAP_DAC_READ_SEARCH" in files["reason"]
 
     xml = JUnitXml.fromfile(str(junit))
     counts = {suite.name: (suite.tests, suite.failures, suite.errors) for suite in xml}
-    assert counts == {"vm": (3, 0, 0), "etc": (1, 0, 1)}
+    assert counts == {"vm": (5, 0, 0), "etc": (1, 0, 1)}
     (error,) = next(iter(next(s for s in xml if s.name == "etc"))).result
     assert isinstance(error, Error) and "CAP_DAC_READ_SEARCH" in error.message
     text = summary.read_text()
     assert "| vm |" in text and "| etc |" in text and "1 of 2 drill(s) passed." in text
 
     assert tree_digest(ro) == before  # nothing under the target written
+    assert_no_drill_left(scratch)
+
+    # Flags replace the generation's checks: a command that fails, with its output in the
+    # report, and a closed port.
+    code, out, err = wait(
+        as_user(
+            ci_user,
+            "drill",
+            "--target",
+            str(ro),
+            "vm",
+            "--json",
+            "--command",
+            "/bin/sh -c 'echo the service is down >&2; exit 3'",
+            "--port",
+            str(LISTEN_PORT),
+            "--port",
+            str(LISTEN_PORT + 1),
+            scratch=scratch,
+        )
+    )
+    assert code == 5, err
+    (result,) = json.loads(out)["drills"]
+    found = {c["name"]: c for c in result["checks"]}
+    failed = found["command: /bin/sh -c 'echo the service is down >&2; exit 3'"]
+    assert failed["outcome"] == "fail"
+    assert failed["detail"] == "exit status 3: the service is down"
+    assert found[f"port {LISTEN_PORT}"]["outcome"] == "pass"
+    closed = found[f"port {LISTEN_PORT + 1}"]
+    assert closed["outcome"] == "fail" and "refused" in closed["detail"], closed
+    assert result["error"] is False
+    assert tree_digest(ro) == before
     assert_no_drill_left(scratch)
     # Without the read group the images stay closed: other users cannot even list them.
     generation = next(p for p in (target / "vm").iterdir() if p.is_dir())
@@ -222,7 +269,8 @@ def test_a_damaged_or_vanishing_generation_and_sigterm_under_ci(
     assert code == 5, err
     (result,) = json.loads(out)["drills"]
     outcomes = {c["name"]: c["outcome"] for c in result["checks"]}
-    assert outcomes == {"checksums": "fail", "qemu-img check": "pass", "boot": "pass"}
+    assert outcomes["checksums"] == "fail"
+    assert outcomes["boot"] == "pass" and outcomes["qemu-img check"] == "pass"
     assert result["error"] is False
     flip_byte(image, image.stat().st_size - 4096)  # repaired
     assert_no_drill_left(scratch)

@@ -205,6 +205,8 @@ def test_drill_settings_problems_are_all_reported_with_their_keys() -> None:
             "memory": 8,
             "accel": "xen",
             "network": True,
+            "commands": [["pg_isready"], "systemctl is-active db", []],
+            "ports": [22, 70000],
         }
     )
     joined = "\n".join(problems)
@@ -215,7 +217,10 @@ def test_drill_settings_problems_are_all_reported_with_their_keys() -> None:
     assert "p.toml: drill.timeout: expected seconds or a duration" in joined
     assert "p.toml: drill.memory: 8 MiB is not allowed" in joined
     assert "p.toml: drill.accel: unknown value 'xen' (allowed: auto, tcg, kvm)" in joined
-    assert len(problems) == 7
+    assert "p.toml: drill.commands[1]: expected a non-empty list of strings" in joined
+    assert "p.toml: drill.commands[2]: expected a non-empty list of strings" in joined
+    assert "p.toml: drill.ports: expected a list of TCP port numbers (1-65535)" in joined
+    assert len(problems) == 10
 
 
 @pytest.mark.parametrize(
