@@ -27,7 +27,9 @@ The result goes into the generation's manifest (`drills`) and the run history.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import logging
 import os
 import time
@@ -52,7 +54,13 @@ from gfs_backup.core.policy import TCG_TIMEOUT_FACTOR, DrillSettings
 from gfs_backup.core.state import State
 from gfs_backup.target.catalog import Stored, list_generations
 from gfs_backup.target.fs import LOCAL_FS, TargetFS
-from gfs_backup.target.manifest import MANIFEST, DataFile, read_manifest, write_manifest
+from gfs_backup.target.manifest import (
+    DRILL_RECORDS,
+    MANIFEST,
+    DataFile,
+    read_manifest,
+    write_manifest,
+)
 from gfs_backup.tools.accel import best_accel
 from gfs_backup.tools.drillboot import AGENT_SOCKET, BootCheck, boot_and_check
 from gfs_backup.tools.drillprobe import Probe, free_port, probe_ports, run_commands
@@ -178,10 +186,12 @@ def drill(
 
 
 def drill_locked(
-    job: Job, stored: Stored, root: Path, state: State, now: datetime, record: bool = True
+    job: Job, stored: Stored, root: Path, state: State, now: datetime, record: str = "manifest"
 ) -> DrillResult:
-    """Drill `stored` in a new directory under `root` (the caller holds the job's lock);
-    with `record`, the result goes into the generation's manifest."""
+    """Drill `stored` in a new directory under `root` (the caller holds the job's lock).
+    `record`: "manifest" appends the result to the generation's manifest (the host, under
+    the job's lock), "beside" writes it as a file of its own next to it (a drill away from
+    the host, which does not hold that lock), "" records nothing."""
     run_id = state.start_run(job.name)
     workdir = root / f"{WORKDIR_PREFIX}{job.name}-{stored.id}-r{run_id}"
     entry = state.journal(run_id, job.name, "drill", str(workdir))
@@ -214,8 +224,10 @@ def drill_locked(
     result = DrillResult(
         job.name, stored.id, passed, check, reason, seconds, now, tail, checks, error, accel
     )
-    if record and not gone:
+    if record == "manifest" and not gone:
         _record(stored, result)
+    elif record == "beside" and not gone:
+        _record_beside(stored, result)
     status = "drilled" if passed else "drill-failed"
     state.finish_run(run_id, status, stored.id, seconds=result.seconds, message=reason)
     verdict = "passed" if passed else "FAILED"
@@ -453,6 +465,21 @@ def _record(stored: Stored, result: DrillResult) -> None:
         write_manifest(stored.path, manifest.with_drill(result.record()), stored.fs)
     except (OSError, ValueError) as exc:
         log.warning("job %s: drill result not recorded in %s: %s", result.job, stored.path, exc)
+
+
+def _record_beside(stored: Stored, result: DrillResult) -> None:
+    """The result as `drill-records/<time>-<pid>.json` beside the manifest, written
+    atomically; reading the manifest merges it (target/manifest.py)."""
+    folder = stored.path / DRILL_RECORDS
+    stamp = result.time.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    try:
+        if not stored.fs.is_dir(folder):
+            with contextlib.suppress(FileExistsError):
+                stored.fs.make_dir(folder, 0o755)
+        data = json.dumps(result.record(), indent=2).encode() + b"\n"
+        stored.fs.write_file(folder / f"{stamp}-{os.getpid()}.json", data)
+    except OSError as exc:
+        log.warning("job %s: drill result not recorded in %s: %s", result.job, folder, exc)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -244,7 +244,8 @@ def _drill_one(job: Job, stored: Stored, request: TargetDrill, now: datetime) ->
     try:
         state = State(state_dir)
         try:
-            return drill_locked(job, stored, request.scratch, state, now, record=request.record)
+            record = "beside" if request.record else ""
+            return drill_locked(job, stored, request.scratch, state, now, record=record)
         finally:
             state.close()
     finally:

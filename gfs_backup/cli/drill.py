@@ -66,7 +66,8 @@ from gfs_backup.core.policy import DRILL_ACCEL, DRILL_SELECT
 @click.option(
     "--record",
     is_flag=True,
-    help="With --target: append each result to its generation's manifest (writable target).",
+    help="With --target: write each result beside its generation's manifest (a file of its "
+    "own: never racing the host's runs), where gfs status and metrics see it.",
 )
 @config_option
 @generation_option
@@ -152,8 +153,8 @@ def drill_command(
                 --junit drill.xml --summary "$GITHUB_STEP_SUMMARY"
     no configuration, state or libvirt; VM checks come from each generation (the policy
     at export time) or the flags; nothing under the target is written (--record: the
-    result into the manifest); files, btrfs and lvm generations need root. Exit 5 when
-    any drill failed or could not run.
+    result as a file beside the manifest); files, btrfs and lvm generations need root.
+    Exit 5 when any drill failed or could not run.
     Exit 0 passed, 5 the drill failed (or was interrupted), 3 invalid configuration,
     6 the job's lock is held.
     """

@@ -15,6 +15,7 @@ from gfs_backup.target.fs import LOCAL_FS, TargetFS, fsync_dir
 __all__ = ["MANIFEST", "DataFile", "Manifest", "ManifestError", "fsync_dir", "read_manifest"]
 
 MANIFEST = "manifest.json"
+DRILL_RECORDS = "drill-records"  # beside the manifest: results of drills from elsewhere
 # 2: file trees record ctime, inode, hard links, the root, fifos and devices, `warnings`.
 FORMAT = 2
 READABLE_FORMATS = (1, 2)
@@ -160,7 +161,8 @@ def parse_manifest(text: str, where: str) -> Manifest:
 
 
 def read_manifest(generation_dir: Path, fs: TargetFS = LOCAL_FS) -> Manifest:
-    """The generation's manifest, read through `fs`. Raises ManifestError naming the file."""
+    """The generation's manifest, read through `fs`, with the drill results recorded beside
+    it (`drill_records`). Raises ManifestError naming the file."""
     path = generation_dir / MANIFEST
     try:
         text = fs.read_text(path)
@@ -168,7 +170,34 @@ def read_manifest(generation_dir: Path, fs: TargetFS = LOCAL_FS) -> Manifest:
         raise ManifestError(f"{path}: missing") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{path}: unreadable ({exc})") from None
-    return parse_manifest(text, str(path))
+    manifest = parse_manifest(text, str(path))
+    if fs is LOCAL_FS and (generation_dir / DRILL_RECORDS).is_dir():
+        extra = drill_records(generation_dir)
+        if extra:
+            drills = sorted((*manifest.drills, *extra), key=lambda r: str(r.get("time", "")))
+            manifest = replace(manifest, drills=tuple(drills)[-MAX_HISTORY:])
+    return manifest
+
+
+def drill_records(generation_dir: Path) -> list[dict[str, Any]]:
+    """The drill results written beside the manifest by drills away from the host
+    (`gfs drill --target --record`): one file each, written atomically, so such a drill
+    never rewrites the manifest the host's own runs rewrite. Untrusted: a record that is
+    not an object with a string `time` and an `outcome` of pass or fail is left out."""
+    found = []
+    folder = generation_dir / DRILL_RECORDS
+    for entry in sorted(folder.glob("*.json")):
+        try:
+            record = json.loads(entry.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if (
+            isinstance(record, dict)
+            and isinstance(record.get("time"), str)
+            and record.get("outcome") in ("pass", "fail")
+        ):
+            found.append(record)
+    return found
 
 
 def write_manifest(generation_dir: Path, manifest: Manifest, fs: TargetFS = LOCAL_FS) -> None:

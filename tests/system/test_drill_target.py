@@ -310,3 +310,34 @@ def booting(drilled: subprocess.Popen[str], scratch: Path) -> None:
         time.sleep(0.2)
     time.sleep(1)
     assert os.path.isdir(scratch)
+
+
+def test_a_recorded_ci_drill_reaches_the_hosts_status_without_rewriting_the_manifest(
+    mounts: Mounter, tmp_path: Path, run_gfs: RunGfs
+) -> None:
+    target = mounts("tgt", kind="tmpfs", size_mb=32)
+    source = tmp_path / "srv"
+    (source / "conf").mkdir(parents=True)
+    (source / "conf" / "a").write_text("a = 1\n")
+    config = tmp_path / "gfs.toml"
+    config.write_text(
+        f"state_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+        f"[target.usb]\npath = {json.dumps(str(target))}\nrequire_nfs = false\n"
+        f'[[job]]\nname = "etc"\nkind = "files"\npath = {json.dumps(str(source))}\n'
+        f'max_drill_age = "1h"\n{policy()}'
+    )
+    assert run_gfs("run", "--config", str(config)).exit_code == 0
+    (generation,) = [p for p in (target / "etc").iterdir() if p.is_dir()]
+    manifest = (generation / "manifest.json").read_bytes()
+    check = run_gfs("status", "--check", "--config", str(config))
+    assert check.exit_code == 1 and "no passing drill yet" in check.stdout, check.stdout
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    result = run_gfs("drill", "--target", str(target), "etc", "--record", "--scratch", str(scratch))
+    assert result.exit_code == 0, result.output
+    assert (generation / "manifest.json").read_bytes() == manifest  # not rewritten
+    (record,) = (generation / "drill-records").iterdir()
+    assert json.loads(record.read_text())["outcome"] == "pass"
+    check = run_gfs("status", "--check", "--config", str(config))
+    assert check.exit_code == 0, check.stdout
+    assert "etc_drill_age=" in check.stdout
