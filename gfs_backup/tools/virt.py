@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -54,11 +55,26 @@ def _libvirt() -> Any:
         import libvirt
     except ImportError:
         raise VirtError(
-            "libvirt jobs need libvirt-python: pip install 'gfs-backup[libvirt]' "
-            "(and the libvirt-dev package to build it)"
+            "libvirt jobs need libvirt's Python module: apt install python3-libvirt, then "
+            "run scripts/install again (it links the module into gfs's virtualenv)"
         ) from None
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # exceptions suffice
     return libvirt
+
+
+LIBVIRTD = ("libvirtd", "virtqemud")  # the monolithic daemon or the modular QEMU one
+
+
+def _hint(uri: str) -> str:
+    """Why a local connection may fail: libvirt not installed, or its daemon not running."""
+    if not uri.startswith("qemu:///"):
+        return ""
+    if not any(shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin") for name in LIBVIRTD):
+        return (
+            " (libvirt is not installed on this host: apt install libvirt-daemon-system "
+            "libvirt-daemon-driver-qemu)"
+        )
+    return " (is libvirtd running? systemctl start libvirtd)"
 
 
 class Connection:
@@ -76,7 +92,7 @@ class Connection:
         try:
             self.conn = self.lib.open(uri)
         except self.lib.libvirtError as exc:
-            raise VirtError(f"cannot connect to libvirt at {uri}: {exc}") from None
+            raise VirtError(f"cannot connect to libvirt at {uri}: {exc}{_hint(uri)}") from None
 
     def close(self) -> None:
         with contextlib.suppress(self.lib.libvirtError):  # a broken connection closes too

@@ -49,6 +49,14 @@ def test_install_script_installs_a_working_gfs(tmp_path: Path) -> None:
         check=False,
     )
     assert check.returncode == 0, check.stderr
+    # The install backs up VMs: libvirt's and libnbd's Python modules from Debian, linked.
+    modules = subprocess.run(
+        [str(tmp_path / "opt" / "bin" / "python"), "-c", "import libvirt, libvirt_qemu, nbd"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert modules.returncode == 0, modules.stderr
 
 
 def unit(name: str) -> configparser.ConfigParser:

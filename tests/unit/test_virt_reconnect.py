@@ -256,3 +256,17 @@ def test_a_connection_found_dead_only_by_the_call_is_opened_again(
     connection = connect(monkeypatch, first, second)
     assert connection.backup_job_after_restart(connection.domain("web01"), "job web")
     assert connection.conn is second
+
+
+def test_a_failed_local_connection_says_whether_libvirt_is_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gfs_backup.tools import virt
+
+    monkeypatch.setattr(virt.shutil, "which", lambda name, path=None: None)
+    assert "libvirt is not installed on this host: apt install libvirt-daemon-system" in (
+        virt._hint("qemu:///system")
+    )
+    monkeypatch.setattr(virt.shutil, "which", lambda name, path=None: "/usr/sbin/libvirtd")
+    assert "is libvirtd running?" in virt._hint("qemu:///system")
+    assert virt._hint("qemu+ssh://kvm2/system") == ""
