@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from gfs_backup.actions.drill import DrillResult, drill_locked, select_labelled
 from gfs_backup.core.config import Job
@@ -143,21 +144,16 @@ def settings_for(stored: Stored, request: TargetDrill) -> DrillSettings:
         commands=commands,
         ports=ports,
     )
-    if request.console is not None:
-        settings = replace(settings, console=request.console)
-    if request.agent is not None:
-        settings = replace(settings, agent=request.agent)
-    if request.timeout is not None:
-        settings = replace(settings, timeout=request.timeout)
-    if request.memory_mib is not None:
-        settings = replace(settings, memory_mib=request.memory_mib)
-    if request.accel is not None:
-        settings = replace(settings, accel=request.accel)
-    if request.commands is not None:
-        settings = replace(settings, commands=request.commands)
-    if request.ports is not None:
-        settings = replace(settings, ports=request.ports)
-    return settings
+    flags: dict[str, Any] = {
+        "console": request.console,
+        "agent": request.agent,
+        "timeout": request.timeout,
+        "memory_mib": request.memory_mib,
+        "accel": request.accel,
+        "commands": request.commands,
+        "ports": request.ports,
+    }
+    return replace(settings, **{key: value for key, value in flags.items() if value is not None})
 
 
 def _compiles(pattern: str) -> bool:

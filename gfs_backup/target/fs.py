@@ -16,7 +16,7 @@ import hashlib
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,33 +355,33 @@ class RemoteFS:
             return self._block_digest(path)
         command = make_file_digest_command(str(path), STREAM_TIMEOUT, self.io_timeout)
         output = CopyOutput()
-        try:
-            with self.runner.reading(command) as stream:
-                while chunk := stream.read(1 << 12):
-                    output.feed(chunk)
-        except CommandError as exc:
-            if "idle timeout" in str(exc) or "timed out" in str(exc):
-                raise self.failure(path, "timed out") from None
-            why = "; ".join(output.failures()[-3:]) or str(exc)
-            raise OSError(errno.EIO, why, str(path)) from None
+        self._follow(command, output.feed, path, lambda: "; ".join(output.failures()[-3:]))
         result = output.result()
         if result is None or output.failures():
             why = "; ".join(output.failures()[-3:]) or "no checksum in the output"
             raise OSError(errno.EIO, why, str(path))  # verify reports it as unreadable
         return FileDigest(result.size, result.digest)
 
+    def _follow(
+        self, command: Command, feed: Callable[[bytes], int], path: Path, why: Callable[[], str]
+    ) -> None:
+        """Run a checksum command on the host, its output fed as it comes; a stalled or
+        failed command is an OSError naming `path` (`why`: what its output said)."""
+        try:
+            with self.runner.reading(command) as stream:
+                while chunk := stream.read(1 << 12):
+                    feed(chunk)
+        except CommandError as exc:
+            if "idle timeout" in str(exc) or "timed out" in str(exc):
+                raise self.failure(path, "timed out") from None
+            reason = why() or " ".join(str(exc).split())[-300:]
+            raise OSError(errno.EIO, reason, str(path)) from None
+
     def _block_digest(self, path: Path) -> FileDigest:
         """sha256-1m computed on the host (python3 there: copying/hostimage.py)."""
         command = make_digest_command(str(path), STREAM_TIMEOUT, self.io_timeout)
         output = ScriptOutput()
-        try:
-            with self.runner.reading(command) as stream:
-                while chunk := stream.read(1 << 12):
-                    output.feed(chunk)
-        except CommandError as exc:
-            if "idle timeout" in str(exc) or "timed out" in str(exc):
-                raise self.failure(path, "timed out") from None
-            raise OSError(errno.EIO, " ".join(str(exc).split())[-300:], str(path)) from None
+        self._follow(command, output.feed, path, lambda: "")
         found = (output.result() or "").split()
         if len(found) != 2 or not found[0].isdigit():
             raise OSError(errno.EIO, "no checksum in the output", str(path))
