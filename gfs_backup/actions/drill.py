@@ -34,7 +34,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from gfs_backup.actions.verify import check_data
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import JobContext, RestoreOptions
 from gfs_backup.backends.libvirt import image_problems
-from gfs_backup.backends.vm_inplace import disk_files
+from gfs_backup.backends.vm_inplace import boot_file, disk_files
 from gfs_backup.copying.copy import digest_file
 from gfs_backup.core.config import Config, Job
 from gfs_backup.core.errors import GfsError, InputError, Problem
@@ -282,9 +282,21 @@ def _drill_vm(
         machine = parse_drill_machine(str(stored.manifest.source.get("xml", "")), images)
     except ValueError as exc:
         raise DrillCheckFailed(f"cannot boot generation {stored.id}: {exc}") from None
+    # A kernel and initrd booted directly: the generation's copies (what was backed up,
+    # and what a machine without the host's files has), else the host's files.
+    saved = {name: boot_file(stored, name) for name in ("kernel", "initrd")}
+    kernel, initrd = saved["kernel"], saved["initrd"]
+    if kernel is not None and machine.kernel is not None:
+        machine = replace(machine, kernel=str(stored.path / kernel.path))
+    if initrd is not None and machine.initrd is not None:
+        machine = replace(machine, initrd=str(stored.path / initrd.path))
     for path in (machine.kernel, machine.initrd):
-        if path is not None and not Path(path).is_file():
-            raise DrillCheckFailed(f"the domain boots {path}, which is not on this host")
+        if path is not None and not os.access(path, os.R_OK):
+            raise DrillCheckFailed(
+                f"the domain boots {path}, which is not readable here and not saved with "
+                "this generation (generations made since gfs saves boot files carry it)"
+            )
+    summed_files = disks + [data for data in saved.values() if data is not None]
     checks: list[CheckResult] = []
     started = time.monotonic()
     problems = [
@@ -301,7 +313,7 @@ def _drill_vm(
         )
     )
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gfs-drill-sum") as pool:
-        summed = pool.submit(_checksums, stored, disks)
+        summed = pool.submit(_checksums, stored, summed_files)
         accel, timeout = resolve_accel(ctx, settings)
         needs_agent = settings.agent or bool(settings.commands)
         agent_socket = Path(AGENT_SOCKET) if needs_agent else None  # QEMU runs in workdir
@@ -349,7 +361,8 @@ def _drill_vm(
     if failed:
         reason = "; ".join(f"{check.name}: {check.detail}" for check in failed)
         raise DrillCheckFailed(reason, booted.console_tail, tuple(checks), accel)
-    return f"{booted.reason}; checksums of {len(disks)} image(s) match", tuple(checks), accel
+    count = len(summed_files)
+    return f"{booted.reason}; checksums of {count} file(s) match", tuple(checks), accel
 
 
 def resolve_accel(ctx: JobContext, settings: DrillSettings) -> tuple[str, float]:
@@ -395,7 +408,7 @@ def _checksums(stored: Stored, disks: list[DataFile]) -> CheckResult:
         "checksums",
         not wrong,
         time.monotonic() - started,
-        "; ".join(wrong) or f"{len(disks)} image(s), {size:,d} bytes, match the manifest",
+        "; ".join(wrong) or f"{len(disks)} file(s), {size:,d} bytes, match the manifest",
     )
 
 

@@ -125,8 +125,9 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def write_report(path: Path, data: bytes) -> None:
-    """Write a report file atomically (a CI job may read it while another step runs)."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
-    temporary.replace(path)
+def write_report(path: Path, data: bytes, append: bool = False) -> None:
+    """Write (or with `append`, add to) a report file in place: CI systems hand out files
+    to write into ($GITHUB_STEP_SUMMARY is appended to) in directories a job may not
+    create files in."""
+    with path.open("ab" if append else "wb") as handle:
+        handle.write(data)

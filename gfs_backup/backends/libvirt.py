@@ -8,6 +8,7 @@ import contextlib
 import json
 import shutil
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from gfs_backup.backends.vm_capture import (
     is_job_checkpoint,
 )
 from gfs_backup.backends.vm_inplace import (
+    BOOT,
     DISKS,
     NVRAM,
     InPlaceRestore,
@@ -250,6 +252,7 @@ class LibvirtBackend:
         if files is None:
             files = self._checked_qcow2_files(ctx, disks, folder)
         files += _export_nvram(ctx, str(source["xml"]), into)
+        files += _export_boot_files(ctx, str(source["xml"]), into)
         written = sum(f.size for f in files)
         capture = source.get("capture")
         if isinstance(capture, dict):
@@ -861,6 +864,23 @@ def _export_nvram(ctx: JobContext, domain_xml: str, into: Path) -> list[DataFile
     result = copy_file(Path(path), copy, verify=True)  # read back, as the disks are
     ctx.log.info("job %s: saved the NVRAM %s", ctx.job.name, path)
     return [DataFile(f"{NVRAM}/{copy.name}", result.size, result.digest)]
+
+
+def _export_boot_files(ctx: JobContext, domain_xml: str, into: Path) -> list[DataFile]:
+    """The host-side kernel and initrd a domain boots directly (`<os><kernel>`), saved
+    beside its disks (small files, checksummed): a drill on a machine without them (a CI
+    runner) boots the generation's copies."""
+    os_element = ET.fromstring(domain_xml).find("os")
+    files = []
+    for name in ("kernel", "initrd"):
+        text = os_element.findtext(name) if os_element is not None else None
+        if not text or not Path(text).is_file():
+            continue
+        (into / BOOT).mkdir(exist_ok=True)
+        result = copy_file(Path(text), into / BOOT / name, verify=True)
+        files.append(DataFile(f"{BOOT}/{name}", result.size, result.digest))
+        ctx.log.info("job %s: saved the %s %s", ctx.job.name, name, text)
+    return files
 
 
 def _copy_firmware_files(

@@ -118,11 +118,17 @@ def is_restore_temp(path: Path) -> bool:
 
 DISKS = "disks"  # a VM generation's disk images: disks/<target>.raw (or .qcow2)
 NVRAM = "nvram"  # and its UEFI variable store, if it has one: nvram/VARS.fd
+BOOT = "boot"  # and the host-side kernel and initrd it boots directly: boot/kernel, boot/initrd
 
 
 def disk_files(stored: Stored) -> list[DataFile]:
     """The disk images of a VM generation (not its NVRAM)."""
     return [data for data in stored.manifest.files if data.path.startswith(f"{DISKS}/")]
+
+
+def boot_file(stored: Stored, name: str) -> DataFile | None:
+    """The copy of the domain's host-side `kernel` or `initrd` saved with the generation."""
+    return next((d for d in stored.manifest.files if d.path == f"{BOOT}/{name}"), None)
 
 
 def nvram_file(stored: Stored) -> DataFile | None:

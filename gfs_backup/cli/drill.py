@@ -83,7 +83,7 @@ from gfs_backup.core.policy import DRILL_ACCEL, DRILL_SELECT
     "--summary",
     "summary",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Also write a Markdown table (e.g. $GITHUB_STEP_SUMMARY).",
+    help="Also append a Markdown table to this file (e.g. $GITHUB_STEP_SUMMARY).",
 )
 def drill_command(
     jobs: tuple[str, ...],
@@ -231,7 +231,7 @@ def _report(
     if junit is not None:
         write_report(junit, junit_xml(results))
     if summary is not None:
-        write_report(summary, summary_markdown(results).encode())
+        write_report(summary, summary_markdown(results).encode(), append=True)
     if as_json:
         click.echo(json.dumps({"drills": [result_json(r) for r in results]}, indent=2))
     else:

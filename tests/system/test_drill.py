@@ -131,13 +131,13 @@ def test_vm_drill_boots_the_backup_isolated_and_fails_clearly(
     # A marker that never appears: fails after the timeout with the console's end recorded.
     # accel = "auto" (the default): KVM does not run guests on these machines, the probe
     # says so and the drill runs under TCG with the timeout x 3.
-    never = policy('console = "NEVER-PRINTED"\ntimeout = 7\n')
+    never = policy('console = "NEVER-PRINTED"\ntimeout = 10\n')
     write_config(tmp_path, target, "vm", "libvirt", "domain", Path(vm.name), never, extra)
     kvm_works, _why = runs_guest_code("kvm")
     failed = run_gfs("drill", "vm", "--config", str(config))
     assert failed.exit_code == 5, failed.output
     assert "drill FAILED" in failed.stdout
-    wait = 7 if kvm_works else 21
+    wait = 10 if kvm_works else 30
     assert f"timed out after {wait} s: the console never matched /NEVER-PRINTED/" in failed.stdout
     assert drills(generation)[-1]["accel"] == ("kvm" if kvm_works else "tcg")
     record = drills(generation)[-1]
