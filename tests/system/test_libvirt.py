@@ -126,7 +126,14 @@ def test_running_domain_is_backed_up_while_it_writes_and_restores_to_a_new_domai
     assert manifest["source"]["state"] == "running"
     assert manifest["source"]["consistency"] == "crash-consistent"
     assert f"<name>{vm.name}</name>" in manifest["source"]["xml"]
-    assert [f["path"] for f in manifest["files"]] == ["disks/vda.raw", "blocks/vda.sha256-1m"]
+    assert [f["path"] for f in manifest["files"]] == [
+        "disks/vda.raw",
+        "blocks/vda.sha256-1m",
+        "boot/kernel",  # the lab domain boots a host-side kernel and initrd: saved too
+        "boot/initrd",
+    ]
+    boot = Path(generation["path"]) / "boot"
+    assert (boot / "kernel").read_bytes() == Path(vm.spec.image.kernel).read_bytes()
     assert manifest["source"]["capture"]["mode"] == "full"
     assert not libvirt_conn.lookupByName(vm.name).jobStats().get("type")  # no job left
     new_name = f"{vm.name}-r"
