@@ -39,6 +39,7 @@ from gfs_backup.backends.vm_inplace import (
     DISKS,
     NVRAM,
     InPlaceRestore,
+    boot_file,
     disk_files,
     image_format,
     is_restore_temp,
@@ -48,7 +49,8 @@ from gfs_backup.backends.vm_inplace import (
 from gfs_backup.backends.vm_inplace import (
     JOURNAL_ACTION as RESTORE_TEMP,
 )
-from gfs_backup.copying.copy import copy_file, digest_and_punch_zeros
+from gfs_backup.copying.copy import copy_file, digest_and_punch_zeros, digest_file
+from gfs_backup.copying.image import clone_file
 from gfs_backup.core.config import LOCAL_HOST, Job
 from gfs_backup.core.errors import GfsError
 from gfs_backup.core.faults import crash_point
@@ -252,7 +254,7 @@ class LibvirtBackend:
         if files is None:
             files = self._checked_qcow2_files(ctx, disks, folder)
         files += _export_nvram(ctx, str(source["xml"]), into)
-        files += _export_boot_files(ctx, str(source["xml"]), into)
+        files += _export_boot_files(ctx, str(source["xml"]), into, previous)
         written = sum(f.size for f in files)
         capture = source.get("capture")
         if isinstance(capture, dict):
@@ -866,10 +868,13 @@ def _export_nvram(ctx: JobContext, domain_xml: str, into: Path) -> list[DataFile
     return [DataFile(f"{NVRAM}/{copy.name}", result.size, result.digest)]
 
 
-def _export_boot_files(ctx: JobContext, domain_xml: str, into: Path) -> list[DataFile]:
+def _export_boot_files(
+    ctx: JobContext, domain_xml: str, into: Path, previous: Stored | None
+) -> list[DataFile]:
     """The host-side kernel and initrd a domain boots directly (`<os><kernel>`), saved
     beside its disks (small files, checksummed): a drill on a machine without them (a CI
-    runner) boots the generation's copies."""
+    runner) boots the generation's copies. One unchanged since the previous generation is
+    cloned from it (shared extents on a reflink target: no new space each night)."""
     os_element = ET.fromstring(domain_xml).find("os")
     files = []
     for name in ("kernel", "initrd"):
@@ -877,7 +882,23 @@ def _export_boot_files(ctx: JobContext, domain_xml: str, into: Path) -> list[Dat
         if not text or not Path(text).is_file():
             continue
         (into / BOOT).mkdir(exist_ok=True)
-        result = copy_file(Path(text), into / BOOT / name, verify=True)
+        copy = into / BOOT / name
+        before = boot_file(previous, name) if previous is not None else None
+        found = digest_file(Path(text))
+        if (
+            previous is not None
+            and before is not None
+            and (before.size, before.digest) == (found.size, found.digest)
+        ):
+            how = clone_file(previous.path / before.path, copy)
+            if digest_file(copy, uncached=True).digest == found.digest:
+                files.append(DataFile(f"{BOOT}/{name}", found.size, found.digest))
+                ctx.log.info(
+                    "job %s: %s unchanged: %s from %s", ctx.job.name, name, how, previous.id
+                )
+                continue
+            copy.unlink()
+        result = copy_file(Path(text), copy, verify=True)
         files.append(DataFile(f"{BOOT}/{name}", result.size, result.digest))
         ctx.log.info("job %s: saved the %s %s", ctx.job.name, name, text)
     return files
