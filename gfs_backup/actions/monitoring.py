@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import subprocess
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -73,15 +74,25 @@ class RunWatch:
                 for outcome in outcomes
             ),
         )
-        _record_last_run(self.config, report)
-        write_metrics(self.config, report.finished, report)
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("record", lambda: _record_last_run(self.config, report)),
+            ("metrics", lambda: write_metrics(self.config, report.finished, report)),
+        ]
         if self.ops.notify is not None:
-            notify(self.ops.notify, report, log)
+            notify_settings = self.ops.notify
+            steps.append(("notify", lambda: notify(notify_settings, report, log)))
         if self.pinger is not None:
+            pinger = self.pinger
             if exit_code == 0:
-                self.pinger.success(_summary(report))
+                steps.append(("ping", lambda: pinger.success(_summary(report))))
             else:
-                self.pinger.fail(_summary(report) + "\n" + self.tail.text())
+                body = _summary(report) + "\n" + self.tail.text()
+                steps.append(("ping", lambda: pinger.fail(body)))
+        for name, step in steps:
+            try:
+                step()
+            except Exception as exc:  # reporting never changes the run's result
+                log.warning("%s after the run failed: %s: %s", name, type(exc).__name__, exc)
         return report
 
 
