@@ -425,17 +425,22 @@ def _set_every(
     value = job.options.get(key, defaults.get(key, default))
     table = "files" if key == "rehash_every" else "incremental"
     where = f"job[{job.name}].{key}" if own else f"{table}.{key}"
-    if value in ("off", "never"):
-        job.options[key] = 0
-        return
     try:
-        seconds = parse_duration(value)
-        if seconds < 3600:
-            raise ValueError(f'{seconds} s is too short: at least 1h, or "off"')
+        job.options[key] = duration_or_off(value, 3600)
     except ValueError as exc:
         collector.add(where, f'{exc} (e.g. "{default}", or "off" {off_means})')
-        return
-    job.options[key] = seconds
+
+
+def duration_or_off(value: object, minimum: int) -> int:
+    """Seconds of a duration like "30d" (at least `minimum`), 0 for "off" or "never";
+    ValueError saying what is wrong."""
+    if value in ("off", "never"):
+        return 0
+    seconds = parse_duration(value)
+    if seconds < minimum:
+        least = f"{minimum // 3600}h" if minimum % 3600 == 0 else f"{minimum // 60}m"
+        raise ValueError(f'{seconds} s is too short: at least {least}, or "off"')
+    return seconds
 
 
 def _check_target_host(

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gfs_backup.core.config import Config, Job, register_section
-from gfs_backup.core.policy import parse_duration
+from gfs_backup.core.config import Config, Job, duration_or_off, register_section
 from gfs_backup.core.validate import Collector, Table, join_key
 from gfs_backup.ops.hooks import Hooks, parse_hooks
 from gfs_backup.ops.notify import NotifySettings, parse_notify
@@ -93,16 +92,11 @@ def parse_ops(table: Table, collector: Collector, jobs: list[Job]) -> OpsSetting
 
 def _age(value: object, key: str, collector: Collector) -> float:
     """Seconds (0: "off", not judged)."""
-    if value in ("off", "never"):
-        return 0.0
     try:
-        seconds = parse_duration(value)
-        if seconds < 60:
-            raise ValueError(f"{seconds} s is too short: at least 1m")
+        return float(duration_or_off(value, 60))
     except ValueError as exc:
         collector.add(key, f'{exc} (e.g. "36h", "8d", or "off" not to judge it)')
         return 0.0
-    return float(seconds)
 
 
 def ops_warnings(config: Config) -> list[str]:

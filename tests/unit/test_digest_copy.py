@@ -21,7 +21,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gfs_backup.copying import copy, digest
-from gfs_backup.copying.copy import copy_file, copy_stream, data_extents, digest_file
+from gfs_backup.copying.copy import (
+    CopyResult,
+    copy_file,
+    copy_stream,
+    data_extents,
+    digest_file,
+)
 from gfs_backup.copying.digest import ALGORITHM, BLOCK, ZERO_BLOCK, ZERO_BLOCK_DIGEST, BlockDigest
 
 pytestmark = pytest.mark.unit
@@ -548,6 +554,14 @@ def test_enospc_propagates(
 # Read-back verification, pipelined with the copy
 
 
+def verified_copy(how: str, source: Path, target: Path) -> CopyResult:
+    """copy_file or copy_stream of `source` with the read-back."""
+    if how == "file":
+        return copy_file(source, target, verify=True)
+    with source.open("rb") as stream:
+        return copy_stream(cast(BinaryIO, stream), target, verify=True)
+
+
 @pytest.mark.parametrize("layout", FILES.values(), ids=FILES.keys())
 @pytest.mark.parametrize("how", ["file", "stream"])
 def test_a_verified_copy_reads_everything_back(
@@ -564,11 +578,7 @@ def test_a_verified_copy_reads_everything_back(
         return real(self, offset, length)
 
     monkeypatch.setattr(copy._ReadBack, "_read", counted)
-    if how == "file":
-        result = copy_file(source, target, verify=True)
-    else:
-        with source.open("rb") as stream:
-            result = copy_stream(cast(BinaryIO, stream), target, verify=True)
+    result = verified_copy(how, source, target)
     assert target.read_bytes() == data
     assert result.digest == reference(data)
     written = len(data)  # a stream is written whole; a file: the blocks holding its data
@@ -611,11 +621,7 @@ def test_a_verified_copy_compares_kept_chunks_with_few_buffers(
 
     monkeypatch.setattr(copy, "_same", same)
     monkeypatch.setattr(copy, "block_digests_of", digests)
-    if how == "file":
-        result = copy_file(source, target, verify=True)
-    else:
-        with source.open("rb") as stream:
-            result = copy_stream(cast(BinaryIO, stream), target, verify=True)
+    result = verified_copy(how, source, target)
     assert target.read_bytes() == data
     assert result.digest == reference(data)
     written = 21 * BLOCK if how == "file" else len(data)
