@@ -227,7 +227,8 @@ def test_what_makes_a_base_untrustworthy_makes_a_full_read_that_never_inherits_d
     libvirt_conn: libvirt.virConnect,
 ) -> None:
     vm, disk = shadowed
-    target = mounts("tgt", kind="ext4", size_mb=1024)  # no reflink: the base is copied
+    # No reflink: the base is copied; each generation also holds the 18 MiB kernel + initrd.
+    target = mounts("tgt", kind="ext4", size_mb=1536)
     config = write_config(tmp_path, target, "vm", "libvirt", "domain", Path(vm.name), KEEP)
     run(config)
 
