@@ -3,8 +3,8 @@
 Runs as root from the repo root on a machine prepared by scripts/lab-setup. It starts the lab's
 libvirt daemons, builds the lab guest, and makes its disk: a qcow2 of `--disk-gib` (4) GiB
 holding `--data-gib` (1) GiB of data (qemu-io writes), the lab's pattern on top; an idle TCG
-domain (direct kernel boot) runs from it and `gfs run` backs it up to a directory on
-/var/tmp (the generation: a sparse raw image, as big as the disk, holding its data). Then,
+domain (direct kernel boot) runs from it and `gfs run` backs it up to a tmpfs target (the
+generation: a sparse raw image, as big as the disk, holding its data). Then,
 ROUNDS times (default 3), alternating, the page cache dropped before each
 (`sync; echo 3 > /proc/sys/vm/drop_caches`):
 
@@ -158,6 +158,7 @@ def main() -> int:
     options = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="gfs-drill-bench-", dir="/var/tmp"))
     target = workdir / "target"
+    mounted = False
     daemons = conn = factory = None
     try:
         daemons = start_libvirt_daemons()
@@ -165,6 +166,9 @@ def main() -> int:
         reap_stale_domains(conn)
         image = build_guest_image(workdir / "guest")
         target.mkdir()
+        size = f"{options.disk_gib + 2}g"  # sparse: holds the data only
+        sh("mount", "-t", "tmpfs", "-o", f"size={size}", "gfs-drill-bench", str(target))
+        mounted = True
         source = workdir / "source.qcow2"
         sh("qemu-img", "create", "-q", "-f", "qcow2", str(source), f"{options.disk_gib}G")
         for start in range(options.data_gib * 4):  # 256 MiB writes at a 512 MiB stride
@@ -247,6 +251,8 @@ def main() -> int:
             factory.cleanup()
         if conn is not None:
             conn.close()
+        if mounted:
+            subprocess.run(["umount", str(target)], capture_output=True, check=False)
         if daemons is not None:
             daemons.stop()
         shutil.rmtree(workdir, ignore_errors=True)
