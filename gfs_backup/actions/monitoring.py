@@ -156,7 +156,9 @@ def write_metrics(
     try:
         state = State.read_only(config.state_dir)
         try:
-            found = [job_status(config, job, state, now) for job in config.jobs]
+            # What the metrics read: listings and runs, not the health checks (no libvirt
+            # connection or target check per job after every run).
+            found = [job_status(config, job, state, now, health=False) for job in config.jobs]
             judged = [judge(status, now) for status in found]
             registry = registry_of(found, judged, state, report or last_run(config))
         finally:

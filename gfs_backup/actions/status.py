@@ -67,7 +67,11 @@ class JobStatus:
     last_drill: RunRecord | None = None
 
 
-def job_status(config: Config, job: Job, state: State | None, now: datetime) -> JobStatus:
+def job_status(
+    config: Config, job: Job, state: State | None, now: datetime, health: bool = True
+) -> JobStatus:
+    """The job's generations, runs and, with `health`, its warnings (target checks, the
+    backend's own: a libvirt connection per job, SSH round trips for a remote target)."""
     job_dir, fs = job_location(config, job)
     try:
         listing = list_generations(job_dir, fs)
@@ -77,7 +81,8 @@ def job_status(config: Config, job: Job, state: State | None, now: datetime) -> 
     last_success = state.last_success(job.name) if state is not None else None
     last_drill = state.last_drill(job.name) if state is not None else None
     warnings = [str(problem) for problem in listing.problems]
-    warnings += health_warnings(config, job, listing, state, now)
+    if health:
+        warnings += health_warnings(config, job, listing, state, now)
     if last_drill is not None and last_drill.status == "drill-failed":
         warnings.append(
             f"job {job.name}: the last drill (generation {last_drill.generation}) failed: "

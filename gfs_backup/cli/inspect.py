@@ -201,7 +201,9 @@ def _check_status(jobs: tuple[str, ...], config_path: Path) -> None:
         selected = select_jobs(config, jobs)
         state = State.read_only(config.state_dir)
         try:
-            judged = [judge(job_status(config, job, state, now), now) for job in selected]
+            judged = [  # judged on listings and runs: the health checks are gfs check's
+                judge(job_status(config, job, state, now, health=False), now) for job in selected
+            ]
         finally:
             if state is not None:
                 state.close()

@@ -27,7 +27,7 @@ from email.message import EmailMessage
 from email.message import Message as MailHeaders
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -258,11 +258,12 @@ class SmtpSession(socketserver.StreamRequestHandler):
         return b"".join(lines)
 
 
+Served = TypeVar("Served", bound=socketserver.BaseServer)
+
+
 @contextmanager
-def serve_smtp(
-    tls: ssl.SSLContext | None = None, implicit_tls: bool = False, auth: tuple[str, ...] = ()
-) -> Iterator[SmtpServer]:
-    server = SmtpServer(tls, implicit_tls, auth)
+def serving(server: Served) -> Iterator[Served]:
+    """`server` answering in a thread until the block ends; then shut down and closed."""
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
@@ -271,6 +272,14 @@ def serve_smtp(
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@contextmanager
+def serve_smtp(
+    tls: ssl.SSLContext | None = None, implicit_tls: bool = False, auth: tuple[str, ...] = ()
+) -> Iterator[SmtpServer]:
+    with serving(SmtpServer(tls, implicit_tls, auth)) as server:
+        yield server
 
 
 @dataclass
@@ -317,15 +326,8 @@ class HttpHandler(BaseHTTPRequestHandler):
 
 @contextmanager
 def serve_http(statuses: list[int] | None = None, answer: bytes = b"{}") -> Iterator[HttpServer]:
-    server = HttpServer(statuses or [200], answer)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
+    with serving(HttpServer(statuses or [200], answer)) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 @contextmanager
