@@ -16,6 +16,7 @@ from pathlib import Path
 
 from gfs_backup.actions.freshness import judge
 from gfs_backup.actions.metrics import registry_of, write_textfile
+from gfs_backup.actions.plan import select_jobs
 from gfs_backup.actions.run import JobOutcome
 from gfs_backup.actions.status import JobStatus, job_status
 from gfs_backup.core.config import Config, Job
@@ -54,7 +55,7 @@ class RunWatch:
         logging.getLogger("gfs").removeHandler(self.tail)
 
     def finish(self, jobs: list[Job], outcomes: list[JobOutcome], exit_code: int) -> RunReport:
-        kinds = {job.name: job.kind for job in jobs}
+        kinds = {job.title: job.kind for job in jobs}
         report = RunReport(
             socket.gethostname(),
             self.started,
@@ -63,7 +64,7 @@ class RunWatch:
             tuple(
                 JobReport(
                     outcome.job,
-                    kinds.get(outcome.job, ""),
+                    kinds.get(outcome.job, kinds.get(outcome.job.partition("/")[0], "")),
                     outcome.status,
                     outcome.generation,
                     outcome.bytes,
@@ -158,7 +159,8 @@ def write_metrics(
         try:
             # What the metrics read: listings and runs, not the health checks (no libvirt
             # connection or target check per job after every run).
-            found = [job_status(config, job, state, now, health=False) for job in config.jobs]
+            every = select_jobs(config, [])  # a pattern job: each domain's history
+            found = [job_status(config, job, state, now, health=False) for job in every]
             judged = [judge(status, now) for status in found]
             registry = registry_of(found, judged, state, report or last_run(config))
         finally:

@@ -8,6 +8,7 @@ from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
+from gfs_backup.actions.members import stored_members
 from gfs_backup.actions.targets import job_location
 from gfs_backup.core.config import Config, Job
 from gfs_backup.core.errors import InputError, Problem
@@ -94,16 +95,42 @@ def plan_job(job: Job, config: Config, now: datetime) -> JobPlan:
     return JobPlan(job, job_dir, result, listing.problems)
 
 
-def select_jobs(config: Config, names: Iterable[str]) -> list[Job]:
-    """The named jobs (all when none named). Raises InputError for unknown names."""
+def select_jobs(config: Config, names: Iterable[str], members: bool = True) -> list[Job]:
+    """The named jobs (all when none named). A job with `domains` patterns stands for its
+    domains' histories on the target (`members`, see gfs_backup/actions/members.py), and
+    `JOB/DOMAIN` (a name or UUID) names one of them. Raises InputError for unknown names."""
     wanted = list(names)
-    if not wanted:
-        return list(config.jobs)
     by_name = {job.name: job for job in config.jobs}
-    unknown = [name for name in wanted if name not in by_name]
-    if unknown:
-        known = ", ".join(by_name) or "none"
-        raise InputError(
-            [Problem(config.source, f"no job named {name!r} (jobs: {known})") for name in unknown]
-        )
-    return [by_name[name] for name in wanted]
+    chosen: list[Job] = []
+    problems: list[Problem] = []
+    for name in wanted or list(by_name):
+        job = by_name.get(name)
+        if job is not None:
+            chosen += stored_members(config, job) if members and job.selects_domains else [job]
+            continue
+        parent, _, domain = name.replace("@", "/", 1).partition("/")
+        found = [
+            one
+            for one in (stored_members(config, by_name[parent]) if parent in by_name else [])
+            if domain in (one.options["domain"], one.options["uuid"])
+        ]
+        if len(found) == 1:
+            chosen += found
+        elif found:
+            uuids = ", ".join(one.options["uuid"] for one in found)
+            problems.append(
+                Problem(
+                    config.source,
+                    f"{name}: several domains had that name ({uuids}): use {parent}/UUID",
+                )
+            )
+        elif parent in by_name and by_name[parent].selects_domains:
+            problems.append(
+                Problem(config.source, f"job {parent} has no generations of a domain {domain!r}")
+            )
+        else:
+            known = ", ".join(by_name) or "none"
+            problems.append(Problem(config.source, f"no job named {name!r} (jobs: {known})"))
+    if problems:
+        raise InputError(problems)
+    return chosen

@@ -13,6 +13,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from gfs_backup.actions.drill import periodic_drill
+from gfs_backup.actions.members import (
+    Selection,
+    adopt_history,
+    histories,
+    list_domains,
+    overlapping,
+    select,
+)
 from gfs_backup.actions.prune import journaled_delete, prune_job
 from gfs_backup.actions.reconcile import reconcile
 from gfs_backup.actions.targets import job_location
@@ -126,13 +134,97 @@ def run_jobs(
             if state is not None:
                 state.close()
 
+    selections = select_all(config, jobs)
+
+    def unit(job: Job) -> list[JobOutcome]:
+        if not job.selects_domains:
+            return [one(job)]
+        return _run_members(job, selections[job.name], one)
+
     try:
         if config.concurrency <= 1 or len(jobs) <= 1:
-            return [one(job) for job in jobs]
-        with ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="gfs") as pool:
-            return list(pool.map(one, jobs))
+            done = [unit(job) for job in jobs]
+        else:
+            with ThreadPoolExecutor(config.concurrency, thread_name_prefix="gfs") as pool:
+                done = list(pool.map(unit, jobs))
+        return [outcome for outcomes in done for outcome in outcomes]
     finally:
         close_runners()  # the SSH connections the jobs shared
+
+
+def select_all(config: Config, jobs: list[Job]) -> dict[str, Selection | GfsError]:
+    """What each pattern job among `jobs` backs up (or why it cannot say), with a domain
+    that jobs of the whole configuration both select made a problem of each (backed up by
+    none until the patterns are exclusive: two histories of one domain would fight over
+    its checkpoints)."""
+    selections: dict[str, Selection | GfsError] = {}
+    wanted = {job.name for job in jobs}
+    for job in config.jobs:
+        if not job.selects_domains:
+            continue
+        try:
+            selections[job.name] = select(job, list_domains(job), histories(config, job))
+        except GfsError as exc:
+            selections[job.name] = exc
+    found = {name: s for name, s in selections.items() if isinstance(s, Selection)}
+    singles = [job for job in config.jobs if job.kind == "libvirt" and not job.selects_domains]
+    for uuid, claims in overlapping(found, singles).items():
+        for name in claims:
+            selection = found.get(name)
+            if selection is None:
+                continue
+            for one in selection.members:
+                if one.options["uuid"] == uuid:
+                    selection.problems[one.name] = (
+                        f"domain {one.options['domain']} is selected by jobs "
+                        f"{' and '.join(claims)}: backed up by none of them until one "
+                        "excludes it (exclude = [...])"
+                    )
+    return {name: s for name, s in selections.items() if name in wanted}
+
+
+def _run_members(
+    job: Job, selection: Selection | GfsError, one: Callable[[Job], JobOutcome]
+) -> list[JobOutcome]:
+    """The domains of a pattern job, up to `max_parallel` at once; one failing domain
+    fails only its own outcome. libvirtd not answering fails the job (nothing vanishes)."""
+    if isinstance(selection, GfsError):
+        message = f"cannot list the domains to back up: {selection}"
+        log.error("job %s: failed: %s", job.name, message)
+        return [JobOutcome(job.name, "failed", message=message)]
+    for warning in selection.warnings:
+        log.warning("job %s: %s", job.name, warning)
+    for name, why in selection.left_out:
+        log.info("job %s: domain %s left out: %s", job.name, name, why)
+    for gone in selection.vanished:
+        log.info(
+            "job %s: domain %s (UUID %s) is gone: its generations are kept (gfs forget "
+            "%s %s deletes them)",
+            job.name,
+            gone.options["domain"],
+            gone.options["uuid"],
+            job.name,
+            gone.options["uuid"],
+        )
+
+    def member_outcome(member: Job) -> JobOutcome:
+        problem = selection.problems.get(member.name)
+        if problem is None:
+            return one(member)
+        log.error("job %s: failed: %s", member.title, problem)
+        return JobOutcome(member.title, "failed", message=problem)
+
+    parallel = int(job.options.get("max_parallel", 1))
+    if parallel <= 1 or len(selection.members) <= 1:
+        outcomes = [member_outcome(member) for member in selection.members]
+    else:
+        with ThreadPoolExecutor(parallel, thread_name_prefix=f"gfs-{job.name}") as pool:
+            outcomes = list(pool.map(member_outcome, selection.members))
+    if not outcomes:
+        outcomes = [JobOutcome(job.name, "not-due", message="no domain selected")]
+    if selection.warnings:
+        outcomes[0].warnings += selection.warnings
+    return outcomes
 
 
 def _run_one(
@@ -151,18 +243,19 @@ def _run_one(
         with job_lock(config.state_dir, job.name, options.wait):
             now = clock()
             try:
+                adopt_history(job, job_dir, fs)  # a renamed domain of a pattern job
                 due = next_due(job, state, job_dir, now, fs)
             except GfsError as exc:  # a remote target that does not answer
                 state.finish_run(state.start_run(job.name), "failed", message=str(exc))
-                log.error("job %s: failed: %s", job.name, exc)
-                return JobOutcome(job.name, "failed", message=str(exc))
+                log.error("job %s: failed: %s", job.title, exc)
+                return JobOutcome(job.title, "failed", message=str(exc))
             if not options.force and (due is None or due > now):
                 when = due.isoformat() if due else "never (the schedule does not fire)"
-                return JobOutcome(job.name, "not-due", message=f"next due {when}")
+                return JobOutcome(job.title, "not-due", message=f"next due {when}")
             return _run_locked(config, job, state, (job_dir, fs), now, options, bandwidth)
     except LockHeld as exc:
         log.warning("%s", exc)
-        return JobOutcome(job.name, "locked", message=str(exc))
+        return JobOutcome(job.title, "locked", message=str(exc))
 
 
 def _run_locked(
@@ -179,7 +272,7 @@ def _run_locked(
     runner = runner_for(job.host, config)
     ctx = JobContext(job, runner, state, run_id, now, log, bandwidth=bandwidth, target=fs)
     backend = backend_for(job.kind)
-    ops = ops_of(config).job(job.name)
+    ops = ops_of(config).job(job.family)
     pinger = Pinger(ops.ping_url, log) if ops.ping_url else None
     if pinger is not None:
         pinger.start()
@@ -190,21 +283,21 @@ def _run_locked(
         message = describe_failure(exc, config, job)
         seconds = time.monotonic() - started
         state.finish_run(run_id, "failed", seconds=seconds, message=message)
-        log.error("job %s: failed: %s", job.name, message)
-        log.debug("job %s: failure details", job.name, exc_info=True)
+        log.error("job %s: failed: %s", job.title, message)
+        log.debug("job %s: failure details", job.title, exc_info=True)
         env = hook_env(job, job_dir, status="failed")
         warnings = _hook_warnings(ops.hooks, ("on_failure", "after"), env)
         if pinger is not None:
             pinger.fail(
-                f"job {job.name}: failed: {message}\n"
+                f"job {job.title}: failed: {message}\n"
                 + "".join(f"warning: {warning}\n" for warning in warnings)
             )
-        return JobOutcome(job.name, "failed", seconds=seconds, message=message, warnings=warnings)
+        return JobOutcome(job.title, "failed", seconds=seconds, message=message, warnings=warnings)
     env = hook_env(job, Path(outcome.path) if outcome.path else job_dir, outcome.generation, "ok")
     outcome.warnings += _hook_warnings(ops.hooks, ("after",), env)
     if pinger is not None:
         pinger.success(
-            f"job {job.name}: generation {outcome.generation}, {outcome.bytes} bytes\n"
+            f"job {job.title}: generation {outcome.generation}, {outcome.bytes} bytes\n"
             + "".join(f"warning: {warning}\n" for warning in outcome.warnings)
         )
     outcome.seconds = time.monotonic() - started
@@ -218,7 +311,7 @@ def _run_locked(
     )
     log.info(
         "job %s: done: generation %s, %d bytes in %.1f s, pruned %d",
-        job.name,
+        job.title,
         outcome.generation,
         outcome.bytes,
         outcome.seconds,
@@ -232,7 +325,7 @@ def hook_env(
 ) -> dict[str, str]:
     """The environment a job's hooks get (GFS_PHASE is added by run_hook)."""
     env = {
-        "GFS_JOB": job.name,
+        "GFS_JOB": job.family,
         "GFS_KIND": job.kind,
         "GFS_STATUS": status,
         "GFS_TARGET_PATH": str(path),
@@ -275,7 +368,7 @@ def _pipeline(
 ) -> JobOutcome:
     job = ctx.job
     fs = ctx.target
-    hooks = ops_of(config).job(job.name).hooks
+    hooks = ops_of(config).job(job.family).hooks
     result = run_hook(hooks, "before", hook_env(job, job_dir), ctx.log)
     if result is not None and not result.ok:
         raise HookFailed(f"{result.problem}; no snapshot was taken")
@@ -287,7 +380,7 @@ def _pipeline(
     if ctx.bandwidth:
         ctx.log.info(
             "job %s: writing at most %s to target %s",
-            job.name,
+            job.title,
             format_rate(ctx.bandwidth),
             job.target,
         )
@@ -301,7 +394,7 @@ def _pipeline(
         partial = PartialGeneration(
             job_dir, generation_id(ctx.now, job_dir, fs), ctx.state, ctx.run_id, job.name, fs
         )
-        ctx.log.info("job %s: exporting to %s", job.name, partial.path)
+        ctx.log.info("job %s: exporting to %s", job.title, partial.path)
         try:
             exported = backend.export(
                 ctx, snapshot, partial.path, previous, _with_crash_point(progress)
@@ -321,7 +414,7 @@ def _pipeline(
     hook_warnings += _hook_warnings(hooks, ("after_export",), env)
     warnings += exported.warnings
     for warning in warnings:
-        ctx.log.warning("job %s: %s", job.name, warning)
+        ctx.log.warning("job %s: %s", job.title, warning)
     warnings += hook_warnings  # logged by run_hook
     pruned: list[str] = []
     if options.prune:
@@ -329,7 +422,7 @@ def _pipeline(
     warnings += periodic_verify(job, job_dir, ctx.now, fs)
     warnings += periodic_drill(job, job_dir, ctx.state, ctx.now, fs)
     return JobOutcome(
-        job.name,
+        job.title,
         "ok",
         partial.generation,
         exported.bytes_written,
@@ -352,7 +445,7 @@ def _abort(ctx: JobContext, partial: PartialGeneration, why: BaseException) -> N
             reason = str(exc)
     ctx.log.warning(
         "job %s: partial export %s left for the next run to remove (%s)",
-        ctx.job.name,
+        ctx.job.title,
         partial.path,
         reason,
     )
@@ -376,7 +469,7 @@ def periodic_verify(job: Job, job_dir: Path, now: datetime, fs: TargetFS = LOCAL
             warnings.append(
                 f"generation {stored.id} failed verification: {'; '.join(result.problems[:3])}"
             )
-            log.error("job %s: %s", job.name, warnings[-1])
+            log.error("job %s: %s", job.title, warnings[-1])
     return warnings
 
 
@@ -408,7 +501,7 @@ def _manifest(
     """The new generation's manifest: verified (if the policy says so) and labelled."""
     job = ctx.job
     manifest = Manifest(
-        job=job.name,
+        job=job.family,
         kind=job.kind,
         host=job.host,
         generation=partial.generation,
@@ -426,7 +519,7 @@ def _manifest(
         problems = check_data(stored, read_back=exported.read_back)
         if problems:
             raise ExportError(
-                f"job {job.name}: the export does not read back as written: "
+                f"job {job.title}: the export does not read back as written: "
                 f"{'; '.join(problems[:3])}"
             )
         stamp = ctx.now.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
@@ -459,7 +552,7 @@ def _retire(ctx: JobContext, backend: Backend, snapshot: Snapshot) -> None:
         backend.retire_snapshot(ctx, snapshot, ctx.job.policy.keep_snapshots)
     except GfsError as exc:  # the journal keeps it open: the next run removes it
         ctx.log.warning(
-            "job %s: could not remove snapshot %s now: %s", ctx.job.name, snapshot.subvolume, exc
+            "job %s: could not remove snapshot %s now: %s", ctx.job.title, snapshot.subvolume, exc
         )
 
 
@@ -485,10 +578,10 @@ def _preview(
     pruned = [gen.id for gen in result.prune]
     log.info(
         "job %s: dry-run: would snapshot %s and export it to %s/.partial-*",
-        job.name,
+        job.title,
         ", ".join(str(p) for p in backend.sources(job)),
         job_dir,
     )
     for generation in pruned:
-        log.info("job %s: dry-run: would prune %s", job.name, generation)
-    return JobOutcome(job.name, "dry-run", warnings=warnings, pruned=pruned)
+        log.info("job %s: dry-run: would prune %s", job.title, generation)
+    return JobOutcome(job.title, "dry-run", warnings=warnings, pruned=pruned)

@@ -85,7 +85,7 @@ def job_status(
         warnings += health_warnings(config, job, listing, state, now)
     if last_drill is not None and last_drill.status == "drill-failed":
         warnings.append(
-            f"job {job.name}: the last drill (generation {last_drill.generation}) failed: "
+            f"job {job.title}: the last drill (generation {last_drill.generation}) failed: "
             f"{last_drill.message}"
         )
     return JobStatus(
@@ -126,18 +126,18 @@ def health_warnings(
     warnings += backend_for(job.kind).health(job)
     schedule = job.policy.schedule
     if not listing.stored:
-        warnings.append(f"job {job.name}: no generation on target {target.name} yet")
+        warnings.append(f"job {job.title}: no generation on target {target.name} yet")
     else:
         newest = listing.stored[-1]
         due = schedule.next_after(newest.manifest.created_at, job.policy.zone)
         overdue = schedule.next_after(due, job.policy.zone) if due else None
         if overdue is not None and overdue <= now:
             warnings.append(
-                f"job {job.name}: newest generation {newest.id} is older than "
+                f"job {job.title}: newest generation {newest.id} is older than "
                 f"its schedule {schedule.text!r} allows (missed runs)"
             )
         if not last_verified_ok(newest):
-            warnings.append(f"job {job.name}: newest generation {newest.id} is not verified")
+            warnings.append(f"job {job.title}: newest generation {newest.id} is not verified")
         damaged = [
             item.id
             for item in listing.stored
@@ -145,19 +145,19 @@ def health_warnings(
         ]
         if damaged:
             warnings.append(
-                f"job {job.name}: generation(s) {', '.join(damaged)} failed verification"
+                f"job {job.title}: generation(s) {', '.join(damaged)} failed verification"
             )
         for item in listing.stored:
             for disk, alarm in capture_of(item).get("alarm", {}).items():
                 warnings.append(
-                    f"job {job.name}: generation {item.id}, disk {disk}: dirty-tracking "
+                    f"job {job.title}: generation {item.id}, disk {disk}: dirty-tracking "
                     f"alarm: {alarm}; the full read is the one to trust, report this"
                 )
     if state is not None:
         for entry in state.open_entries(job.name):
             if entry.action == "snapshot" and Path(entry.path).exists():
                 warnings.append(
-                    f"job {job.name}: gfs snapshot {entry.path} has no export "
+                    f"job {job.title}: gfs snapshot {entry.path} has no export "
                     "(an interrupted run; the next run removes it)"
                 )
     return warnings

@@ -21,8 +21,11 @@ def target_fs(config: Config, target_name: str, dry_run: bool = False) -> Target
 
 
 def job_dir(config: Config, job: Job) -> Path:
-    """`<target>/<job>`, as the target's host sees it."""
-    return config.targets[job.target].path / job.name
+    """`<target>/<job>`, as the target's host sees it; a domain of a pattern job:
+    `<target>/<job>/<name>--<UUID>` (see gfs_backup/actions/members.py)."""
+    folder = config.targets[job.target].path / job.family
+    history = job.options.get("history") if job.parent is not None else None
+    return folder / str(history) if history else folder
 
 
 def job_location(config: Config, job: Job, dry_run: bool = False) -> tuple[Path, TargetFS]:

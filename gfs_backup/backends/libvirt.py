@@ -5,6 +5,7 @@ manifest."""
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import shutil
 import time
@@ -69,6 +70,7 @@ from gfs_backup.tools.domainxml import (
     parse_disks,
     pull_backup_xml,
     restore_xml,
+    skipped_disks,
     snapshot_xml,
 )
 from gfs_backup.tools.virt import (
@@ -118,16 +120,41 @@ def make_check_command(image: Path) -> Command:
     return Command(("qemu-img", "check", "-f", "qcow2", str(image)))
 
 
-def selected_disks(job: Job, disks: list[Disk]) -> list[Disk]:
-    """The job's `disks` (all when not set). Raises SourceError for unknown names."""
+def find_domain(connection: Connection, job: Job) -> Any:
+    """The job's domain: by UUID for a domain of a pattern job (renamed meanwhile or not),
+    else by name."""
+    uuid = job.options.get("uuid")
+    if uuid:
+        return connection.domain_by_uuid(str(uuid), str(job.options["domain"]))
+    return connection.domain(str(job.options["domain"]))
+
+
+def left_out_disks(job: Job, domain_xml: str) -> list[tuple[str, str]]:
+    """(target, why) of the domain's disks this job does not back up: cdroms, floppies,
+    lun, shareable and network disks (unless named in `disks`), and `exclude_disks`."""
+    named = set(job.options.get("disks") or ())
+    left = [(target, why) for target, why in skipped_disks(domain_xml) if target not in named]
+    patterns = list(job.options.get("exclude_disks", []))
+    for disk in parse_disks(domain_xml):
+        if patterns and any(fnmatch.fnmatchcase(disk.target, p) for p in patterns):
+            left.append((disk.target, "excluded by the job's exclude_disks"))
+    return left
+
+
+def selected_disks(job: Job, disks: list[Disk], domain_xml: str | None = None) -> list[Disk]:
+    """The job's `disks` (all when not set) less those `left_out_disks` names (given the
+    domain's XML). Raises SourceError for unknown names."""
     wanted = job.options.get("disks")
     if not wanted:
-        return disks
+        if domain_xml is None:
+            return disks
+        left = {target for target, _why in left_out_disks(job, domain_xml)}
+        return [disk for disk in disks if disk.target not in left]
     by_target = {disk.target: disk for disk in disks}
     unknown = [name for name in wanted if name not in by_target]
     if unknown:
         raise SourceError(
-            f"job {job.name}: domain {job.options['domain']} has no disk "
+            f"job {job.title}: domain {job.options['domain']} has no disk "
             f"{', '.join(unknown)} (disks: {', '.join(by_target)})"
         )
     return [by_target[name] for name in wanted]
@@ -145,8 +172,9 @@ class LibvirtBackend:
         except GfsError:
             return []
         try:
-            domain = connection.domain(job.options["domain"])
-            return [Path(disk.source) for disk in parse_disks(connection.xml(domain))]
+            domain = find_domain(connection, job)
+            xml = connection.xml(domain)
+            return [Path(disk.source) for disk in selected_disks(job, parse_disks(xml), xml)]
         except GfsError:
             return []
         finally:
@@ -155,16 +183,24 @@ class LibvirtBackend:
     def check_source(self, ctx: JobContext) -> None:
         connection = self._connect(ctx.job)
         try:
-            domain = connection.domain(ctx.job.options["domain"])
-            for disk in selected_disks(ctx.job, parse_disks(connection.xml(domain))):
+            domain = find_domain(connection, ctx.job)
+            xml = connection.xml(domain)
+            if ctx.job.options.get("renamed_from"):
+                ctx.log.info(
+                    "job %s: domain %s was called %s: its history goes on",
+                    ctx.job.title,
+                    domain.name(),
+                    ctx.job.options["renamed_from"],
+                )
+            for disk in selected_disks(ctx.job, parse_disks(xml), xml):
                 if disk.source_type not in LOCAL_SOURCES or not disk.source:
                     raise SourceError(
-                        f"job {ctx.job.name}: disk {disk.target} is a "
+                        f"job {ctx.job.title}: disk {disk.target} is a "
                         f"{disk.source_type} disk ({disk.source or 'no path'}): "
                         "gfs backs up file and block device disks only"
                     )
                 if ctx.job.host == LOCAL_HOST:
-                    _check_disk_path(ctx.job.name, disk)
+                    _check_disk_path(ctx.job.title, disk)
         finally:
             connection.close()
 
@@ -181,9 +217,17 @@ class LibvirtBackend:
     ) -> Exported:
         connection = self._connect(ctx.job)
         try:
-            domain = connection.domain(ctx.job.options["domain"])
+            domain = find_domain(connection, ctx.job)
             live_xml = connection.xml(domain)
-            disks = selected_disks(ctx.job, parse_disks(live_xml))
+            disks = selected_disks(ctx.job, parse_disks(live_xml), live_xml)
+            left_out = left_out_disks(ctx.job, live_xml)
+            if not disks:
+                raise SourceError(
+                    f"job {ctx.job.title}: domain {domain.name()} has no disk to back up"
+                    + (f" ({', '.join(f'{t}: {why}' for t, why in left_out)})" if left_out else "")
+                )
+            for target, why in left_out:
+                ctx.log.info("job %s: disk %s left out: %s", ctx.job.title, target, why)
             folder = into / DISKS
             folder.mkdir()
             running = connection.is_running(domain)
@@ -193,11 +237,11 @@ class LibvirtBackend:
                 ctx.log.info(
                     "job %s: python3-libnbd is not installed: QEMU writes whole qcow2 "
                     "images (push mode), no changed-block capture",
-                    ctx.job.name,
+                    ctx.job.title,
                 )
             if running and method == "backup-api" and ctx.bandwidth and not pull:
                 raise GfsError(
-                    f"job {ctx.job.name}: target {ctx.job.target} has a bandwidth limit and "
+                    f"job {ctx.job.title}: target {ctx.job.target} has a bandwidth limit and "
                     "without python3-libnbd the backup API cannot be rate limited: install "
                     'it, or use method = "auto" (then the snapshot method)'
                 )
@@ -205,7 +249,7 @@ class LibvirtBackend:
                 ctx.log.info(
                     "job %s: the push-mode backup API cannot be rate limited: using the "
                     "snapshot method for the bandwidth limit of target %s",
-                    ctx.job.name,
+                    ctx.job.title,
                     ctx.job.target,
                 )
                 method = "snapshot"
@@ -222,7 +266,7 @@ class LibvirtBackend:
                 except BackupUnsupported as exc:
                     if method in ("backup-api", "push"):
                         raise
-                    ctx.log.info("job %s: %s; using the snapshot method", ctx.job.name, exc)
+                    ctx.log.info("job %s: %s; using the snapshot method", ctx.job.title, exc)
             if running and facts is None:
                 facts = self._backup_by_snapshot(ctx, connection, domain, disks, folder)
             if not running and pull:
@@ -249,6 +293,12 @@ class LibvirtBackend:
                 "method": facts.pop("method", "backup-api" if running else "qemu-img"),
                 **facts,
             }
+            if left_out:
+                source["skipped_disks"] = [{"target": t, "why": why} for t, why in left_out]
+            if ctx.job.options.get("renamed_from"):
+                source["renamed_from"] = ctx.job.options["renamed_from"]
+            if ctx.job.options.get("transient"):
+                source["transient"] = True
         finally:
             connection.close()
         if files is None:
@@ -280,7 +330,7 @@ class LibvirtBackend:
             problems = qemu_img_problems(ctx.runner, image)
             if problems:
                 raise GfsError(
-                    f"job {ctx.job.name}: exported disk {disk.target} is not a "
+                    f"job {ctx.job.title}: exported disk {disk.target} is not a "
                     f"sound qcow2: {problems}"
                 )
             # QEMU's backup job writes the zeros of a raw block device as data: deallocate them.
@@ -303,15 +353,16 @@ class LibvirtBackend:
         checkpoint (or everything) and writes complete raw images (see vm_capture)."""
         name = domain.name()
         job = ctx.job.name
+        family = ctx.job.family  # checkpoints belong to the domain: named by the job
         all_disks = parse_disks(connection.xml(domain))
         existing = connection.checkpoints(domain)
         decision = decide(ctx, disks, previous, domain.UUIDString(), existing)
         for stale in existing:
-            if is_job_checkpoint(stale, job) and stale != decision.incremental:
+            if is_job_checkpoint(stale, family) and stale != decision.incremental:
                 connection.delete_checkpoint(domain, stale)
                 ctx.log.info("job %s: %s: deleted checkpoint %s", job, name, stale)
         bitmapped = [disk for disk in disks if disk.format == "qcow2"]
-        new = checkpoint_name(job, generation_of(into)) if bitmapped else None
+        new = checkpoint_name(family, generation_of(into)) if bitmapped else None
         new_xml = checkpoint_xml(new, bitmapped, all_disks) if new else None
         work = NbdDir(Path(str(ctx.job.options.get("scratch_dir", "/var/tmp"))))
         entry = ctx.state.journal(ctx.run_id, job, "backup-job", name, str(work.path))
@@ -395,7 +446,7 @@ class LibvirtBackend:
         for capture in captures:
             ctx.log.info(
                 "job %s: disk %s: %s (%s), read %d MiB, wrote %d MiB%s",
-                ctx.job.name,
+                ctx.job.title,
                 capture.target,
                 capture.mode,
                 capture.path,
@@ -416,7 +467,7 @@ class LibvirtBackend:
                 connection.delete_checkpoint(domain, name)
             ctx.state.done(entry)
         except GfsError as exc:
-            ctx.log.warning("job %s: %s; the next run deletes it", ctx.job.name, exc)
+            ctx.log.warning("job %s: %s; the next run deletes it", ctx.job.title, exc)
 
     def _read_shut_off(
         self,
@@ -431,7 +482,7 @@ class LibvirtBackend:
         can neither create nor delete checkpoints of a shut-off domain: the next running
         backup reads everything too)."""
         name = domain.name()
-        ctx.log.info("job %s: domain %s is shut off: reading its disks", ctx.job.name, name)
+        ctx.log.info("job %s: domain %s is shut off: reading its disks", ctx.job.title, name)
         decision = Decision(
             None, "the domain is shut off: libvirt makes no checkpoint of a shut-off domain"
         )
@@ -444,7 +495,7 @@ class LibvirtBackend:
                 export.close()
             if connection.is_running(domain):
                 raise GfsError(
-                    f"job {ctx.job.name}: domain {name} was started while its "
+                    f"job {ctx.job.title}: domain {name} was started while its "
                     "disks were read: the copy is not consistent; run again"
                 )
         offline = {"consistency": "offline", "method": "qemu-nbd"}
@@ -466,7 +517,7 @@ class LibvirtBackend:
         entry = ctx.state.journal(ctx.run_id, ctx.job.name, "backup-job", name)
         ctx.log.info(
             "job %s: backup of running domain %s (%s)",
-            ctx.job.name,
+            ctx.job.title,
             name,
             ", ".join(d.target for d in disks),
         )
@@ -487,10 +538,10 @@ class LibvirtBackend:
         aborts a job that is left. Never raises: it runs while another error may be on its
         way out."""
         try:
-            if connection.backup_job_after_restart(domain, f"job {ctx.job.name}"):
+            if connection.backup_job_after_restart(domain, f"job {ctx.job.title}"):
                 connection.abort_job(domain)
         except GfsError as exc:
-            ctx.log.warning("job %s: %s; the next run aborts a job left behind", ctx.job.name, exc)
+            ctx.log.warning("job %s: %s; the next run aborts a job left behind", ctx.job.title, exc)
             return
         ctx.state.done(entry)
 
@@ -512,11 +563,11 @@ class LibvirtBackend:
         entry = ctx.state.journal(ctx.run_id, ctx.job.name, "overlay", name, json.dumps(layers))
         overlays = {target: Path(layer["overlay"]) for target, layer in layers.items()}
         xml = snapshot_xml(
-            f"gfs-{ctx.job.name}-r{ctx.run_id}", parse_disks(connection.xml(domain)), overlays
+            f"gfs-{ctx.job.family}-r{ctx.run_id}", parse_disks(connection.xml(domain)), overlays
         )
         ctx.log.info(
             "job %s: backup of running domain %s by snapshot (%s)",
-            ctx.job.name,
+            ctx.job.title,
             name,
             ", ".join(d.target for d in disks),
         )
@@ -547,11 +598,11 @@ class LibvirtBackend:
         for disk in disks:
             if disk.source_type != "file" and overlay_dir is None:
                 raise SourceError(
-                    f"job {ctx.job.name}: disk {disk.target} is a block device: the "
+                    f"job {ctx.job.title}: disk {disk.target} is a block device: the "
                     "snapshot method needs overlay_dir (a directory for temporary overlays)"
                     + (" (it is used for the target's bandwidth limit)" if ctx.bandwidth else "")
                 )
-            overlay = overlay_path(disk.source, overlay_dir, ctx.job.name, ctx.run_id)
+            overlay = overlay_path(disk.source, overlay_dir, ctx.job.family, ctx.run_id)
             layers[disk.target] = {
                 "base": disk.source,
                 "format": disk.format,
@@ -578,7 +629,7 @@ class LibvirtBackend:
                     crash_point("mid-commit")
                     connection.pivot_when_ready(domain, target, overlay, COMMIT_TIMEOUT)
                     ctx.log.info(
-                        "job %s: %s: %s is on its own disk again", ctx.job.name, name, target
+                        "job %s: %s: %s is on its own disk again", ctx.job.title, name, target
                     )
             elif connection.disk_source(domain, target, inactive=True) == overlay:
                 self._commit_offline(ctx, Path(overlay))
@@ -586,7 +637,7 @@ class LibvirtBackend:
             if connection.redefine_disks(domain, {target: base}):
                 ctx.log.info(
                     "job %s: %s: definition of %s points at %s again",
-                    ctx.job.name,
+                    ctx.job.title,
                     name,
                     target,
                     base.source,
@@ -603,7 +654,7 @@ class LibvirtBackend:
                     timeout=COMMIT_TIMEOUT,
                 )
             )
-            ctx.log.info("job %s: committed %s into the disk below it", ctx.job.name, overlay)
+            ctx.log.info("job %s: committed %s into the disk below it", ctx.job.title, overlay)
 
     @contextlib.contextmanager
     def _quiesced(
@@ -618,7 +669,7 @@ class LibvirtBackend:
         frozen = mode != "off" and connection.agent_answers(domain, AGENT_TIMEOUT)
         if mode == "required" and not frozen:
             raise GfsError(
-                f'job {ctx.job.name}: quiesce = "required" but the guest agent of '
+                f'job {ctx.job.title}: quiesce = "required" but the guest agent of '
                 f"{name} does not answer (install and start qemu-guest-agent, add "
                 "the org.qemu.guest_agent.0 channel)"
             )
@@ -631,12 +682,12 @@ class LibvirtBackend:
                 self._thaw_after_failed_freeze(ctx, connection, domain)
                 if mode == "required":
                     raise
-                ctx.log.warning("job %s: %s; backing up crash-consistent", ctx.job.name, exc)
+                ctx.log.warning("job %s: %s; backing up crash-consistent", ctx.job.title, exc)
                 facts["quiesce_failed"] = str(exc)
                 frozen = False
             else:
                 facts["consistency"] = "application-consistent"
-                ctx.log.info("job %s: %s: guest frozen", ctx.job.name, name)
+                ctx.log.info("job %s: %s: guest frozen", ctx.job.title, name)
         try:
             yield facts
         finally:
@@ -662,7 +713,7 @@ class LibvirtBackend:
                 if time.monotonic() > deadline:
                     ctx.log.error(
                         "job %s: %s; the guest may stay frozen: check it now (virsh domfsthaw %s)",
-                        ctx.job.name,
+                        ctx.job.title,
                         exc,
                         domain.name(),
                     )
@@ -673,7 +724,7 @@ class LibvirtBackend:
         self, ctx: JobContext, connection: Connection, domain: Any, disks: list[Disk], folder: Path
     ) -> None:
         name = domain.name()
-        ctx.log.info("job %s: domain %s is shut off: copying its disks", ctx.job.name, name)
+        ctx.log.info("job %s: domain %s is shut off: copying its disks", ctx.job.title, name)
         for disk in disks:
             ctx.runner.run(
                 make_convert_command(
@@ -685,7 +736,7 @@ class LibvirtBackend:
             )
             if connection.is_running(domain):
                 raise GfsError(
-                    f"job {ctx.job.name}: domain {name} was started while its "
+                    f"job {ctx.job.title}: domain {name} was started while its "
                     "disks were copied: the copy is not consistent; run again"
                 )
 
@@ -704,13 +755,13 @@ class LibvirtBackend:
                     connection.delete_checkpoint(domain, entry.detail)
                     ctx.log.info(
                         "job %s: deleted checkpoint %s of an interrupted run",
-                        ctx.job.name,
+                        ctx.job.title,
                         entry.detail,
                     )
             except ConnectionLost:
                 raise
             except GfsError as exc:
-                ctx.log.warning("job %s: %s", ctx.job.name, exc)
+                ctx.log.warning("job %s: %s", ctx.job.title, exc)
             finally:
                 connection.close()
         if entry.action == "backup-job":
@@ -721,11 +772,13 @@ class LibvirtBackend:
                 domain = connection.domain(entry.path)
                 if connection.has_backup_job(domain):
                     connection.abort_job(domain)
-                    ctx.log.info("job %s: aborted stale backup job of %s", ctx.job.name, entry.path)
+                    ctx.log.info(
+                        "job %s: aborted stale backup job of %s", ctx.job.title, entry.path
+                    )
             except ConnectionLost:
                 raise  # it cannot tell whether the job is left: keep the entry open
             except GfsError as exc:
-                ctx.log.warning("job %s: %s", ctx.job.name, exc)
+                ctx.log.warning("job %s: %s", ctx.job.title, exc)
             finally:
                 connection.close()
         elif entry.action == RESTORE_TEMP and is_restore_temp(Path(entry.path)):
@@ -751,13 +804,22 @@ class LibvirtBackend:
         try:
             connection = self._connect(job)
         except GfsError as exc:
-            return [f"job {job.name}: {exc}"]
+            return [f"job {job.title}: {exc}"]
         try:
-            domain = connection.domain(job.options["domain"])
+            try:
+                domain = find_domain(connection, job)
+            except GfsError:
+                if job.parent is None:
+                    raise
+                return [
+                    f"job {job.title}: the domain (UUID {job.options['uuid']}) is gone from "
+                    f"{connection.uri}: its generations are kept; `gfs forget {job.family} "
+                    f"{job.options['uuid']}` deletes them"
+                ]
             warnings = []
             if job.options.get("method", "auto") in ("auto", "backup-api") and not nbd.available():
                 warnings.append(
-                    f"job {job.name}: python3-libnbd is not installed: every run reads the "
+                    f"job {job.title}: python3-libnbd is not installed: every run reads the "
                     "whole disks (push mode, no changed-block capture); apt install "
                     "python3-libnbd and run scripts/install again"
                 )
@@ -766,13 +828,13 @@ class LibvirtBackend:
                     if is_gfs_overlay(disk.source):
                         state = "is defined with" if inactive else "runs on"
                         warnings.append(
-                            f"job {job.name}: domain {domain.name()} {state} the gfs overlay "
+                            f"job {job.title}: domain {domain.name()} {state} the gfs overlay "
                             f"{disk.source} (disk {disk.target}) left by an interrupted run; "
-                            f"the next `gfs run {job.name}` commits it back"
+                            f"the next `gfs run {job.family}` commits it back"
                         )
             return list(dict.fromkeys(warnings))
         except GfsError as exc:
-            return [f"job {job.name}: {exc}"]
+            return [f"job {job.title}: {exc}"]
         finally:
             connection.close()
 
@@ -829,8 +891,8 @@ class LibvirtBackend:
             shutil.rmtree(to, ignore_errors=True)
             raise
         for line in restored.rewritten:
-            ctx.log.info("job %s: domain %s: %s", ctx.job.name, name, line)
-        ctx.log.info("job %s: defined domain %s with disks in %s", ctx.job.name, name, final)
+            ctx.log.info("job %s: domain %s: %s", ctx.job.title, name, line)
+        ctx.log.info("job %s: defined domain %s with disks in %s", ctx.job.title, name, final)
 
     def restore_over_original(
         self, ctx: JobContext, stored: Stored, progress: Progress | None
@@ -839,17 +901,17 @@ class LibvirtBackend:
         must be shut off; see gfs_backup.backends.vm_inplace. Returns the disks written."""
         connection = self._connect(ctx.job)
         try:
-            domain = connection.domain(str(ctx.job.options["domain"]))
+            domain = find_domain(connection, ctx.job)
             saved_uuid = stored.manifest.source.get("uuid")
             if saved_uuid and saved_uuid != domain.UUIDString():
                 ctx.log.warning(
                     "job %s: domain %s has another UUID than the one backed up (%s): it "
                     "was redefined; writing over the disks it has now",
-                    ctx.job.name,
+                    ctx.job.title,
                     domain.name(),
                     saved_uuid,
                 )
-            writes = plan_writes(ctx.job.name, stored, connection.xml(domain, inactive=True))
+            writes = plan_writes(ctx.job.title, stored, connection.xml(domain, inactive=True))
             return InPlaceRestore(ctx, connection, domain).run(writes)
         finally:
             connection.close()
@@ -864,7 +926,7 @@ def _export_nvram(ctx: JobContext, domain_xml: str, into: Path) -> list[DataFile
     (into / NVRAM).mkdir()
     copy = into / NVRAM / "VARS.fd"
     result = copy_file(Path(path), copy, verify=True)  # read back, as the disks are
-    ctx.log.info("job %s: saved the NVRAM %s", ctx.job.name, path)
+    ctx.log.info("job %s: saved the NVRAM %s", ctx.job.title, path)
     return [DataFile(f"{NVRAM}/{copy.name}", result.size, result.digest)]
 
 
@@ -894,13 +956,13 @@ def _export_boot_files(
             if digest_file(copy, uncached=True).digest == found.digest:
                 files.append(DataFile(f"{BOOT}/{name}", found.size, found.digest))
                 ctx.log.info(
-                    "job %s: %s unchanged: %s from %s", ctx.job.name, name, how, previous.id
+                    "job %s: %s unchanged: %s from %s", ctx.job.title, name, how, previous.id
                 )
                 continue
             copy.unlink()
         result = copy_file(Path(text), copy, verify=True)
         files.append(DataFile(f"{BOOT}/{name}", result.size, result.digest))
-        ctx.log.info("job %s: saved the %s %s", ctx.job.name, name, text)
+        ctx.log.info("job %s: saved the %s %s", ctx.job.title, name, text)
     return files
 
 
@@ -916,7 +978,7 @@ def _copy_firmware_files(
             ctx.log.warning(
                 "job %s: no %s to copy (%s is gone): the restored domain starts with its "
                 "firmware's template",
-                ctx.job.name,
+                ctx.job.title,
                 what,
                 old,
             )

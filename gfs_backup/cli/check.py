@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from gfs_backup.actions.plan import select_jobs
 from gfs_backup.actions.status import job_status
 from gfs_backup.cli.options import config_option, json_option
 from gfs_backup.cli.render import describe_rules
@@ -44,7 +45,10 @@ def check_command(config_path: Path, lint_only: bool, as_json: bool) -> None:
         state = State.read_only(config.state_dir)
         try:
             for job in config.jobs:
-                warnings[job.name] = job_status(config, job, state, now).warnings
+                # A pattern job: the warnings of each domain's history.
+                for one in select_jobs(config, [job.name]):
+                    found = job_status(config, one, state, now).warnings
+                    warnings.setdefault(job.name, []).extend(found)
         finally:
             if state is not None:
                 state.close()

@@ -89,7 +89,7 @@ def export_command(
 
 def _run(names: tuple[str, ...], config_path: Path, options: RunOptions, as_json: bool) -> None:
     config = load_config(config_path)
-    selected = select_jobs(config, names)
+    selected = select_jobs(config, names, members=False)  # domains: found by the run
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     watch = None if options.dry_run else RunWatch(config)
     try:
@@ -97,7 +97,7 @@ def _run(names: tuple[str, ...], config_path: Path, options: RunOptions, as_json
             options = replace(
                 options,
                 progress=lambda job: progress_for(
-                    f"{job.name}: export",
+                    f"{job.title}: export",
                     lambda: allocated_bytes(backend_for(job.kind).sources(job)),
                 ),
             )

@@ -19,6 +19,13 @@ host = "kvm2"                       # lvm jobs only: the others read this machin
 target = "nas"
 policy = "classic-gfs"              # a policy name, a path, or an inline table
 scratch_dir = "/var/tmp"            # where `gfs drill` restores (btrfs jobs: on btrfs)
+[[job]]
+name = "vms"
+kind = "libvirt"
+domains = ["*"]                     # glob patterns: every domain, now and later (or domain =)
+exclude = ["test-*"]                # patterns left out; a domain may opt out in its metadata
+exclude_disks = ["vdz"]             # disk targets (patterns) not backed up
+max_parallel = 1                    # domains of this job backed up at once
 [files]                             # defaults of files jobs (a job may set its own)
 rehash_every = "30d"                # read every file again this often ("off": never)
 [incremental]                       # changed-block capture of libvirt and thin lvm jobs
@@ -85,8 +92,14 @@ PATH_KEYS = ("path", "subvolume", "snapshot_dir", "overlay_dir", "scratch_dir")
 # Per kind: (required keys, optional keys).
 KIND_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "libvirt": (
-        ("domain",),
+        (),  # `domain` or `domains` (checked in _check_libvirt)
         (
+            "domain",
+            "domains",
+            "exclude",
+            "include_restored",
+            "max_parallel",
+            "exclude_disks",
             "disks",
             "uri",
             "quiesce",
@@ -136,7 +149,13 @@ class Host:
 
 @dataclass(frozen=True)
 class Job:
-    """One thing to protect; `options` holds the kind's own keys (domain, subvolume, ...)."""
+    """One thing to protect; `options` holds the kind's own keys (domain, subvolume, ...).
+
+    A libvirt job with `domains` patterns is configured once and runs as one member job per
+    domain it selects (`parent` = the configured job's name): the member's `name` is
+    `JOB@UUID` (its key in the state database, locks and logs: stable when the domain is
+    renamed), `options` carry the domain's name, `uuid` and `history` (the directory of its
+    generations below the job's, see gfs_backup/actions/members.py)."""
 
     name: str
     kind: str
@@ -144,6 +163,24 @@ class Job:
     target: str
     policy: Policy
     options: dict[str, Any] = field(default_factory=dict)
+    parent: str | None = None
+
+    @property
+    def family(self) -> str:
+        """The configured job's name (hooks, operations settings, checkpoint names)."""
+        return self.parent or self.name
+
+    @property
+    def title(self) -> str:
+        """How people see the job: `JOB/DOMAIN` for a member, else its name."""
+        if self.parent is None:
+            return self.name
+        return f"{self.parent}/{self.options.get('domain', '?')}"
+
+    @property
+    def selects_domains(self) -> bool:
+        """A libvirt job with `domains` patterns (not yet one of its members)."""
+        return self.parent is None and self.kind == "libvirt" and "domains" in self.options
 
 
 @dataclass(frozen=True)
@@ -323,7 +360,25 @@ def _jobs(
             collector.add(join_key(path, "name"), f"duplicate job name {job.name!r}")
         seen.add(job.name)
         jobs.append(job)
+    _same_domain(jobs, collector)
     return jobs
+
+
+def _same_domain(jobs: list[Job], collector: Collector) -> None:
+    """Two jobs naming the same single domain (on the same host and libvirt) would make
+    two histories of it and fight over its checkpoints: a configuration error. (Patterns
+    matching one domain are found at run time: that domain alone fails.)"""
+    named: dict[tuple[str, str, str], str] = {}
+    for job in jobs:
+        if job.kind != "libvirt" or not isinstance(job.options.get("domain"), str):
+            continue
+        key = (job.host, str(job.options.get("uri", "")), job.options["domain"])
+        if key in named:
+            collector.add(
+                f"job[{job.name}].domain",
+                f"domain {key[2]!r} is already backed up by job {named[key]!r}: one job per domain",
+            )
+        named.setdefault(key, job.name)
 
 
 def _job(
@@ -356,6 +411,8 @@ def _job(
             collector.add(join_key(path, key), f"required for kind {kind!r}")
     if kind == "lvm" and "volume" in table:
         _check_lvm(table, path, collector)
+    if kind == "libvirt":
+        _check_libvirt(table, path, collector)
     host = collector.get(table, "host", path, str, LOCAL_HOST, "a host name")
     if host != LOCAL_HOST and host not in hosts:
         collector.add(
@@ -409,6 +466,39 @@ def _job(
     if not isinstance(disks, list) or not all(isinstance(d, str) and d for d in disks):
         collector.add(join_key(path, "disks"), 'must be a list of disk targets, e.g. ["vda"]')
     return Job(name, kind, host, target, policy, options)
+
+
+def _check_libvirt(table: Table, path: str, collector: Collector) -> None:
+    """One of `domain` (one domain) and `domains` (patterns); the selection keys."""
+    if "domain" not in table and "domains" not in table:
+        collector.add(
+            join_key(path, "domain"),
+            "required for kind 'libvirt': one domain (domain = \"web01\"), or patterns "
+            '(domains = ["*"]: every domain, present and future)',
+        )
+    if "domain" in table and "domains" in table:
+        collector.add(
+            join_key(path, "domains"),
+            'name one domain (domain = "web01") or patterns (domains = ["*"]), not both',
+        )
+    if "domain" in table and (not isinstance(table["domain"], str) or not table["domain"]):
+        collector.add(join_key(path, "domain"), "must be a domain name")
+    for key in ("domains", "exclude", "exclude_disks"):
+        value = table.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            collector.add(join_key(path, key), 'must be a list of glob patterns, e.g. ["web*"]')
+    if "domains" in table and isinstance(table["domains"], list) and not table["domains"]:
+        collector.add(join_key(path, "domains"), 'is empty: ["*"] selects every domain')
+    for key in ("exclude", "include_restored"):
+        if key in table and "domains" not in table:
+            collector.add(join_key(path, key), "needs domains = [...] patterns")
+    if "include_restored" in table and not isinstance(table["include_restored"], bool):
+        collector.add(join_key(path, "include_restored"), "must be true or false")
+    parallel = table.get("max_parallel", 1)
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or not 1 <= parallel <= 64:
+        collector.add(join_key(path, "max_parallel"), "must be a whole number from 1 to 64")
+    if "disks" in table and "domains" in table:
+        collector.add(join_key(path, "disks"), "names disks of one domain: use exclude_disks")
 
 
 def _set_every(

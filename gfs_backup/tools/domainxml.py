@@ -8,6 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 OVERLAY_MARK = ".gfs-overlay-"
+# gfs's element in a domain's <metadata> (`virsh metadata DOMAIN GFS_NAMESPACE --key gfs
+# --set '<gfs backup="no"/>' --config`): backup="no" keeps the domain out of `domains`
+# patterns; restored-from="JOB GENERATION" marks a domain `gfs restore --as-domain` made.
+GFS_NAMESPACE = "https://gfs-backup.dev/xmlns/domain/1"
+ET.register_namespace("gfs", GFS_NAMESPACE)
 
 
 def overlay_path(base: str, overlay_dir: Path | None, job: str, run_id: int) -> Path:
@@ -31,6 +36,41 @@ class Disk:
     source: str
     format: str
     source_type: str  # file | block | volume | network
+
+
+def gfs_metadata(domain_xml: str) -> dict[str, str]:
+    """The attributes of gfs's element in the domain's <metadata> ({} when none)."""
+    root = ET.fromstring(domain_xml)
+    element = root.find(f"./metadata/{{{GFS_NAMESPACE}}}gfs")
+    return dict(element.attrib) if element is not None else {}
+
+
+def opted_out(domain_xml: str) -> bool:
+    """The domain asks not to be backed up by `domains` patterns (backup="no")."""
+    return gfs_metadata(domain_xml).get("backup", "").lower() in ("no", "false", "0", "off")
+
+
+def skipped_disks(domain_xml: str) -> list[tuple[str, str]]:
+    """(target, why) of the domain's devices a VM backup leaves out by default: cdroms and
+    floppies (installation media), `lun` pass-through, shareable disks (a cluster disk
+    another domain writes: no point in time), and network disks (no file to read)."""
+    root = ET.fromstring(domain_xml)
+    skipped = []
+    for disk in root.findall("./devices/disk"):
+        target = disk.find("target")
+        name = target.get("dev", "?") if target is not None else "?"
+        device = disk.get("device", "disk")
+        if device != "disk":
+            skipped.append((name, f"a {device}"))
+        elif disk.find("shareable") is not None:
+            skipped.append((name, "shareable (written by other domains too)"))
+        elif disk.get("type") == "network":
+            source = disk.find("source")
+            protocol = source.get("protocol", "network") if source is not None else "network"
+            skipped.append((name, f"a {protocol} network disk"))
+        elif disk.find("source") is None:
+            skipped.append((name, "no medium"))
+    return skipped
 
 
 def parse_disks(domain_xml: str) -> list[Disk]:
@@ -189,6 +229,7 @@ def restore_xml(
     for element in root.findall("uuid"):
         root.remove(element)
     _describe_origin(root, name, origin)
+    _mark_restored(root, origin)
     _drop_identity(root, rename)
     devices = root.find("devices")
     assert devices is not None
@@ -235,6 +276,18 @@ def _describe_origin(root: ET.Element, name: str, origin: str) -> None:
     if description is None:
         description = ET.SubElement(root, "description")
     description.text = f"Restored by gfs from {origin}." + (f"\n\n{before}" if before else "")
+
+
+def _mark_restored(root: ET.Element, origin: str) -> None:
+    """gfs's metadata element says where the domain came from: `domains` patterns leave it
+    out (unless the job says include_restored)."""
+    metadata = root.find("metadata")
+    if metadata is None:
+        metadata = ET.SubElement(root, "metadata")
+    element = metadata.find(f"{{{GFS_NAMESPACE}}}gfs")
+    if element is None:
+        element = ET.SubElement(metadata, f"{{{GFS_NAMESPACE}}}gfs")
+    element.set("restored-from", origin)
 
 
 def _drop_identity(root: ET.Element, rename: _Renamer) -> None:

@@ -10,6 +10,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from gfs_backup.core.errors import ExitCode, GfsError
@@ -34,6 +35,19 @@ PIVOT_POLL_SECONDS = 0.1
 
 class VirtError(GfsError):
     exit_code = ExitCode.FAILED
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    """A domain as `Connection.domains` lists it. `xml`: its persistent definition (the
+    live one for a transient domain); None with `error` when it could not be read."""
+
+    name: str
+    uuid: str
+    persistent: bool
+    active: bool
+    xml: str | None
+    error: str | None = None
 
 
 class BackupUnsupported(VirtError):
@@ -105,6 +119,40 @@ class Connection:
             raise VirtError(
                 f"domain {name!r} does not exist on {self.uri} (virsh list --all shows the domains)"
             ) from None
+
+    def domain_by_uuid(self, uuid: str, name: str) -> Any:
+        """The domain with `uuid` (`name`: what it was called, for the error)."""
+        try:
+            return self.conn.lookupByUUIDString(uuid)
+        except self.lib.libvirtError:
+            raise VirtError(
+                f"domain {name!r} (UUID {uuid}) does not exist on {self.uri} any more "
+                "(undefined or migrated while gfs ran?)"
+            ) from None
+
+    def domains(self) -> list[DomainInfo]:
+        """Every domain libvirt knows, running or not, persistent or transient. VirtError
+        when libvirtd does not answer (never an empty list for a dead daemon)."""
+        try:
+            found = self.conn.listAllDomains(0)
+        except self.lib.libvirtError as exc:
+            raise VirtError(f"cannot list the domains at {self.uri}: {exc}") from None
+        listed = []
+        for domain in found:
+            try:
+                name, uuid = domain.name(), domain.UUIDString()
+            except self.lib.libvirtError:
+                continue  # undefined while listing
+            try:
+                persistent = bool(domain.isPersistent())
+                active = bool(domain.isActive())
+                flags = self.lib.VIR_DOMAIN_XML_INACTIVE if persistent else 0
+                xml = str(domain.XMLDesc(flags))
+            except self.lib.libvirtError as exc:
+                listed.append(DomainInfo(name, uuid, True, False, None, str(exc)))
+                continue
+            listed.append(DomainInfo(name, uuid, persistent, active, xml))
+        return sorted(listed, key=lambda info: info.name)
 
     def _live(self, domain: Any) -> Any:
         """The handle of `domain` on the current connection: itself, or after a reconnect
