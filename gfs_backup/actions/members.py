@@ -27,8 +27,12 @@ from pathlib import Path
 
 from gfs_backup.actions.targets import job_location
 from gfs_backup.core.config import Config, Job
-from gfs_backup.core.errors import GfsError
+from gfs_backup.core.errors import GfsError, InputError, Problem
+from gfs_backup.core.lock import job_lock
+from gfs_backup.core.state import State
+from gfs_backup.target.catalog import list_generations
 from gfs_backup.target.fs import TargetFS
+from gfs_backup.target.generation import delete_generation
 from gfs_backup.tools.domainxml import gfs_metadata, opted_out
 from gfs_backup.tools.virt import DEFAULT_URI, Connection, DomainInfo
 
@@ -201,3 +205,31 @@ def adopt_history(job: Job, job_dir: Path, fs: TargetFS) -> None:
         fs.rename(job_dir.parent / str(old), job_dir)
     except OSError as exc:
         raise GfsError(f"cannot rename the history {old} to {job_dir.name}: {exc}") from None
+
+
+def forget(config: Config, job: Job, member_job: Job, state: State, wait: bool) -> list[str]:
+    """Delete every generation of a vanished domain's history, then its directory
+    (journaled like a prune; under the domain's lock). Refused while the domain exists
+    (its history would only start again) or when libvirt cannot say. Returns the ids."""
+    uuid = str(member_job.options["uuid"])
+    present = {info.uuid for info in list_domains(job)}
+    if uuid in present:
+        raise InputError(
+            [
+                Problem(
+                    config.source,
+                    f"domain {member_job.options['domain']} ({uuid}) still exists: exclude it "
+                    f"from job {job.name} (or undefine it) before forgetting its history",
+                )
+            ]
+        )
+    job_dir, fs = job_location(config, member_job)
+    deleted: list[str] = []
+    with job_lock(config.state_dir, member_job.name, wait):
+        run_id = state.start_run(member_job.name)
+        for stored in list_generations(job_dir, fs).stored:
+            delete_generation(stored.path, state, run_id, member_job.name, fs)
+            deleted.append(stored.id)
+        fs.remove_tree(job_dir)
+        state.finish_run(run_id, "ok", message=f"forgot {len(deleted)} generation(s)")
+    return deleted

@@ -134,3 +134,14 @@ def select_jobs(config: Config, names: Iterable[str], members: bool = True) -> l
     if problems:
         raise InputError(problems)
     return chosen
+
+
+def select_one(config: Config, name: str) -> Job:
+    """The one job (or domain of a pattern job: `JOB/DOMAIN`) that `name` names."""
+    found = select_jobs(config, [name])
+    if len(found) != 1:
+        domains = ", ".join(one.title for one in found) or "none backed up yet"
+        raise InputError(
+            [Problem(config.source, f"job {name} backs up several domains: name one ({domains})")]
+        )
+    return found[0]

@@ -92,6 +92,7 @@ for command in (
     drill.drill_command,
     data.protect_command,
     data.unprotect_command,
+    data.forget_command,
     hosts.hosts_group,
 ):
     cli.add_command(command)

@@ -1,25 +1,30 @@
-"""`gfs verify`, `gfs restore`, `gfs protect`, `gfs unprotect`."""
+"""`gfs verify`, `gfs restore`, `gfs protect`, `gfs unprotect`, `gfs forget`."""
 
 from __future__ import annotations
 
 import json
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 
-from gfs_backup.actions.plan import select_jobs
+from gfs_backup.actions.members import forget
+from gfs_backup.actions.plan import select_jobs, select_one
 from gfs_backup.actions.restore import (
     restore,
     restore_over_original,
     set_protected,
     verify_jobs,
 )
+from gfs_backup.actions.targets import job_location
 from gfs_backup.backends.base import RestoreOptions
 from gfs_backup.cli.options import config_option, json_option
 from gfs_backup.cli.progress import progress_for
 from gfs_backup.core.config import load_config
-from gfs_backup.core.errors import ExitCode
+from gfs_backup.core.errors import ExitCode, InputError, Problem
+from gfs_backup.core.state import State
+from gfs_backup.target.catalog import list_generations
 
 generation_option = click.option(
     "--generation",
@@ -144,7 +149,7 @@ def restore_command(
             "--as-domain and --keep-interfaces go with --to, not --over-original"
         )
     config = load_config(config_path)
-    (selected,) = select_jobs(config, [job])
+    selected = select_one(config, job)
     progress = progress_for(f"{job}: restore")
     if to is None:
         stored = restore_over_original(
@@ -161,7 +166,7 @@ def restore_command(
 
 def _protect(job: str, generation: str, config_path: Path, protected: bool) -> None:
     config = load_config(config_path)
-    (selected,) = select_jobs(config, [job])
+    selected = select_one(config, job)
     stored = set_protected(config, selected, generation, protected)
     state = "protected: never pruned" if protected else "no longer protected"
     click.echo(f"{job} {stored.id}: {state}")
@@ -183,3 +188,40 @@ def protect_command(job: str, generation: str, config_path: Path) -> None:
 def unprotect_command(job: str, generation: str, config_path: Path) -> None:
     """Remove the protection of a generation; the rotation decides about it again."""
     _protect(job, generation, config_path, False)
+
+
+@click.command("forget")
+@click.argument("job")
+@click.argument("domain")
+@config_option
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (scripts, no terminal).")
+@click.option("--wait", is_flag=True, help="Wait for a run holding the domain's lock.")
+def forget_command(job: str, domain: str, config_path: Path, yes: bool, wait: bool) -> None:
+    """Delete every generation of a domain that is gone from a `domains` job.
+
+    \b
+    A domain that disappears (undefined, moved away) keeps its generations: runs no
+    longer prune them, and retention never deletes them. When they are no longer needed:
+      gfs forget vms web01          # by the name it had, or by its UUID
+    It asks first (--yes does not), and refuses while the domain still exists.
+    """
+    config = load_config(config_path)
+    parent = select_jobs(config, [job], members=False)[0]
+    if not parent.selects_domains:
+        raise InputError([Problem(config.source, f"job {job} backs up one domain: use gfs prune")])
+    member_job = select_one(config, f"{job}/{domain}")
+    count = len(list_generations(*job_location(config, member_job)).stored)
+    question = (
+        f"Delete all {count} generation(s) of domain {member_job.options['domain']} "
+        f"(UUID {member_job.options['uuid']}) of job {job}?"
+    )
+    if not yes:
+        if not sys.stdin.isatty():
+            raise InputError([Problem(config.source, f"{question} Pass --yes to confirm.")])
+        click.confirm(question, abort=True)
+    state = State(config.state_dir)
+    try:
+        deleted = forget(config, parent, member_job, state, wait)
+    finally:
+        state.close()
+    click.echo(f"{member_job.title}: deleted {len(deleted)} generation(s) and the history")

@@ -12,7 +12,7 @@ import click
 
 from gfs_backup.actions.drill import DrillResult, drill, result_json
 from gfs_backup.actions.drillreport import junit_xml, summary_markdown, write_report
-from gfs_backup.actions.plan import select_jobs
+from gfs_backup.actions.plan import select_one
 from gfs_backup.actions.run import now_utc
 from gfs_backup.actions.targetdrill import DEFAULT_SCRATCH, TargetDrill, drill_target
 from gfs_backup.cli.data import generation_option
@@ -181,7 +181,7 @@ def drill_command(
         raise click.UsageError("name exactly one JOB (or drill from a target: --target PATH)")
     job = jobs[0]
     config = load_config(config_path)
-    (selected,) = select_jobs(config, [job])
+    selected = select_one(config, job)
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         result = drill(config, selected, generation, now_utc(), wait)

@@ -21,7 +21,7 @@ from gfs_backup.actions.status import (
 from gfs_backup.actions.verify import last_verified_ok
 from gfs_backup.backends.vm_capture import capture_of
 from gfs_backup.cli.options import config_option, json_option
-from gfs_backup.core.config import load_config
+from gfs_backup.core.config import Job, load_config
 from gfs_backup.core.errors import ExitCode, GfsError
 from gfs_backup.core.state import State
 from gfs_backup.ops.settings import ops_of
@@ -69,7 +69,8 @@ def list_command(jobs: tuple[str, ...], config_path: Path, as_json: bool) -> Non
                 {
                     "jobs": [
                         {
-                            "job": s.job.name,
+                            "job": s.job.title,
+                            **_domain_json(s.job),
                             "path": str(s.job_dir),
                             "generations": [_stored_json(g) for g in s.listing.stored],
                         }
@@ -82,7 +83,7 @@ def list_command(jobs: tuple[str, ...], config_path: Path, as_json: bool) -> Non
         return
     for status in statuses:
         click.echo(
-            f"{status.job.name} ({status.job_dir}): {len(status.listing.stored)} generation(s)"
+            f"{status.job.title} ({status.job_dir}): {len(status.listing.stored)} generation(s)"
         )
         zone = status.job.policy.zone
         for stored in reversed(status.listing.stored):
@@ -109,6 +110,13 @@ def list_command(jobs: tuple[str, ...], config_path: Path, as_json: bool) -> Non
             )
         for problem in status.listing.problems:
             click.echo(f"  ! {problem}")
+
+
+def _domain_json(job: Job) -> dict[str, str]:
+    """The domain and UUID of a `domains` job's history (nothing for other jobs)."""
+    if job.parent is None:
+        return {}
+    return {"domain": str(job.options["domain"]), "uuid": str(job.options["uuid"])}
 
 
 @click.command("status")
@@ -150,7 +158,8 @@ def status_command(jobs: tuple[str, ...], config_path: Path, as_json: bool, chec
         drilled = status.last_drill
         rows.append(
             {
-                "job": status.job.name,
+                "job": status.job.title,
+                **_domain_json(status.job),
                 "last_run": status.last_run.status if status.last_run else None,
                 "last_message": status.last_run.message if status.last_run else None,
                 "last_success": success.started_at.isoformat() if success else None,
