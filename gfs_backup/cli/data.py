@@ -19,6 +19,12 @@ from gfs_backup.actions.restore import (
 )
 from gfs_backup.actions.targets import job_location
 from gfs_backup.backends.base import RestoreOptions
+from gfs_backup.cli.complete import (
+    complete_generations,
+    complete_gone_domains,
+    complete_job,
+    complete_jobs,
+)
 from gfs_backup.cli.options import config_option, json_option
 from gfs_backup.cli.progress import progress_for
 from gfs_backup.core.config import load_config
@@ -30,18 +36,20 @@ generation_option = click.option(
     "--generation",
     "generation",
     metavar="ID",
+    shell_complete=complete_generations,
     default=None,
     help="A generation id (see `gfs list`); default: the newest.",
 )
 
 
 @click.command("verify")
-@click.argument("jobs", nargs=-1)
+@click.argument("jobs", nargs=-1, shell_complete=complete_jobs)
 @config_option
 @click.option(
     "--generation",
     "generation",
     metavar="ID",
+    shell_complete=complete_generations,
     default=None,
     help="Verify only this generation (default: every generation).",
 )
@@ -83,7 +91,7 @@ def verify_command(
 
 
 @click.command("restore")
-@click.argument("job")
+@click.argument("job", shell_complete=complete_job)
 @config_option
 @generation_option
 @click.option(
@@ -173,8 +181,8 @@ def _protect(job: str, generation: str, config_path: Path, protected: bool) -> N
 
 
 @click.command("protect")
-@click.argument("job")
-@click.argument("generation")
+@click.argument("job", shell_complete=complete_job)
+@click.argument("generation", shell_complete=complete_generations)
 @config_option
 def protect_command(job: str, generation: str, config_path: Path) -> None:
     """Protect a generation: always kept, never pruned, never counted by the rotation."""
@@ -182,8 +190,8 @@ def protect_command(job: str, generation: str, config_path: Path) -> None:
 
 
 @click.command("unprotect")
-@click.argument("job")
-@click.argument("generation")
+@click.argument("job", shell_complete=complete_job)
+@click.argument("generation", shell_complete=complete_generations)
 @config_option
 def unprotect_command(job: str, generation: str, config_path: Path) -> None:
     """Remove the protection of a generation; the rotation decides about it again."""
@@ -191,8 +199,8 @@ def unprotect_command(job: str, generation: str, config_path: Path) -> None:
 
 
 @click.command("forget")
-@click.argument("job")
-@click.argument("domain")
+@click.argument("job", shell_complete=complete_job)
+@click.argument("domain", shell_complete=complete_gone_domains)
 @config_option
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (scripts, no terminal).")
 @click.option("--wait", is_flag=True, help="Wait for a run holding the domain's lock.")

@@ -15,6 +15,7 @@ from gfs_backup.actions.drillreport import junit_xml, summary_markdown, write_re
 from gfs_backup.actions.plan import select_one
 from gfs_backup.actions.run import now_utc
 from gfs_backup.actions.targetdrill import DEFAULT_SCRATCH, TargetDrill, drill_target
+from gfs_backup.cli.complete import complete_jobs
 from gfs_backup.cli.data import generation_option
 from gfs_backup.cli.jobs import Terminated, _on_sigterm, wait_option
 from gfs_backup.cli.options import config_option, json_option
@@ -24,7 +25,7 @@ from gfs_backup.core.policy import DRILL_ACCEL, DRILL_SELECT
 
 
 @click.command("drill")
-@click.argument("jobs", nargs=-1)
+@click.argument("jobs", nargs=-1, shell_complete=complete_jobs)
 @click.option(
     "--target",
     "target",

@@ -20,6 +20,7 @@ from gfs_backup.actions.status import (
 )
 from gfs_backup.actions.verify import last_verified_ok
 from gfs_backup.backends.vm_capture import capture_of
+from gfs_backup.cli.complete import complete_jobs
 from gfs_backup.cli.options import config_option, json_option
 from gfs_backup.core.config import Job, load_config
 from gfs_backup.core.errors import ExitCode, GfsError
@@ -52,7 +53,7 @@ def _stored_json(stored: Stored) -> dict[str, Any]:
 
 
 @click.command("list")
-@click.argument("jobs", nargs=-1)
+@click.argument("jobs", nargs=-1, shell_complete=complete_jobs)
 @config_option
 @json_option
 def list_command(jobs: tuple[str, ...], config_path: Path, as_json: bool) -> None:
@@ -120,7 +121,7 @@ def _domain_json(job: Job) -> dict[str, str]:
 
 
 @click.command("status")
-@click.argument("jobs", nargs=-1)
+@click.argument("jobs", nargs=-1, shell_complete=complete_jobs)
 @config_option
 @json_option
 @click.option(

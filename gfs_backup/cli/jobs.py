@@ -15,6 +15,7 @@ from gfs_backup.actions.plan import select_jobs
 from gfs_backup.actions.run import JobOutcome, RunOptions, exit_code, now_utc, run_jobs
 from gfs_backup.actions.steps import prune_jobs, snapshot_jobs
 from gfs_backup.backends import backend_for
+from gfs_backup.cli.complete import complete_jobs
 from gfs_backup.cli.options import config_option, json_option
 from gfs_backup.cli.progress import allocated_bytes, progress_for
 from gfs_backup.core.config import load_config
@@ -52,7 +53,7 @@ def _report(outcomes: list[JobOutcome], as_json: bool) -> None:
 
 
 @click.command("run")
-@click.argument("jobs", nargs=-1)
+@click.argument("jobs", nargs=-1, shell_complete=complete_jobs)
 @config_option
 @click.option("--force", is_flag=True, help="Run the jobs even if their schedule says not due.")
 @wait_option
@@ -74,7 +75,7 @@ def run_command(
 
 
 @click.command("export")
-@click.argument("jobs", nargs=-1, required=True)
+@click.argument("jobs", nargs=-1, required=True, shell_complete=complete_jobs)
 @config_option
 @wait_option
 @dry_run_option
@@ -117,7 +118,7 @@ def _run(names: tuple[str, ...], config_path: Path, options: RunOptions, as_json
 
 
 @click.command("snapshot")
-@click.argument("jobs", nargs=-1, required=True)
+@click.argument("jobs", nargs=-1, required=True, shell_complete=complete_jobs)
 @config_option
 @wait_option
 @dry_run_option
@@ -130,7 +131,7 @@ def snapshot_command(jobs: tuple[str, ...], config_path: Path, wait: bool, dry_r
 
 
 @click.command("prune")
-@click.argument("jobs", nargs=-1)
+@click.argument("jobs", nargs=-1, shell_complete=complete_jobs)
 @config_option
 @wait_option
 @dry_run_option

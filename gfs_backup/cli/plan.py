@@ -18,6 +18,7 @@ from gfs_backup.actions.plan import (
     select_jobs,
 )
 from gfs_backup.actions.simulate import simulate
+from gfs_backup.cli.complete import complete_jobs
 from gfs_backup.cli.options import config_option, json_option
 from gfs_backup.cli.render import (
     CALENDAR_LEGEND,
@@ -85,7 +86,7 @@ def _count_options(func: Any) -> Any:
 
 
 @click.command("plan", help=PLAN_HELP)
-@click.argument("jobs", nargs=-1)
+@click.argument("jobs", nargs=-1, shell_complete=complete_jobs)
 @config_option
 @click.option(
     "--timestamps",
