@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from gfs_backup import __version__
-from gfs_backup.cli import check, data, drill, hosts, inspect, jobs, plan
+from gfs_backup.cli import check, data, drill, hosts, init, inspect, jobs, plan
 from gfs_backup.cli.progress import setup_logging
 from gfs_backup.core.errors import ExitCode, GfsError
 from gfs_backup.transport.ssh import close_runners
@@ -94,5 +94,6 @@ for command in (
     data.unprotect_command,
     data.forget_command,
     hosts.hosts_group,
+    init.init_command,
 ):
     cli.add_command(command)

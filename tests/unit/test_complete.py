@@ -173,6 +173,7 @@ def test_commands_complete_jobs_and_generations(config: Path) -> None:
 def test_commands_complete_domains(config: Path, fake_libvirt: type[FakeConnection]) -> None:
     at = ("--config", str(config))
     assert completions("restore", *at, incomplete="vms/w") == ["vms/web01", "vms/web02"]
+    assert completions("init", "--exclude", incomplete="web") == ["web01", "web02"]
     assert completions("forget", *at, "vms") == [OTHER_UUID]  # gone from libvirt
     fake_libvirt.hang = True  # cannot tell: every domain the job backed up
     assert completions("forget", *at, "vms") == [OTHER_UUID, UUID]
