@@ -240,17 +240,28 @@ def perfdata(found: Freshness, now: datetime) -> list[str]:
 
 
 def check_line(
-    results: list[Freshness], now: datetime, problems: Sequence[str] = ()
+    results: list[Freshness],
+    now: datetime,
+    problems: Sequence[str] = (),
+    uncovered: Sequence[str] | None = None,
 ) -> tuple[int, str]:
     """The plugin's exit code and its one output line: `GFS STATE - summary | perfdata`.
-    `problems`: what made judging impossible (the state database): UNKNOWN unless worse."""
-    state = worst(*(found.state for found in results), UNKNOWN if problems else OK)
+    `problems`: what made judging impossible (the state database): UNKNOWN unless worse.
+    `uncovered`: what on the host no job backs up (a WARNING; None: not looked at)."""
+    state = worst(
+        *(found.state for found in results),
+        UNKNOWN if problems else OK,
+        WARNING if uncovered else OK,
+    )
     bad = [found for found in results if found.state != OK]
     counts = ", ".join(
         f"{sum(1 for found in results if found.state == code)} {STATE_NAMES[code].lower()}"
         for code in (CRITICAL, WARNING, UNKNOWN)
         if any(found.state == code for found in results)
     )
+    if uncovered:
+        shown = ", ".join(uncovered[:5]) + (", ..." if len(uncovered) > 5 else "")
+        problems = [*problems, f"{len(uncovered)} backed up by no job ({shown})"]
     if bad or problems:
         details = "; ".join(
             [*problems, *(f"{found.job}: {', '.join(found.reasons)}" for found in bad)]
@@ -259,5 +270,7 @@ def check_line(
     else:
         summary = f"{len(results)} job(s) fresh"
     perf = " ".join(item for found in results for item in perfdata(found, now))
+    if uncovered is not None:
+        perf = f"{perf} uncovered={len(uncovered)};1;;0".strip()
     line = f"GFS {STATE_NAMES[state]} - {summary}".replace("|", "/").replace("\n", " ")
     return state, f"{line} | {perf}" if perf else line

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import click
 
+from gfs_backup.actions.coverage import coverage
 from gfs_backup.actions.plan import select_jobs
 from gfs_backup.actions.status import job_status
+from gfs_backup.cli.inspect import coverage_json, coverage_lines
 from gfs_backup.cli.options import config_option, json_option
 from gfs_backup.cli.render import describe_rules
 from gfs_backup.core.config import load_config
@@ -40,6 +42,7 @@ def check_command(config_path: Path, lint_only: bool, as_json: bool) -> None:
     config = load_config(config_path)
     warnings: dict[str, list[str]] = {}
     general = [] if lint_only else ops_warnings(config)
+    covered = None if lint_only else coverage(config)
     if not lint_only:
         now = datetime.now(timezone.utc)
         state = State.read_only(config.state_dir)
@@ -69,6 +72,7 @@ def check_command(config_path: Path, lint_only: bool, as_json: bool) -> None:
                         }
                         for job in config.jobs
                     ],
+                    **(coverage_json(covered) if covered is not None else {}),
                 },
                 indent=2,
             )
@@ -86,5 +90,8 @@ def check_command(config_path: Path, lint_only: bool, as_json: bool) -> None:
             )
             for warning in warnings.get(job.name, []):
                 click.echo(f"    warning: {warning}")
-    if general or any(warnings.values()):
+        for line in coverage_lines(covered) if covered is not None else []:
+            click.echo(f"  {line}")
+    uncovered = covered is not None and bool(covered.uncovered or covered.problems)
+    if general or any(warnings.values()) or uncovered:
         raise SystemExit(int(ExitCode.WARNINGS))

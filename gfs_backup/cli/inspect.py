@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from gfs_backup.actions.coverage import Coverage, coverage
 from gfs_backup.actions.freshness import UNKNOWN, check_line, judge
 from gfs_backup.actions.monitoring import write_metrics
 from gfs_backup.actions.plan import select_jobs
@@ -113,6 +114,24 @@ def list_command(jobs: tuple[str, ...], config_path: Path, as_json: bool) -> Non
             click.echo(f"  ! {problem}")
 
 
+def coverage_json(found: Coverage) -> dict[str, Any]:
+    return {
+        "uncovered": [
+            {"kind": item.kind, "name": item.name, "where": item.where} for item in found.uncovered
+        ],
+        "left_out": [{"domain": name, "why": why} for name, why in found.left_out],
+        "coverage_problems": found.problems,
+    }
+
+
+def coverage_lines(found: Coverage) -> list[str]:
+    """What no job backs up, one line each, then what was left out on purpose."""
+    lines = [f"uncovered: {item.line()}" for item in found.uncovered]
+    lines += [f"left out: domain {name}: {why}" for name, why in found.left_out]
+    lines += [f"warning: {problem}" for problem in found.problems]
+    return lines
+
+
 def _domain_json(job: Job) -> dict[str, str]:
     """The domain and UUID of a `domains` job's history (nothing for other jobs)."""
     if job.parent is None:
@@ -182,8 +201,10 @@ def status_command(jobs: tuple[str, ...], config_path: Path, as_json: bool, chec
                 "warnings": status.warnings,
             }
         )
+    found = coverage(config) if not jobs else None
     if as_json:
-        click.echo(json.dumps({"jobs": rows}, indent=2))
+        extra = coverage_json(found) if found is not None else {}
+        click.echo(json.dumps({"jobs": rows, **extra}, indent=2))
         return
     for row in rows:
         click.echo(
@@ -201,6 +222,9 @@ def status_command(jobs: tuple[str, ...], config_path: Path, as_json: bool, chec
             )
         for warning in row["warnings"]:
             click.echo(f"  warning: {warning}")
+    if found is not None:
+        for line in coverage_lines(found):
+            click.echo(line)
 
 
 def _check_status(jobs: tuple[str, ...], config_path: Path) -> None:
@@ -217,11 +241,13 @@ def _check_status(jobs: tuple[str, ...], config_path: Path) -> None:
         finally:
             if state is not None:
                 state.close()
+        # What no job backs up (all jobs asked for: a named job says nothing about it).
+        uncovered = None if jobs else [item.name for item in coverage(config).uncovered]
     except GfsError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         click.echo(f"GFS UNKNOWN - {first}")
         raise SystemExit(UNKNOWN) from None
-    code, line = check_line(judged, now)
+    code, line = check_line(judged, now, uncovered=uncovered)
     click.echo(line)
     raise SystemExit(code)
 

@@ -31,6 +31,8 @@ rehash_every = "30d"                # read every file again this often ("off": n
 [incremental]                       # changed-block capture of libvirt and thin lvm jobs
 full_every = "30d"                  # read the whole disk this often anyway ("off": never)
 base_verified_within = "7d"         # build only on a generation fully verified this recently
+[coverage]                          # what `gfs check` need not name as backed up by no job
+ignore = ["test-*", "vg0/scratch", "/srv/tmp"]  # domains, vg/lv, subvolume paths (patterns)
 """
 
 from __future__ import annotations
@@ -73,11 +75,13 @@ TOP_KEYS = (
     "job",
     "files",
     "incremental",
+    "coverage",
     "metrics",
     "notify",
     "ping_url",
 )
 FILES_KEYS = ("rehash_every",)
+COVERAGE_KEYS = ("ignore",)
 DEFAULT_REHASH_EVERY = "30d"
 INCREMENTAL_KEYS = ("full_every", "base_verified_within")
 DEFAULT_FULL_EVERY = "30d"
@@ -192,6 +196,8 @@ class Config:
     hosts: dict[str, Host]
     jobs: list[Job]
     concurrency: int = 1  # jobs `gfs run` runs at once
+    # Patterns of domains, `vg/lv` and subvolume paths no job needs to cover ([coverage]).
+    coverage_ignore: tuple[str, ...] = ()
     # What registered section parsers made of their keys (see `register_section`).
     sections: dict[str, Any] = field(default_factory=dict)
 
@@ -253,9 +259,28 @@ def load_config(path: Path) -> Config:
     concurrency = collector.get(table, "concurrency", "", int, 1, "a number of jobs")
     if not 1 <= concurrency <= 64:
         collector.add("concurrency", f"{concurrency} is not allowed: run 1 to 64 jobs at once")
+    coverage = collector.get(table, "coverage", "", dict, {}, "a [coverage] table")
+    collector.unknown_keys(coverage, COVERAGE_KEYS, "coverage")
+    ignore = coverage.get("ignore", [])
+    if not isinstance(ignore, list) or not all(isinstance(item, str) and item for item in ignore):
+        collector.add(
+            "coverage.ignore",
+            'must be a list of patterns: domain names, "vg/lv", subvolume paths',
+        )
+        ignore = []
     sections = {name: parser(table, collector, jobs) for name, parser in _SECTIONS.items()}
     collector.raise_if_any()
-    return Config(str(path), state_dir, policy_dir, targets, hosts, jobs, concurrency, sections)
+    return Config(
+        str(path),
+        state_dir,
+        policy_dir,
+        targets,
+        hosts,
+        jobs,
+        concurrency,
+        tuple(ignore),
+        sections,
+    )
 
 
 def _named_tables(table: Table, key: str, collector: Collector) -> list[tuple[str, Table]]:

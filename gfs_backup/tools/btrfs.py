@@ -32,6 +32,25 @@ def make_show_command(path: Path) -> Command:
     return Command(("btrfs", "subvolume", "show", str(path)))
 
 
+def make_subvolume_list_command(mount_point: Path) -> Command:
+    """Every subvolume of the filesystem mounted at `mount_point` (paths from its top)."""
+    return Command(("btrfs", "subvolume", "list", str(mount_point)))
+
+
+def parse_subvolume_list(text: str) -> list[str]:
+    """The paths of `btrfs subvolume list` ("ID 257 gen 9 top level 5 path @/home"),
+    relative to the filesystem's top level. ValueError on a line without a path."""
+    paths = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        head, found, path = line.partition(" path ")
+        if not found or not head.startswith("ID ") or not path:
+            raise ValueError(f"unexpected btrfs subvolume list line: {line.strip()!r}")
+        paths.append(path)
+    return paths
+
+
 def make_send_command(snapshot: Path) -> Command:
     return Command(("btrfs", "send", "-q", str(snapshot)), timeout=LONG)
 

@@ -42,8 +42,9 @@ class Volume:
         return state == "I" or (self.attr[:1] in ("s", "S") and full)
 
 
-def make_lvs_command(vg: str, lv: str | None = None) -> Command:
-    target = f"{vg}/{lv}" if lv else vg
+def make_lvs_command(vg: str | None, lv: str | None = None) -> Command:
+    """`lvs` of one volume, one volume group, or (`vg` None) every visible volume."""
+    target = (f"{vg}/{lv}" if lv else vg,) if vg else ()
     return Command(
         (
             "lvs",
@@ -55,7 +56,7 @@ def make_lvs_command(vg: str, lv: str | None = None) -> Command:
             "|",
             "-o",
             ",".join(FIELDS),
-            target,
+            *target,
         ),
         timeout=LVM_TIMEOUT,
     )

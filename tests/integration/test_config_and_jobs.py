@@ -138,7 +138,7 @@ father-weekday = "someday"
         (
             "colour = 1\n",
             "colour: unknown key (allowed: state_dir, policy_dir, concurrency, target, hosts, "
-            "job, files, incremental, metrics, notify, ping_url)",
+            "job, files, incremental, coverage, metrics, notify, ping_url)",
         ),
         ("[hosts.kvm2]\nport = 70000\n", "hosts.kvm2.address: required"),
         (
