@@ -20,6 +20,7 @@ def test_install_script_installs_a_working_gfs(tmp_path: Path) -> None:
         "GFS_PREFIX": str(tmp_path / "opt"),
         "GFS_BIN_DIR": str(tmp_path / "bin"),
         "GFS_ETC_DIR": str(tmp_path / "etc"),
+        "GFS_SHARE_DIR": str(tmp_path / "share"),
     }
     done = subprocess.run(
         [str(REPO / "scripts" / "install")],
@@ -42,6 +43,13 @@ def test_install_script_installs_a_working_gfs(tmp_path: Path) -> None:
     assert (tmp_path / "etc" / "gfs.toml.example").is_file()
     assert (tmp_path / "opt" / "README.md").read_text() == (REPO / "README.md").read_text()
     assert (tmp_path / "opt" / "docs" / "jobs.md").is_file()  # the README links there
+    completions = {
+        "bash-completion/completions/gfs": "_GFS_COMPLETE=bash_complete",
+        "zsh/vendor-completions/_gfs": "#compdef gfs",
+        "fish/vendor_completions.d/gfs.fish": "complete --no-files --command gfs",
+    }
+    for name, marker in completions.items():
+        assert marker in (tmp_path / "share" / name).read_text(), name
     check = subprocess.run(
         [str(gfs), "check", "--lint-only", "--config", str(tmp_path / "etc" / "gfs.toml.example")],
         capture_output=True,
