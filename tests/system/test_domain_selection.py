@@ -177,6 +177,29 @@ def test_a_domains_job_backs_up_every_domain_and_keeps_each_history(
     assert len(found[history_of(job_dir, third)]) == 1
     assert len(found[history_of(job_dir, first)]) == 1  # not due: no second generation
 
+    # Restored beside the original by JOB/DOMAIN: the copy carries gfs's mark and the
+    # job's patterns leave it out.
+    restored_dir = tmp_path / "restored"
+    done = gfs_subprocess(
+        *("restore", f"fleet/{third.name()}", "--config", str(config)),
+        *("--to", str(restored_dir), "--as-domain", f"{p}web3-copy"),
+    )
+    assert done.returncode == 0, done.stderr
+    copy = lab.domain("web3-copy")
+    assert "restored-from" in copy.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    restored_disk = restored_dir / f"{p}web3-copy-vda.raw"
+    assert str(restored_disk) in copy.XMLDesc(0)
+    compare = subprocess.run(
+        [
+            *("qemu-img", "compare", "-f", "raw", "-F", "qcow2"),
+            *(str(restored_disk), str(lab.disks[third.name()])),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+
     # Renamed: the history directory follows, the manifest says so.
     old_name = first.name()
     first.rename(f"{p}web1-renamed", 0)
@@ -199,6 +222,8 @@ def test_a_domains_job_backs_up_every_domain_and_keeps_each_history(
     assert len(found[history_of(job_dir, second)]) == 1
     assert found[old_second] == found[old_second][:1]  # the vanished one keeps its generation
     assert "has a new UUID" in done.stderr
+    assert f"domain {p}web3-copy left out: made by gfs restore from" in done.stderr
+    assert not any(name.startswith(f"{p}web3-copy--") for name in found)
 
     # Retention (keep-last 2) prunes the present domains, never the vanished one.
     for _ in range(2):
