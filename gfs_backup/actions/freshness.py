@@ -126,7 +126,7 @@ def _verified(stored: Stored) -> bool:
 def judge(status: JobStatus, now: datetime) -> Freshness:
     """The freshness of one job from its status (listing, runs)."""
     job = status.job
-    found = Freshness(job.name, limits=limits_of(job, now))
+    found = Freshness(job.title, limits=limits_of(job, now))
     limits = found.limits
     stored = status.listing.stored
     for problem in status.listing.problems:

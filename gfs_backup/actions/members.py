@@ -31,6 +31,7 @@ from gfs_backup.core.errors import GfsError, InputError, Problem
 from gfs_backup.core.lock import job_lock
 from gfs_backup.core.state import State
 from gfs_backup.target.catalog import list_generations
+from gfs_backup.target.checks import check_target
 from gfs_backup.target.fs import TargetFS
 from gfs_backup.target.generation import delete_generation
 from gfs_backup.tools.domainxml import gfs_metadata, opted_out
@@ -193,6 +194,22 @@ def overlapping(selections: dict[str, Selection], singles: list[Job]) -> dict[st
         if uuid is not None:
             claims[uuid].append(single.name)
     return {uuid: jobs for uuid, jobs in claims.items() if len(jobs) > 1}
+
+
+def pattern_job_warnings(config: Config, job: Job) -> list[str]:
+    """What `gfs check` says about a `domains` job as a whole: its target (mounted, NFS,
+    not the source's filesystem) and its libvirt (answering)."""
+    warnings = []
+    fs = job_location(config, job)[1]
+    try:
+        warnings += check_target(config.targets[job.target], [], fs=fs).warnings
+    except GfsError as exc:
+        warnings.append(str(exc))
+    try:
+        list_domains(job)
+    except GfsError as exc:
+        warnings.append(f"job {job.name}: {exc}")
+    return warnings
 
 
 def adopt_history(job: Job, job_dir: Path, fs: TargetFS) -> None:

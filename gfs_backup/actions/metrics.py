@@ -97,7 +97,7 @@ def registry_of(
             metric.labels(job).set(value)
 
     for status, found in zip(statuses, judged, strict=True):
-        name = status.job.name
+        name = status.job.title
         success = status.last_success
         put(
             last_success,

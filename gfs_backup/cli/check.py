@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from gfs_backup.actions.coverage import coverage
+from gfs_backup.actions.members import pattern_job_warnings
 from gfs_backup.actions.plan import select_jobs
 from gfs_backup.actions.status import job_status
 from gfs_backup.cli.inspect import coverage_json, coverage_lines
@@ -48,10 +49,12 @@ def check_command(config_path: Path, lint_only: bool, as_json: bool) -> None:
         state = State.read_only(config.state_dir)
         try:
             for job in config.jobs:
-                # A pattern job: the warnings of each domain's history.
+                # A pattern job: the warnings of each domain's history, and of its target
+                # and libvirt even before any domain has a history.
+                found = pattern_job_warnings(config, job) if job.selects_domains else []
                 for one in select_jobs(config, [job.name]):
-                    found = job_status(config, one, state, now).warnings
-                    warnings.setdefault(job.name, []).extend(found)
+                    found += job_status(config, one, state, now).warnings
+                warnings[job.name] = list(dict.fromkeys(found))
         finally:
             if state is not None:
                 state.close()

@@ -105,3 +105,25 @@ def test_init_lists_the_domains_and_check_accepts_its_configuration(
     assert check.returncode in (0, 7), check.stdout + check.stderr
     assert "error" not in (check.stdout + check.stderr).lower(), check.stdout + check.stderr
     assert "1 job(s), 1 target(s)" in check.stdout
+
+
+def test_without_an_nfs_mount_check_names_the_target_line_to_edit(
+    two_domains: list[str], tmp_path: Path
+) -> None:
+    """This machine has no NFS client: the configuration marks its target path for
+    editing, and `gfs check` names that path (the job's only warning)."""
+    written = tmp_path / "gfs.toml"
+    done = gfs_subprocess("init", "--output", str(written))
+    assert done.returncode == 0, done.stderr
+    text = written.read_text(encoding="utf-8")
+    match = re.search(r"^path = (\"[^\"]+\").*EDIT", text, re.M)
+    assert match, text
+    path = json.loads(match.group(1))
+    local = tmp_path / "local.toml"
+    local.write_text(f"state_dir = {json.dumps(str(tmp_path / 'state'))}\n{text}")
+    check = gfs_subprocess("check", "--config", str(local))
+    assert check.returncode == 7, check.stdout + check.stderr
+    job_warnings = [
+        line.strip() for line in check.stdout.splitlines() if line.startswith("    warning:")
+    ]
+    assert job_warnings and all(path in line for line in job_warnings), check.stdout
