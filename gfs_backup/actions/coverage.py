@@ -22,8 +22,10 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from gfs_backup.actions.members import why_left_out
 from gfs_backup.core.config import Config, Job
@@ -33,8 +35,9 @@ from gfs_backup.tools.domainxml import gfs_metadata, parse_disks
 from gfs_backup.tools.lvm import Volume, make_lvs_command, parse_lvs
 from gfs_backup.tools.mounts import Mount, read_mounts
 from gfs_backup.tools.virt import DEFAULT_URI, Connection, DomainInfo
-from gfs_backup.transport.runner import LocalRunner, Runner
+from gfs_backup.transport.runner import Command, LocalRunner, Runner
 
+T = TypeVar("T")
 SYSTEM_MOUNTS = ("/", "/boot", "/var")
 # Subvolumes of container engines and snapshot tools: not data anyone writes a job for.
 SKIPPED_SUBVOLUME_PARTS = (
@@ -164,14 +167,8 @@ def _volumes(
 ) -> None:
     if not shutil.which("lvs"):
         return
-    done = runner.run(make_lvs_command(None), check=False)
-    if done.returncode != 0:
-        found.problems.append(f"coverage: lvs failed: {done.stderr.strip()[:200]}")
-        return
-    try:
-        volumes = parse_lvs(done.stdout)
-    except ValueError as exc:
-        found.problems.append(f"coverage: {exc}")
+    volumes = _listed(runner, make_lvs_command(None), parse_lvs, found)
+    if volumes is None:
         return
     covered = {str(job.options.get("volume")) for job in jobs if job.kind == "lvm"}
     system = _system_devices(mounts)
@@ -183,6 +180,21 @@ def _volumes(
         if device in system or device in domain_disks or volume.path in domain_disks:
             continue
         found.uncovered.append(Uncovered("lv", name, volume.path))
+
+
+def _listed(
+    runner: Runner, command: Command, parse: Callable[[str], list[T]], found: Coverage
+) -> list[T] | None:
+    """`parse` of what `command` prints; None, with a problem line, when it fails."""
+    done = runner.run(command, check=False)
+    if done.returncode != 0:
+        found.problems.append(f"coverage: {command} failed: {done.stderr.strip()[:200]}")
+        return None
+    try:
+        return parse(done.stdout)
+    except ValueError as exc:
+        found.problems.append(f"coverage: {exc}")
+        return None
 
 
 def _not_data(volume: Volume) -> bool:
@@ -220,16 +232,9 @@ def _subvolumes(
         if mount.device in seen:
             continue
         seen.add(mount.device)
-        done = runner.run(make_subvolume_list_command(Path(mount.mount_point)), check=False)
-        if done.returncode != 0:
-            found.problems.append(
-                f"coverage: btrfs subvolume list {mount.mount_point}: {done.stderr.strip()[:200]}"
-            )
-            continue
-        try:
-            paths = parse_subvolume_list(done.stdout)
-        except ValueError as exc:
-            found.problems.append(f"coverage: {exc}")
+        command = make_subvolume_list_command(Path(mount.mount_point))
+        paths = _listed(runner, command, parse_subvolume_list, found)
+        if paths is None:
             continue
         same_fs = [m for m in btrfs if m.device == mount.device]
         for relative in paths:

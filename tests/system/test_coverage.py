@@ -7,29 +7,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
 import pytest
 
 from tests.lab.fixtures import guest_image, libvirt_conn, libvirt_daemon
-from tests.lab.guest import GuestImage
 from tests.system.conftest import Mounter
 from tests.system.helpers import gfs_subprocess
-from tests.system.test_domain_selection import Lab, config_for, pattern_job
+from tests.system.test_domain_selection import Lab, config_for, lab, pattern_job
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
-__all__ = ["guest_image", "libvirt_conn", "libvirt_daemon"]
-
-
-@pytest.fixture
-def lab(libvirt_conn: libvirt.virConnect, guest_image: GuestImage, tmp_path: Path) -> Iterator[Lab]:
-    made = Lab(libvirt_conn, guest_image, tmp_path)
-    try:
-        yield made
-    finally:
-        made.cleanup()
+__all__ = ["guest_image", "lab", "libvirt_conn", "libvirt_daemon"]
 
 
 def uncovered(config: Path) -> tuple[int, set[tuple[str, str]], dict[str, object]]:
