@@ -220,7 +220,7 @@ def adopt_history(job: Job, job_dir: Path, fs: TargetFS) -> None:
         return
     try:
         fs.rename(job_dir.parent / str(old), job_dir)
-    except OSError as exc:
+    except OSError as exc:  # a remote target raises GfsError itself
         raise GfsError(f"cannot rename the history {old} to {job_dir.name}: {exc}") from None
 
 

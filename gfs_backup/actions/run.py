@@ -126,10 +126,15 @@ def run_jobs(
         config.concurrency,
     )
 
+    parents = {job.name: job for job in config.jobs}
+
     def one(job: Job) -> JobOutcome:
         state = State.read_only(config.state_dir) if options.dry_run else State(config.state_dir)
+        rate = rates.get(job.target, 0)
+        if job.parent is not None:  # the domains of a job share its share of the target
+            rate //= int(parents[job.parent].options.get("max_parallel", 1))
         try:
-            return _run_one(config, job, state, clock, options, rates.get(job.target, 0))
+            return _run_one(config, job, state, clock, options, rate)
         finally:
             if state is not None:
                 state.close()
@@ -139,7 +144,8 @@ def run_jobs(
     def unit(job: Job) -> list[JobOutcome]:
         if not job.selects_domains:
             return [one(job)]
-        return _run_members(job, selections[job.name], one)
+        url = None if options.dry_run else ops_of(config).job(job.name).ping_url
+        return _run_members(job, selections[job.name], one, url)
 
     try:
         if config.concurrency <= 1 or len(jobs) <= 1:
@@ -184,10 +190,28 @@ def select_all(config: Config, jobs: list[Job]) -> dict[str, Selection | GfsErro
 
 
 def _run_members(
-    job: Job, selection: Selection | GfsError, one: Callable[[Job], JobOutcome]
+    job: Job,
+    selection: Selection | GfsError,
+    one: Callable[[Job], JobOutcome],
+    ping_url: str | None = None,
 ) -> list[JobOutcome]:
     """The domains of a pattern job, up to `max_parallel` at once; one failing domain
-    fails only its own outcome. libvirtd not answering fails the job (nothing vanishes)."""
+    fails only its own outcome. libvirtd not answering fails the job (nothing vanishes).
+    The job's dead-man ping is one for all its domains: a failure if any failed."""
+    pinger = Pinger(ping_url, log) if ping_url else None
+    if pinger is not None:
+        pinger.start()
+    outcomes = _member_outcomes(job, selection, one)
+    if pinger is not None:
+        failed = [o for o in outcomes if o.status == "failed"]
+        body = "".join(f"{o.job}: {o.status} {o.message}\n" for o in outcomes)
+        (pinger.fail if failed else pinger.success)(f"job {job.name}:\n{body}")
+    return outcomes
+
+
+def _member_outcomes(
+    job: Job, selection: Selection | GfsError, one: Callable[[Job], JobOutcome]
+) -> list[JobOutcome]:
     if isinstance(selection, GfsError):
         message = f"cannot list the domains to back up: {selection}"
         log.error("job %s: failed: %s", job.name, message)
@@ -273,7 +297,8 @@ def _run_locked(
     ctx = JobContext(job, runner, state, run_id, now, log, bandwidth=bandwidth, target=fs)
     backend = backend_for(job.kind)
     ops = ops_of(config).job(job.family)
-    pinger = Pinger(ops.ping_url, log) if ops.ping_url else None
+    # A domain of a `domains` job: the job pings once for all of them (_run_members).
+    pinger = Pinger(ops.ping_url, log) if ops.ping_url and job.parent is None else None
     if pinger is not None:
         pinger.start()
     started = time.monotonic()

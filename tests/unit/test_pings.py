@@ -255,3 +255,24 @@ def test_log_tail_from_many_threads() -> None:
         assert {line.split()[1] for line in lines} >= {"199"}
     finally:
         logger.removeHandler(tail)
+
+
+def test_a_domains_job_pings_once_and_fails_when_one_domain_failed(monitor: Monitor) -> None:
+    from typing import Any, cast
+
+    from gfs_backup.actions.members import Selection, member
+    from gfs_backup.actions.run import JobOutcome, _run_members
+    from gfs_backup.core.config import Job
+
+    job = Job("vms", "libvirt", "local", "nas", cast(Any, None), {"domains": ["*"]})
+    web = member(job, "web", "6f1c0ae2-3c8e-4c64-9d1f-2b8f3f0d5a11", "web--x")
+    db = member(job, "db", "0b4e28ba-2fa1-41d2-883f-0016d3cca427", "db--y")
+
+    def one(job: Job) -> JobOutcome:
+        status = "failed" if job.options["domain"] == "db" else "ok"
+        return JobOutcome(job.title, status, message="disk unreadable" if status != "ok" else "")
+
+    outcomes = _run_members(job, Selection(members=[web, db]), one, monitor.url)
+    assert [o.status for o in outcomes] == ["ok", "failed"]
+    assert [seen.path for seen in monitor.requests] == ["/abc-123/start", "/abc-123/fail"]
+    assert b"vms/db: failed disk unreadable" in monitor.requests[-1].body
