@@ -99,6 +99,10 @@ def list_command(jobs: tuple[str, ...], config_path: Path, as_json: bool) -> Non
                 flags.append("protected")
             if not manifest.point_in_time:
                 flags.append("not point-in-time")
+            if manifest.source.get("transient"):
+                flags.append("transient domain")
+            if manifest.source.get("renamed_from"):
+                flags.append(f"renamed from {manifest.source['renamed_from']}")
             if skipped := skipped_count(stored):
                 flags.append(f"{skipped} skipped")
             if capture := capture_summary(stored):

@@ -212,3 +212,12 @@ def test_status_check_counts_uncovered_as_a_warning() -> None:
     assert code == WARNING
     assert "2 backed up by no job (web3, vg0/data)" in line and "uncovered=2;1;;0" in line
     assert check_line([], now, uncovered=[])[0] == 0
+
+
+def test_a_domain_whose_definition_cannot_be_read_fails_alone() -> None:
+    broken = DomainInfo("odd", U2, True, False, None, "XML read failed")
+    chosen = select(pattern_job(), [info("web", U1), broken], [])
+    assert [m.options["domain"] for m in chosen.members] == ["web", "odd"]
+    assert chosen.problems == {
+        f"vms@{U2}": "domain odd: cannot read its definition: XML read failed"
+    }
