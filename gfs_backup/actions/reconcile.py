@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from gfs_backup.backends.base import Backend, JobContext
+from gfs_backup.backends.sourcehost import source_host
+from gfs_backup.core.config import LOCAL_HOST
 from gfs_backup.target.catalog import PARTIAL_PREFIX, PRUNING_PREFIX
 from gfs_backup.target.fs import LOCAL_FS, TargetFS
 from gfs_backup.tools.btrfs import is_subvolume_root, make_delete_command
@@ -24,7 +26,11 @@ def reconcile(ctx: JobContext, backend: Backend, job_dir: Path) -> list[str]:
     for entry in ctx.state.open_entries(ctx.job.name):
         if entry.run_id == ctx.run_id:
             continue
-        if entry.action in ("partial", "prune", "drill", "restore"):  # only dot-names
+        if entry.action == "restore" and ctx.job.host != LOCAL_HOST and ctx.job.kind == "btrfs":
+            source_host(ctx).remove_leftover(Path(entry.path))  # a restore on that host
+            ctx.state.done(entry.id)
+            done.append(f"removed leftover restore {entry.path} on host {ctx.job.host}")
+        elif entry.action in ("partial", "prune", "drill", "restore"):  # only dot-names
             fs = LOCAL_FS if entry.action in ("drill", "restore") else ctx.target
             remove_leftover(ctx.runner, Path(entry.path), fs)
             ctx.state.done(entry.id)

@@ -14,12 +14,14 @@ from gfs_backup.actions.verify import Verified, check_data, verify_stored
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import JobContext, Progress, RestoreOptions
 from gfs_backup.backends.libvirt import LibvirtBackend
-from gfs_backup.core.config import Config, Job
+from gfs_backup.backends.sourcehost import RemoteHost
+from gfs_backup.core.config import LOCAL_HOST, Config, Job
 from gfs_backup.core.errors import ExitCode, GfsError, InputError, Problem
 from gfs_backup.core.state import State
 from gfs_backup.target.catalog import Stored, list_generations
 from gfs_backup.target.manifest import write_manifest
-from gfs_backup.transport.runner import LocalRunner
+from gfs_backup.transport.runner import LocalRunner, Runner
+from gfs_backup.transport.ssh import runner_for
 
 log = logging.getLogger("gfs")
 
@@ -63,6 +65,8 @@ def restore(
     into a temporary name beside it, renamed to `to` once complete and checked, so a
     failed restore leaves nothing at `to` (journaled: a killed one is removed by the next
     run of the job)."""
+    if job.host != LOCAL_HOST and job.kind == "btrfs":  # received on the job's host
+        return _restore_on_host(config, job, generation, to, now, progress)
     if to.exists() or to.is_symlink():
         raise InputError(Problem(str(to), "already exists: restore into a new path"))
     if not to.parent.is_dir():
@@ -93,6 +97,44 @@ def restore(
         return str(to)
 
     return _checked_restore(config, job, generation, now, progress, write)
+
+
+def _restore_on_host(
+    config: Config,
+    job: Job,
+    generation: str | None,
+    to: Path,
+    now: datetime,
+    progress: Progress | None,
+) -> Stored:
+    """A btrfs job of a remote host: `to` is a path on that host, where the stream is
+    received (see BtrfsBackend.restore); the same staging, check and rename as here."""
+    host = RemoteHost(job.host, runner_for(job.host, config))
+    if host.exists(to):
+        raise InputError(
+            Problem(f"{to} on host {job.host}", "already exists: restore into a new path")
+        )
+    if not host.is_dir(to.parent):
+        raise InputError(Problem(f"{to} on host {job.host}", "its parent directory does not exist"))
+
+    def write(ctx: JobContext, stored: Stored) -> str:
+        staging = to.parent / f"{STAGING_PREFIX}{to.name}-r{ctx.run_id}"
+        entry = ctx.state.journal(ctx.run_id, job.name, "restore", str(staging))
+        try:
+            backend_for(stored.manifest.kind).restore(
+                ctx, stored, staging, progress, RestoreOptions(final=to)
+            )
+            host.rename(staging, to)
+        except FileExistsError:
+            raise RestoreError(
+                f"{to} appeared while restoring: the restore is left unused"
+            ) from None
+        finally:
+            host.remove_leftover(staging)
+            ctx.state.done(entry)
+        return f"{to} on host {job.host}"
+
+    return _checked_restore(config, job, generation, now, progress, write, host.runner)
 
 
 def restore_over_original(
@@ -128,6 +170,7 @@ def _checked_restore(
     now: datetime,
     progress: Progress | None,
     write: Callable[[JobContext, Stored], str],
+    runner: Runner | None = None,
 ) -> Stored:
     """Find the generation, refuse it when its data fails its checksums, then `write` it
     (which returns where it went) and record the restore in the run history."""
@@ -140,7 +183,8 @@ def _checked_restore(
         )
     state = State(config.state_dir)
     try:
-        ctx = JobContext(job, LocalRunner(), state, state.start_run(job.name), now, log)
+        run_id = state.start_run(job.name)
+        ctx = JobContext(job, runner or LocalRunner(), state, run_id, now, log)
         where = write(ctx, stored)
         state.finish_run(ctx.run_id, "restored", stored.id, message=where)
     finally:

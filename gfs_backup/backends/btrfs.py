@@ -1,9 +1,17 @@
-"""BTRFS subvolume jobs: a read-only snapshot exported as a full `btrfs send` stream."""
+"""BTRFS subvolume jobs: a read-only snapshot exported as a full `btrfs send` stream.
+
+On a remote host (`host = "kvm2"`) the snapshot is taken, sent and deleted there. To a
+target that host mounts, the stream stays on it: `btrfs send` is written into the target
+by a small program there (copying/hostimage.py STREAM_SCRIPT), its sha256-1m computed in
+that pass and checked again from storage; to a target mounted here, the stream crosses
+SSH. A restore receives on the job's host, from the stream on its own target or through
+SSH."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO, cast
 
@@ -16,12 +24,16 @@ from gfs_backup.backends.base import (
     Snapshot,
     SourceError,
 )
+from gfs_backup.backends.sourcehost import source_host
 from gfs_backup.copying.copy import copy_stream
+from gfs_backup.copying.digest import ALGORITHM
+from gfs_backup.copying.hostimage import ScriptOutput, make_stream_command
+from gfs_backup.core.config import LOCAL_HOST
 from gfs_backup.core.errors import GfsError
 from gfs_backup.target.catalog import Stored
 from gfs_backup.target.manifest import DataFile
 from gfs_backup.tools.btrfs import (
-    is_subvolume_root,
+    LONG,
     make_delete_command,
     make_receive_command,
     make_send_command,
@@ -39,7 +51,7 @@ class BtrfsBackend(snapshots.SnapshottingBackend):
 
     def check_source(self, ctx: JobContext) -> None:
         path = self.source_path(ctx)
-        if not is_subvolume_root(path):
+        if not source_host(ctx).is_subvolume_root(path):
             raise SourceError(
                 f"job {ctx.job.name}: {path} is not a btrfs subvolume (use "
                 'kind = "files" for a plain directory)'
@@ -57,9 +69,18 @@ class BtrfsBackend(snapshots.SnapshottingBackend):
         progress: Progress | None,
     ) -> Exported:
         assert snapshot is not None
-        with ctx.runner.reading(make_send_command(snapshot.subvolume)) as stream:
-            result = copy_stream(cast(BinaryIO, stream), into / STREAM, progress, verify=True)
         source = {"subvolume": ctx.job.options["subvolume"], **snapshot.metadata}
+        send = make_send_command(snapshot.subvolume)
+        if ctx.job.host != LOCAL_HOST and ctx.target.host == ctx.job.host:
+            size, digest = _send_on_host(ctx, send.argv, into / STREAM, progress)
+            return Exported(
+                files=(DataFile(STREAM, size, digest),),
+                source={**source, "written_on": ctx.job.host},
+                bytes_written=size,
+                read_back=True,
+            )
+        with ctx.runner.reading(send) as stream:
+            result = copy_stream(cast(BinaryIO, stream), into / STREAM, progress, verify=True)
         return Exported(
             files=(DataFile(STREAM, result.size, result.digest),),
             source=source,
@@ -82,15 +103,22 @@ class BtrfsBackend(snapshots.SnapshottingBackend):
         a writable subvolume at `to`."""
         name = str(stored.manifest.source.get("snapshot", ""))
         expected = stored.manifest.source.get("snapshot_uuid")
+        host = source_host(ctx)
         staging = to.parent / f".gfs-restore-{to.name}-{os.getpid()}"
-        staging.mkdir(mode=0o700)
+        host.make_dir(staging)
         received = staging / name
         try:
-            with (
-                (stored.path / STREAM).open("rb") as stream,
-                ctx.runner.writing(make_receive_command(staging)) as feed,
-            ):
-                shutil.copyfileobj(stream, feed, 4 << 20)
+            if stored.fs.host != LOCAL_HOST and stored.fs.host == host.name:
+                # The stream is on a target this host mounts: received there, not sent.
+                receive = make_receive_command(staging)
+                argv = (*receive.argv[:-1], "-f", str(stored.path / STREAM), str(staging))
+                ctx.runner.run(replace(receive, argv=argv))
+            else:
+                with (
+                    stored.fs.open_read(stored.path / STREAM) as stream,
+                    ctx.runner.writing(make_receive_command(staging)) as feed,
+                ):
+                    shutil.copyfileobj(stream, feed, 4 << 20)
             info = parse_subvolume_show(ctx.runner.run(make_show_command(received)).stdout)
             if expected and info.received_uuid != expected:
                 raise GfsError(
@@ -100,7 +128,31 @@ class BtrfsBackend(snapshots.SnapshottingBackend):
                 )
             ctx.runner.run(make_writable_snapshot_command(received, to))
         finally:
-            if received.exists():
+            if host.exists(received):
                 ctx.runner.run(make_delete_command(received), check=False)
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+            host.remove_dir(staging)
+
+
+def _send_on_host(
+    ctx: JobContext, send_argv: tuple[str, ...], destination: Path, progress: Progress | None
+) -> tuple[int, str]:
+    """`btrfs send` written into the target on the job's host (the stream never crosses
+    SSH); the sha256-1m computed while writing, then again from the target's storage."""
+    command = make_stream_command(send_argv, str(destination), LONG, ctx.target.io_timeout)
+    output = ScriptOutput()
+    with ctx.runner.reading(command) as stream:
+        while chunk := stream.read(1 << 12):
+            grown = output.feed(chunk)
+            if progress is not None and grown:
+                progress(grown)
+    found = (output.result() or "").split()
+    if len(found) != 2 or not found[0].isdigit():
+        raise GfsError(f"job {ctx.job.name}: btrfs send on host {ctx.job.host} gave no result")
+    size, digest = int(found[0]), found[1]
+    stored = ctx.target.file_digest(destination, ALGORITHM)
+    if (stored.size, stored.digest) != (size, digest):
+        raise GfsError(
+            f"job {ctx.job.name}: {destination} on host {ctx.job.host} does not read back as "
+            "written (sha256-1m from its storage differs)"
+        )
+    return size, digest

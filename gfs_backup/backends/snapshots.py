@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from gfs_backup.backends.base import (
@@ -12,6 +11,7 @@ from gfs_backup.backends.base import (
     is_own_snapshot,
     snapshot_name,
 )
+from gfs_backup.backends.sourcehost import source_host
 from gfs_backup.core.config import Job
 from gfs_backup.core.state import JournalEntry
 from gfs_backup.tools.btrfs import (
@@ -35,7 +35,9 @@ def take_snapshot(ctx: JobContext, subvolume: Path, inside: Path | None = None) 
     path = folder / snapshot_name(ctx.job.name, ctx.now, ctx.run_id)
     entry = ctx.state.journal(ctx.run_id, ctx.job.name, "snapshot", str(path))
     if not ctx.runner.dry_run:
-        make_quiet_dir(folder)
+        host = source_host(ctx)
+        if not host.is_dir(folder):
+            host.make_quiet_dir(folder)
     ctx.runner.run(make_snapshot_command(subvolume, path))
     ctx.log.info("snapshot %s of %s", path, subvolume)
     metadata: dict[str, object] = {"snapshot": path.name}
@@ -47,15 +49,9 @@ def take_snapshot(ctx: JobContext, subvolume: Path, inside: Path | None = None) 
     return Snapshot(path / relative, path, entry, metadata)
 
 
-def make_quiet_dir(folder: Path) -> None:
-    """Create gfs's snapshot directory, keeping its parent's times: the first snapshot of
-    a subvolume would otherwise carry gfs's own mkdir as the time of the backed-up
-    directory (the subvolume's root, for a files job of the whole subvolume)."""
-    if folder.is_dir():
-        return
-    parent = os.stat(folder.parent)
-    folder.mkdir(mode=0o700)
-    os.utime(folder.parent, ns=(parent.st_atime_ns, parent.st_mtime_ns))
+# gfs's snapshot directory is made keeping its parent's times (`make_quiet_dir`): the
+# first snapshot of a subvolume would otherwise carry gfs's own mkdir as the time of the
+# backed-up directory (the subvolume's root, for a files job of the whole subvolume).
 
 
 def retire(ctx: JobContext, snapshot: Snapshot, keep: int) -> None:
@@ -72,7 +68,7 @@ def retire(ctx: JobContext, snapshot: Snapshot, keep: int) -> None:
 def undo(ctx: JobContext, entry: JournalEntry) -> None:
     """Remove a snapshot an interrupted run journaled, if it exists and is gfs's."""
     path = Path(entry.path)
-    if path.exists() and is_own_snapshot(path, ctx.job.name):
+    if source_host(ctx).exists(path) and is_own_snapshot(path, ctx.job.name):
         delete_snapshot(ctx, path)
     ctx.state.done(entry.id)
 
@@ -91,13 +87,11 @@ def local_snapshots(ctx: JobContext, subvolume: Path) -> list[Path]:
 
 def _own_snapshots(ctx: JobContext, folder: Path) -> list[Path]:
     """Snapshots in `folder` that carry gfs's name for this job *and* are in its journal."""
-    if not folder.is_dir():
-        return []
     ours = ctx.state.snapshot_paths(ctx.job.name)
     return sorted(
-        path
-        for path in folder.iterdir()
-        if str(path) in ours and is_own_snapshot(path, ctx.job.name)
+        folder / name
+        for name in source_host(ctx).names(folder)
+        if str(folder / name) in ours and is_own_snapshot(folder / name, ctx.job.name)
     )
 
 
@@ -113,7 +107,7 @@ class SnapshottingBackend:
     def source_path(self, ctx: JobContext) -> Path:
         """The job's source; SourceError when it does not exist."""
         path = Path(ctx.job.options[self.source_key])
-        if not path.exists():
+        if not source_host(ctx).exists(path):
             raise SourceError(
                 f"job {ctx.job.name}: source {self.source_what} {path} does not exist"
             )

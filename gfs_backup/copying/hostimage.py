@@ -13,6 +13,10 @@ A full read does the same into a new sparse file. Only progress lines and a JSON
 
 DIGEST_SCRIPT computes a file's sha256-1m on the host (`gfs verify` of such images).
 
+STREAM_SCRIPT writes what a program run on the host prints (`btrfs send` of a snapshot)
+into a new file of a target that host mounts, computing its sha256-1m as it writes, then
+fsyncs it: the stream never crosses SSH (the read-back is DIGEST_SCRIPT's, from storage).
+
 What to do comes as one argument: JSON, zlib-compressed, base64 (shell-safe, and a
 change list of thousands of ranges stays far below the kernel's 128 KiB per argument).
 """
@@ -235,6 +239,47 @@ sys.stdout.write("gfs-result %d %s\n" % (size, outer.hexdigest()))
 """
 
 
+# A program's output into a new file, sha256-1m computed in the pass that writes it.
+STREAM_SCRIPT = r"""
+import hashlib, json, os, subprocess, sys
+argv = json.loads(sys.argv[1])
+dest = sys.argv[2]
+BLOCK = 1 << 20
+fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+child = subprocess.Popen(argv, stdout=subprocess.PIPE)
+outer = hashlib.sha256()
+size = 0
+buf = bytearray(BLOCK)
+view = memoryview(buf)
+while True:
+    filled = 0
+    while filled < BLOCK:
+        got = child.stdout.readinto(view[filled:])
+        if not got:
+            break
+        filled += got
+    if not filled:
+        break
+    outer.update(hashlib.sha256(view[:filled]).digest())
+    done = 0
+    while done < filled:
+        done += os.write(fd, view[done:filled])
+    size += filled
+    if size % (64 * BLOCK) == 0:
+        sys.stdout.write("gfs-progress %d\n" % size)
+        sys.stdout.flush()
+    if filled < BLOCK:
+        break
+status = child.wait()
+if status != 0:
+    sys.stderr.write("%s exited with status %d\n" % (argv[0], status))
+    sys.exit(1)
+os.fsync(fd)
+os.close(fd)
+sys.stdout.write("gfs-result %d %s\n" % (size, outer.hexdigest()))
+"""
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     device: str
@@ -279,6 +324,19 @@ def make_image_command(encoded: str, timeout: float, idle_timeout: float) -> Com
 def make_digest_command(path: str, timeout: float, idle_timeout: float) -> Command:
     return Command(
         ("python3", "-c", DIGEST_SCRIPT, path), timeout=timeout, idle_timeout=idle_timeout
+    )
+
+
+def make_stream_command(
+    argv: tuple[str, ...], destination: str, timeout: float, idle_timeout: float
+) -> Command:
+    """Run `argv` on the host and write its output to the new file `destination` there
+    (see STREAM_SCRIPT); prints progress, then `gfs-result SIZE SHA256-1M`."""
+    return Command(
+        ("python3", "-c", STREAM_SCRIPT, json.dumps(list(argv)), destination),
+        mutating=True,
+        timeout=timeout,
+        idle_timeout=idle_timeout,
     )
 
 

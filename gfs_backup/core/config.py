@@ -15,7 +15,7 @@ port = 22
 name = "db01"
 kind = "lvm"                        # libvirt | lvm | btrfs | files
 volume = "vg0/db01"
-host = "kvm2"                       # lvm jobs only: the others read this machine
+host = "kvm2"                       # lvm and btrfs jobs: the others read this machine
 target = "nas"
 policy = "classic-gfs"              # a policy name, a path, or an inline table
 scratch_dir = "/var/tmp"            # where `gfs drill` restores (btrfs jobs: on btrfs)
@@ -63,7 +63,6 @@ LOCAL_HOST = "local"
 # Kinds whose backends read this machine only so far: what they back up, for the error.
 LOCAL_ONLY_KINDS = {
     "libvirt": "libvirt jobs back up domains of the libvirt",
-    "btrfs": "btrfs jobs snapshot and list subvolumes",
     "files": "files jobs copy directories",
 }
 TOP_KEYS = (
@@ -450,7 +449,7 @@ def _job(
         collector.add(
             join_key(path, "host"),
             f"{LOCAL_ONLY_KINDS[kind]} on the machine gfs runs on; for host {host!r}, "
-            "run gfs there and remove host here (lvm jobs can run on remote hosts)",
+            "run gfs there and remove host here (lvm and btrfs jobs can run on remote hosts)",
         )
     target = _job_target(table, path, collector, targets)
     if target in targets:
@@ -572,11 +571,11 @@ def _check_target_host(
             f"target {target.name} is mounted on host {target.host!r} but the job runs on "
             f"{host!r}: set host = {target.host!r} or use a target mounted there",
         )
-    elif kind != "lvm" or table.get("format", "raw") != "raw":
+    elif kind not in ("lvm", "btrfs") or table.get("format", "raw") != "raw":
         collector.add(
             key,
             f"target {target.name} is on host {target.host!r}: only lvm jobs with format "
-            '"raw" can export to a remote target so far',
+            '"raw" and btrfs jobs can export to a remote target so far',
         )
 
 

@@ -66,8 +66,8 @@ def skipped_disks(domain_xml: str) -> list[tuple[str, str]]:
             skipped.append((name, "shareable (written by other domains too)"))
         elif disk.get("type") == "network":
             source = disk.find("source")
-            protocol = source.get("protocol", "network") if source is not None else "network"
-            skipped.append((name, f"a {protocol} network disk"))
+            protocol = source.get("protocol", "") if source is not None else ""
+            skipped.append((name, f"a {protocol} network disk" if protocol else "a network disk"))
         elif disk.find("source") is None:
             skipped.append((name, "no medium"))
     return skipped

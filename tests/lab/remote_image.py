@@ -2,8 +2,8 @@
 
 The guest is a Debian cloud kernel plus a busybox initramfs holding the real tools a remote
 KVM host has: lvm2 (all its commands as links to /usr/sbin/lvm), dmsetup, thin-provisioning
-tools, btrfs-progs, mke2fs, qemu-img, GNU coreutils and findutils (in /usr/bin, ahead of the
-busybox applets in /bin on PATH), python3 with its standard library (gfs builds thin
+tools, btrfs-progs, mke2fs, qemu-img, GNU coreutils, findutils and diffutils (in /usr/bin,
+ahead of the busybox applets in /bin on PATH), python3 with its standard library (gfs builds thin
 volumes' images there), the kernel NFS server tools and mount.nfs, and OpenSSH's sshd.
 Binaries are copied from this host with their `ldd` libraries (scripts/lab-setup installs them).
 
@@ -86,7 +86,7 @@ BIN_TOOLS = ("btrfs", "qemu-img", "bash", "dash")
 # busybox-static's sh runs its own applets ahead of PATH, so neither /bin/sh nor root's shell
 # may be busybox: sshd runs every command with `$SHELL -c`, and gfs needs the GNU tools.
 SHELL_LINKS = {"bin/sh": "/usr/bin/dash", "bin/bash": "/usr/bin/bash"}
-GNU_PACKAGES = ("coreutils", "findutils")  # all their commands go to /usr/bin
+GNU_PACKAGES = ("coreutils", "findutils", "diffutils")  # all their commands go to /usr/bin
 # The parts of Python's standard library a host script never needs (tests, GUI, tools).
 PYTHON_SKIP = {
     "test",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 
 from tests.lab.domains import DomainSpec, create_disk, domain_xml
 from tests.lab.fixtures import guest_image, libvirt_conn, libvirt_daemon
-from tests.lab.guest import GuestImage
+from tests.lab.guest import BOOT_MARKER, GuestImage, guest_cmdline
 from tests.system.conftest import Mounter
 from tests.system.helpers import gfs_subprocess
 
@@ -48,17 +49,24 @@ class Lab:
         self.prefix = f"gfs-t19-{uuid.uuid4().hex[:6]}-"
         self.disks: dict[str, Path] = {}
 
-    def define(self, name: str, byte: int = 0x5A) -> libvirt.virDomain:
+    def define(self, name: str, byte: int = 0x5A, devices: str = "") -> libvirt.virDomain:
+        """A shut-off domain; `devices`: more <disk> elements (after vda)."""
         full = self.prefix + name
-        disk = create_disk(self.folder / f"{full}-{uuid.uuid4().hex[:4]}.qcow2")
+        disk = self.disk(f"{full}-{uuid.uuid4().hex[:4]}.qcow2", byte)
+        spec = DomainSpec(full, self.image, disk, self.folder / f"{full}.log", "quiet")
+        self.disks[full] = disk
+        xml = domain_xml(spec).replace("</disk>", f"</disk>{devices}", 1)
+        return self.conn.defineXML(xml)
+
+    def disk(self, name: str, byte: int) -> Path:
+        """A 64 MiB qcow2 with `byte` written at 1-4 MiB."""
+        disk = create_disk(self.folder / name)
         subprocess.run(
             ["qemu-io", "-f", "qcow2", "-c", f"write -P {byte} 1M 3M", str(disk)],
             check=True,
             capture_output=True,
         )
-        spec = DomainSpec(full, self.image, disk, self.folder / f"{full}.log", "quiet")
-        self.disks[full] = disk
-        return self.conn.defineXML(domain_xml(spec))
+        return disk
 
     def domain(self, name: str) -> libvirt.virDomain:
         return self.conn.lookupByName(self.prefix + name)
@@ -116,7 +124,7 @@ def run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return gfs_subprocess("run", "--config", str(config), *args)
 
 
-def history_of(job_dir: Path, domain: libvirt.virDomain) -> str:
+def history_of(domain: libvirt.virDomain) -> str:
     return f"{domain.name()}--{domain.UUIDString()}"
 
 
@@ -144,14 +152,14 @@ def test_a_domains_job_backs_up_every_domain_and_keeps_each_history(
     done = run(config)
     assert done.returncode == 0, done.stderr
     found = histories(job_dir)
-    assert set(found) == {history_of(job_dir, first), history_of(job_dir, second)}
+    assert set(found) == {history_of(first), history_of(second)}
     assert all(len(ids) == 1 for ids in found.values()), found
     assert f"domain {opted.name()} left out: opted out in its metadata" in done.stderr
     assert f"domain {excluded.name()} left out: excluded" in done.stderr
     assert "pattern 'nothing-like-this-*' matches no domain" in done.stderr
     # The judge: the image equals the domain's disk, by qemu-img compare.
-    (generation,) = found[history_of(job_dir, first)]
-    image = job_dir / history_of(job_dir, first) / generation / "disks" / "vda.raw"
+    (generation,) = found[history_of(first)]
+    image = job_dir / history_of(first) / generation / "disks" / "vda.raw"
     compare = subprocess.run(
         [
             "qemu-img",
@@ -174,8 +182,8 @@ def test_a_domains_job_backs_up_every_domain_and_keeps_each_history(
     done = run(config)
     assert done.returncode == 0, done.stderr
     found = histories(job_dir)
-    assert len(found[history_of(job_dir, third)]) == 1
-    assert len(found[history_of(job_dir, first)]) == 1  # not due: no second generation
+    assert len(found[history_of(third)]) == 1
+    assert len(found[history_of(first)]) == 1  # not due: no second generation
 
     # Restored beside the original by JOB/DOMAIN: the copy carries gfs's mark and the
     # job's patterns leave it out.
@@ -205,21 +213,19 @@ def test_a_domains_job_backs_up_every_domain_and_keeps_each_history(
     first.rename(f"{p}web1-renamed", 0)
     first = libvirt_conn.lookupByUUIDString(first.UUIDString())
     # Replaced: a new domain under an old name gets a history of its own.
-    old_second = history_of(job_dir, second)
+    old_second = history_of(second)
     second.undefine()
     second = lab.define("web2", 0x66)
     done = run(config, "--force")
     assert done.returncode == 0, done.stderr
     found = histories(job_dir)
-    renamed = found[history_of(job_dir, first)]
+    renamed = found[history_of(first)]
     assert old_name + "--" + first.UUIDString() not in found
     assert len(renamed) == 2, found
-    manifest = json.loads(
-        (job_dir / history_of(job_dir, first) / renamed[-1] / "manifest.json").read_text()
-    )
+    manifest = json.loads((job_dir / history_of(first) / renamed[-1] / "manifest.json").read_text())
     assert manifest["source"]["renamed_from"] == old_name
     assert manifest["job"] == "fleet"
-    assert len(found[history_of(job_dir, second)]) == 1
+    assert len(found[history_of(second)]) == 1
     assert found[old_second] == found[old_second][:1]  # the vanished one keeps its generation
     assert "has a new UUID" in done.stderr
     assert f"domain {p}web3-copy left out: made by gfs restore from" in done.stderr
@@ -230,7 +236,7 @@ def test_a_domains_job_backs_up_every_domain_and_keeps_each_history(
         done = run(config, "--force")
         assert done.returncode == 0, done.stderr
     found = histories(job_dir)
-    assert len(found[history_of(job_dir, first)]) == 2
+    assert len(found[history_of(first)]) == 2
     assert len(found[old_second]) == 1
 
     # gfs list shows one history per UUID, by name.
@@ -280,3 +286,83 @@ def test_two_jobs_selecting_one_domain_fail_it_alone(
     assert len(histories(tmp_path / "target" / "one")) == 1  # alone only
     assert f"{alone.name()}--" in next(iter(histories(tmp_path / "target" / "one")))
     assert histories(tmp_path / "target" / "two") == {}
+
+
+def test_disks_left_out_by_kind_and_by_exclude_disks(
+    lab: Lab, target: Path, tmp_path: Path
+) -> None:
+    extra = lab.disk("extra.qcow2", 0x77)
+    scratch = lab.disk("scratch.qcow2", 0x78)
+    devices = "".join(
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{path}'/><target dev='{dev}' bus='virtio'/></disk>"
+        for path, dev in ((extra, "vdb"), (scratch, "vdc"))
+    ) + (
+        "<disk type='file' device='cdrom'><driver name='qemu' type='raw'/>"
+        "<target dev='sda' bus='sata'/><readonly/></disk>"
+    )
+    domain = lab.define("disks", 0x11, devices)
+    config = config_for(
+        tmp_path, pattern_job("vms", [f"{lab.prefix}disks"], 'exclude_disks = ["vdc"]\n')
+    )
+    done = run(config)
+    assert done.returncode == 0, done.stderr
+    (generations,) = histories(tmp_path / "target" / "vms").values()
+    folder = tmp_path / "target" / "vms" / history_of(domain) / generations[0]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert [d["target"] for d in manifest["source"]["disks"]] == ["vda", "vdb"]
+    assert manifest["source"]["skipped_disks"] == [
+        {"target": "sda", "why": "a cdrom"},
+        {"target": "vdc", "why": "excluded by the job's exclude_disks"},
+    ]
+    assert sorted(p.name for p in (folder / "disks").iterdir()) == ["vda.raw", "vdb.raw"]
+    compare = subprocess.run(
+        [
+            "qemu-img",
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            str(folder / "disks" / "vdb.raw"),
+            str(extra),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+    assert "disk vdc left out: excluded by the job's exclude_disks" in done.stderr
+
+
+def test_a_running_transient_domain_is_backed_up_with_changed_blocks(
+    lab: Lab, target: Path, tmp_path: Path
+) -> None:
+    """A transient domain (libvirt knows it only while it runs) is selected like others,
+    marked transient, and its second generation reads only what changed (checkpoints of
+    a domain of a `domains` job)."""
+    name = f"{lab.prefix}live"
+    disk = lab.disk("live.qcow2", 0x21)
+    log = tmp_path / "live.log"
+    spec = DomainSpec(name, lab.image, disk, log, guest_cmdline("idle"))
+    domain = lab.conn.createXML(domain_xml(spec), 0)
+    try:
+        deadline = time.monotonic() + 300
+        while BOOT_MARKER not in (log.read_text(errors="replace") if log.exists() else ""):
+            assert time.monotonic() < deadline, "the transient lab domain did not boot"
+            time.sleep(0.2)
+        config = config_for(tmp_path, pattern_job("vms", [f"{lab.prefix}live"]))
+        for _round in range(2):
+            done = run(config, "--force")
+            assert done.returncode == 0, done.stderr
+        folder = tmp_path / "target" / "vms" / history_of(domain)
+        _first, second = sorted(p.name for p in folder.iterdir())
+        manifest = json.loads((folder / second / "manifest.json").read_text())
+        assert manifest["source"]["transient"] is True
+        assert manifest["source"]["state"] == "running"
+        assert manifest["source"]["capture"]["mode"] == "incremental", manifest["source"]["capture"]
+        listed = gfs_subprocess("list", "--config", str(config))
+        assert "transient domain" in listed.stdout, listed.stdout
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            domain.destroy()

@@ -297,9 +297,9 @@ def test_disks_gfs_cannot_or_must_not_copy_are_refused(
     on_target = target / "vm.img"
     on_target.write_bytes(bytes(1 << 20))
     disk, message = {
-        "network": (
+        "network": (  # left out by default: then nothing is left
             NETWORK_DISK,
-            "disk vda is a network disk (no path): gfs backs up file and block device disks only",
+            "has no disk to back up (vda: a nbd network disk)",
         ),
         "pool volume": (
             POOL_DISK,

@@ -84,14 +84,21 @@ def test_a_job_on_another_host_than_its_target_is_one_error_naming_job_and_keys(
 )
 def test_only_raw_lvm_jobs_export_to_a_remote_target(tmp_path: Path, job: str) -> None:
     found = problems(config_with(tmp_path, 'host = "kvm2"', job))
-    assert any('only lvm jobs with format "raw" can export to a remote target' in p for p in found)
+    wanted = 'only lvm jobs with format "raw" and btrfs jobs can export to a remote target'
+    assert any(wanted in p for p in found)
+
+
+def test_btrfs_jobs_run_on_a_remote_host_to_its_own_or_a_local_target(tmp_path: Path) -> None:
+    job = 'kind = "btrfs"\nhost = "kvm2"\nsubvolume = "/srv/home"'
+    for target in ('host = "kvm2"', ""):
+        config = load_config(config_with(tmp_path, target, job))
+        assert [(j.kind, j.host) for j in config.jobs] == [("btrfs", "kvm2")]
 
 
 @pytest.mark.parametrize(
     ("job", "what"),
     [
         ('kind = "libvirt"\ndomain = "web01"', "libvirt jobs back up domains of the libvirt"),
-        ('kind = "btrfs"\nsubvolume = "/srv/home"', "btrfs jobs snapshot and list subvolumes"),
         ('kind = "files"\npath = "/etc"', "files jobs copy directories"),
     ],
 )
@@ -101,7 +108,7 @@ def test_jobs_that_read_this_machine_only_are_refused_on_a_remote_host(
     path = config_with(tmp_path, "", f'{job}\nhost = "kvm2"')
     assert problems(path) == [
         f"{path}: job[db].host: {what} on the machine gfs runs on; for host 'kvm2', run gfs "
-        "there and remove host here (lvm jobs can run on remote hosts)"
+        "there and remove host here (lvm and btrfs jobs can run on remote hosts)"
     ]
 
 
