@@ -129,6 +129,11 @@ def find_domain(connection: Connection, job: Job) -> Any:
     return connection.domain(str(job.options["domain"]))
 
 
+def _nothing_to_back_up(job: Job, domain: str, left_out: list[tuple[str, str]]) -> SourceError:
+    why = f" ({', '.join(f'{t}: {reason}' for t, reason in left_out)})" if left_out else ""
+    return SourceError(f"job {job.title}: domain {domain} has no disk to back up{why}")
+
+
 def left_out_disks(job: Job, domain_xml: str) -> list[tuple[str, str]]:
     """(target, why) of the domain's disks this job does not back up: cdroms, floppies,
     lun, shareable and network disks (unless named in `disks`), and `exclude_disks`."""
@@ -192,7 +197,10 @@ class LibvirtBackend:
                     domain.name(),
                     ctx.job.options["renamed_from"],
                 )
-            for disk in selected_disks(ctx.job, parse_disks(xml), xml):
+            chosen = selected_disks(ctx.job, parse_disks(xml), xml)
+            if not chosen:  # before anything is written to the target
+                raise _nothing_to_back_up(ctx.job, domain.name(), left_out_disks(ctx.job, xml))
+            for disk in chosen:
                 if disk.source_type not in LOCAL_SOURCES or not disk.source:
                     raise SourceError(
                         f"job {ctx.job.title}: disk {disk.target} is a "
@@ -222,10 +230,7 @@ class LibvirtBackend:
             disks = selected_disks(ctx.job, parse_disks(live_xml), live_xml)
             left_out = left_out_disks(ctx.job, live_xml)
             if not disks:
-                raise SourceError(
-                    f"job {ctx.job.title}: domain {domain.name()} has no disk to back up"
-                    + (f" ({', '.join(f'{t}: {why}' for t, why in left_out)})" if left_out else "")
-                )
+                raise _nothing_to_back_up(ctx.job, domain.name(), left_out)
             for target, why in left_out:
                 ctx.log.info("job %s: disk %s left out: %s", ctx.job.title, target, why)
             folder = into / DISKS
