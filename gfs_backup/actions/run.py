@@ -269,10 +269,11 @@ def _run_one(
             try:
                 adopt_history(job, job_dir, fs)  # a renamed domain of a pattern job
                 due = next_due(job, state, job_dir, now, fs)
-            except GfsError as exc:  # a remote target that does not answer
-                state.finish_run(state.start_run(job.name), "failed", message=str(exc))
-                log.error("job %s: failed: %s", job.title, exc)
-                return JobOutcome(job.title, "failed", message=str(exc))
+            except (GfsError, OSError) as exc:  # a target that does not answer, or vanished
+                message = describe_failure(exc, config, job)
+                state.finish_run(state.start_run(job.name), "failed", message=message)
+                log.error("job %s: failed: %s", job.title, message)
+                return JobOutcome(job.title, "failed", message=message)
             if not options.force and (due is None or due > now):
                 when = due.isoformat() if due else "never (the schedule does not fire)"
                 return JobOutcome(job.title, "not-due", message=f"next due {when}")

@@ -6,6 +6,8 @@ crosses SSH. Both restore on that host, judged against the source with GNU diff 
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +26,9 @@ __all__ = ["remote_host"]
 
 VG = "gfslab"
 SOURCE = "/srv/src"
+SEND_RUNNING = (
+    'for p in /proc/[0-9]*; do [ "$(cat $p/comm 2>/dev/null)" = btrfs ] && exit 0; done; exit 1'
+)
 
 
 @pytest.fixture
@@ -32,7 +37,7 @@ def source(remote_host: RemoteHost) -> Iterator[str]:
     subvolume `vol` with a tree: data, a hard link, a symlink, a sparse file, an empty
     file, a file rewritten with an old mtime. Removed at the end."""
     name = f"b{uuid.uuid4().hex[:8]}"
-    ok(remote_host, ["lvcreate", "-q", "-y", "-Zy", "-Wy", "-L", "160m", "-n", name, VG])
+    ok(remote_host, ["lvcreate", "-q", "-y", "-Zy", "-Wy", "-L", "256m", "-n", name, VG])
     ok(remote_host, ["mkfs.btrfs", "-q", "-f", f"/dev/{VG}/{name}"])
     ok(remote_host, ["mkdir", "-p", SOURCE])
     ok(remote_host, ["mount", f"/dev/{VG}/{name}", SOURCE])
@@ -91,9 +96,7 @@ def test_a_remote_btrfs_job_to_the_hosts_own_target_and_back(
         assert 0 < received < 1 << 20, done.stderr  # 6 MiB sent on the host, not here
         listed = gfs_subprocess("list", "--config", str(config), "--json")
         (generation,) = json.loads(listed.stdout)["jobs"][0]["generations"]
-        manifest = json.loads(
-            ok(remote_host, ["cat", f"{generation['path']}/manifest.json"])
-        )
+        manifest = json.loads(ok(remote_host, ["cat", f"{generation['path']}/manifest.json"]))
         assert manifest["host"] == "lab" and manifest["source"]["written_on"] == "lab"
         verify = gfs_subprocess("verify", "--config", str(config))
         assert verify.returncode == 0, verify.stdout + verify.stderr
@@ -105,7 +108,7 @@ def test_a_remote_btrfs_job_to_the_hosts_own_target_and_back(
         same_tree(remote_host, source, restored)
     finally:
         remote_host.run(["sh", "-c", f"btrfs subvolume delete {SOURCE}/restored || true"])
-        remote_host.run(["rm", "-rf", f"{NFS_EXPORT}/home"])
+        remote_host.run(["rm", "-rf", f"{NFS_MOUNT}/home"])  # through the client: coherent
 
 
 def test_a_remote_btrfs_job_to_a_local_target_streams_over_ssh(
@@ -124,3 +127,57 @@ def test_a_remote_btrfs_job_to_a_local_target_streams_over_ssh(
         same_tree(remote_host, source, restored)
     finally:
         remote_host.run(["sh", "-c", f"btrfs subvolume delete {SOURCE}/restored || true"])
+
+
+def test_a_dropped_connection_while_the_host_writes_the_stream_is_cleaned_up_next_run(
+    remote_host: RemoteHost, source: str, tmp_path: Path
+) -> None:
+    """The link to the host goes down while `btrfs send` writes into its own target: the
+    run fails within its io_timeout, and the next run removes the partial generation and
+    the snapshot, then backs up."""
+    ok(remote_host, ["dd", "if=/dev/urandom", f"of={source}/big", "bs=1M", "count=64"])
+    config = config_for(tmp_path / "gfs.toml", remote_host, NFS_MOUNT, "lab")
+    config.write_text(
+        config.read_text().replace('host = "lab"\n', 'host = "lab"\nio_timeout = 20\n', 1)
+    )
+    args = ("run", "--force", "--config", str(config))
+    partials = f"{NFS_EXPORT}/home"
+
+    def pull_the_cable() -> None:
+        """Cut once the stream's file exists on the server (created at once; its size shows
+        only as the NFS client writes back), long before its result can reach gfs."""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            found = remote_host.run(["sh", "-c", f"test -e {partials}/.partial-*/subvolume.btrfs"])
+            if found.returncode == 0:
+                remote_host.set_link(False)
+                return
+            time.sleep(0.05)
+
+    cutter = threading.Thread(target=pull_the_cable)
+    cutter.start()
+    try:
+        started = time.monotonic()
+        failed = gfs_subprocess(*args)
+        elapsed = time.monotonic() - started
+    finally:
+        cutter.join()
+        remote_host.set_link(True)
+    try:
+        assert failed.returncode == 5, failed.stderr
+        assert elapsed < 180, f"gfs hung {elapsed:.0f} s on a dead connection"
+        assert "Traceback" not in failed.stderr
+        # The host's side of the dead session ends once the link is back (SIGHUP).
+        deadline = time.monotonic() + 60
+        while remote_host.run(["sh", "-c", SEND_RUNNING]).returncode == 0:
+            assert time.monotonic() < deadline, "btrfs send still runs on the host"
+            time.sleep(0.5)
+        healed = gfs_subprocess(*args)
+        assert healed.returncode == 0, healed.stderr
+        assert "removed leftover partial" in healed.stderr
+        assert "deleted snapshot" in healed.stderr
+        names = ok(remote_host, ["ls", "-A", partials]).split()
+        assert len(names) == 1 and not names[0].startswith(".")
+        assert ok(remote_host, ["ls", "-A", f"{source}/.gfs-snapshots"]).split() == []
+    finally:
+        remote_host.run(["rm", "-rf", f"{NFS_MOUNT}/home"])
