@@ -35,6 +35,7 @@ def _stored_json(stored: Stored) -> dict[str, Any]:
     return {
         "id": stored.id,
         "created_at": manifest.created_at.isoformat(),
+        "host": manifest.host,  # where the source was read (a domain may move between hosts)
         "labels": list(manifest.labels),
         "protected": manifest.protected,
         "point_in_time": manifest.point_in_time,
@@ -99,6 +100,8 @@ def list_command(jobs: tuple[str, ...], config_path: Path, as_json: bool) -> Non
                 flags.append("protected")
             if not manifest.point_in_time:
                 flags.append("not point-in-time")
+            if manifest.host != "local":
+                flags.append(f"from host {manifest.host}")
             if manifest.source.get("transient"):
                 flags.append("transient domain")
             if manifest.source.get("renamed_from"):

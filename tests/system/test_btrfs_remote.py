@@ -6,6 +6,7 @@ crosses SSH. Both restore on that host, judged against the source with GNU diff 
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 import uuid
@@ -98,6 +99,9 @@ def test_a_remote_btrfs_job_to_the_hosts_own_target_and_back(
         (generation,) = json.loads(listed.stdout)["jobs"][0]["generations"]
         manifest = json.loads(ok(remote_host, ["cat", f"{generation['path']}/manifest.json"]))
         assert manifest["host"] == "lab" and manifest["source"]["written_on"] == "lab"
+        assert generation["host"] == "lab"
+        text = gfs_subprocess("list", "--config", str(config)).stdout
+        assert "from host lab" in text, text
         verify = gfs_subprocess("verify", "--config", str(config))
         assert verify.returncode == 0, verify.stdout + verify.stderr
         # No snapshot is left on the host (keep_snapshots 0 by default).
@@ -181,3 +185,34 @@ def test_a_dropped_connection_while_the_host_writes_the_stream_is_cleaned_up_nex
         assert ok(remote_host, ["ls", "-A", f"{source}/.gfs-snapshots"]).split() == []
     finally:
         remote_host.run(["rm", "-rf", f"{NFS_MOUNT}/home"])
+
+
+def test_a_host_that_is_down_fails_only_its_own_jobs(mounts: Mounter, tmp_path: Path) -> None:
+    """A remote btrfs job whose host does not answer (nothing listens on its port) fails;
+    a local job of the same run goes on: exit 4, and nothing is left on the target."""
+    target = mounts("target", "btrfs", 256)
+    local = mounts("local", "btrfs", 256)
+    subprocess.run(
+        ["btrfs", "subvolume", "create", str(local / "vol")], check=True, capture_output=True
+    )
+    (local / "vol" / "file").write_text("data\n")
+    key = tmp_path / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    config = tmp_path / "gfs.toml"
+    config.write_text(
+        f"state_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+        f"[target.usb]\npath = {json.dumps(str(target))}\nrequire_nfs = false\n"
+        f'[hosts.down]\naddress = "127.0.0.1"\nport = 9\n'
+        f"identity_file = {json.dumps(str(key))}\n"
+        f"known_hosts = {json.dumps(str(tmp_path / 'known_hosts'))}\n"
+        f'[[job]]\nname = "far"\nkind = "btrfs"\nhost = "down"\nsubvolume = "/srv/x"\n'
+        + policy(3)
+        + f'[[job]]\nname = "near"\nkind = "btrfs"\nsubvolume = "{local / "vol"}"\n'
+        + policy(3),
+        encoding="utf-8",
+    )
+    done = gfs_subprocess("run", "--config", str(config))
+    assert done.returncode == 4, done.stderr
+    assert "job far: failed:" in done.stderr and "connection refused" in done.stderr
+    assert "job near: done" in done.stderr
+    assert sorted(p.name for p in target.iterdir()) == ["near"]
