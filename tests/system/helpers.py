@@ -7,10 +7,15 @@ import os
 import stat
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from click.testing import Result
+
+from tests.lab.remote_host import RemoteHost
 
 CLASSIC_UTC = """
 [job.policy]
@@ -105,3 +110,29 @@ def assert_same_image(image: Path, reference: Path, image_format: str = "raw") -
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def run_cutting_the_link(
+    host: RemoteHost, args: tuple[str, ...], cut_when: Callable[[], bool]
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """`gfs ARGS` with the lab host's network link cut (QMP set_link) as soon as
+    `cut_when()` (polled every 50 ms, for up to 2 minutes) is true; the link is back when
+    this returns. Returns gfs's result and its wall time."""
+
+    def cutter() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if cut_when():
+                host.set_link(False)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=cutter)
+    thread.start()
+    try:
+        started = time.monotonic()
+        result = gfs_subprocess(*args)
+        return result, time.monotonic() - started
+    finally:
+        thread.join()
+        host.set_link(True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from tests.lab.fixtures import remote_host
 from tests.lab.remote_host import RemoteHost
 from tests.lab.remote_image import NFS_EXPORT, NFS_MOUNT
 from tests.system.conftest import Mounter
-from tests.system.helpers import gfs_subprocess
+from tests.system.helpers import gfs_subprocess, run_cutting_the_link
 from tests.system.test_remote_target import TRAFFIC_RE, ok, policy
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
@@ -86,6 +85,14 @@ def same_tree(host: RemoteHost, first: str, second: str) -> None:
     assert a == b
 
 
+def restore_and_judge(host: RemoteHost, config: Path, source: str) -> None:
+    """`gfs restore home --to SOURCE/restored` on the host, compared with the source."""
+    restored = f"{SOURCE}/restored"
+    done = gfs_subprocess("restore", "home", "--config", str(config), "--to", restored)
+    assert done.returncode == 0, done.stderr
+    same_tree(host, source, restored)
+
+
 def test_a_remote_btrfs_job_to_the_hosts_own_target_and_back(
     remote_host: RemoteHost, source: str, tmp_path: Path
 ) -> None:
@@ -106,10 +113,7 @@ def test_a_remote_btrfs_job_to_the_hosts_own_target_and_back(
         assert verify.returncode == 0, verify.stdout + verify.stderr
         # No snapshot is left on the host (keep_snapshots 0 by default).
         assert ok(remote_host, ["ls", "-A", f"{source}/.gfs-snapshots"]).split() == []
-        restored = f"{SOURCE}/restored"
-        done = gfs_subprocess("restore", "home", "--config", str(config), "--to", restored)
-        assert done.returncode == 0, done.stderr
-        same_tree(remote_host, source, restored)
+        restore_and_judge(remote_host, config, source)
     finally:
         remote_host.run(["sh", "-c", f"btrfs subvolume delete {SOURCE}/restored || true"])
         remote_host.run(["rm", "-rf", f"{NFS_MOUNT}/home"])  # through the client: coherent
@@ -125,10 +129,7 @@ def test_a_remote_btrfs_job_to_a_local_target_streams_over_ssh(
         assert done.returncode == 0, done.stderr
         received = sum(int(r) for r, _sent in TRAFFIC_RE.findall(done.stderr))
         assert received > 6 << 20, done.stderr  # the stream came here
-        restored = f"{SOURCE}/restored"
-        done = gfs_subprocess("restore", "home", "--config", str(config), "--to", restored)
-        assert done.returncode == 0, done.stderr
-        same_tree(remote_host, source, restored)
+        restore_and_judge(remote_host, config, source)
     finally:
         remote_host.run(["sh", "-c", f"btrfs subvolume delete {SOURCE}/restored || true"])
 
@@ -147,26 +148,13 @@ def test_a_dropped_connection_while_the_host_writes_the_stream_is_cleaned_up_nex
     args = ("run", "--force", "--config", str(config))
     partials = f"{NFS_EXPORT}/home"
 
-    def pull_the_cable() -> None:
-        """Cut once the stream's file exists on the server (created at once; its size shows
-        only as the NFS client writes back), long before its result can reach gfs."""
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            found = remote_host.run(["sh", "-c", f"test -e {partials}/.partial-*/subvolume.btrfs"])
-            if found.returncode == 0:
-                remote_host.set_link(False)
-                return
-            time.sleep(0.05)
+    def stream_created() -> bool:
+        """The stream's file exists on the server (created at once; its size shows only as
+        the NFS client writes back): long before its result can reach gfs."""
+        probe = f"test -e {partials}/.partial-*/subvolume.btrfs"
+        return remote_host.run(["sh", "-c", probe]).returncode == 0
 
-    cutter = threading.Thread(target=pull_the_cable)
-    cutter.start()
-    try:
-        started = time.monotonic()
-        failed = gfs_subprocess(*args)
-        elapsed = time.monotonic() - started
-    finally:
-        cutter.join()
-        remote_host.set_link(True)
+    failed, elapsed = run_cutting_the_link(remote_host, args, stream_created)
     try:
         assert failed.returncode == 5, failed.stderr
         assert elapsed < 180, f"gfs hung {elapsed:.0f} s on a dead connection"

@@ -24,7 +24,7 @@ from tests.lab.domains import DomainSpec, create_disk, domain_xml
 from tests.lab.fixtures import guest_image, libvirt_conn, libvirt_daemon
 from tests.lab.guest import BOOT_MARKER, GuestImage, guest_cmdline
 from tests.system.conftest import Mounter
-from tests.system.helpers import gfs_subprocess
+from tests.system.helpers import assert_same_image, gfs_subprocess
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 __all__ = ["guest_image", "libvirt_conn", "libvirt_daemon"]
@@ -160,22 +160,7 @@ def test_a_domains_job_backs_up_every_domain_and_keeps_each_history(
     # The judge: the image equals the domain's disk, by qemu-img compare.
     (generation,) = found[history_of(first)]
     image = job_dir / history_of(first) / generation / "disks" / "vda.raw"
-    compare = subprocess.run(
-        [
-            "qemu-img",
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "qcow2",
-            str(image),
-            str(lab.disks[first.name()]),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert compare.returncode == 0, compare.stdout + compare.stderr
+    assert_same_image(lab.disks[first.name()], image, "qcow2")
 
     # A new domain is backed up by the next run although the job is not due.
     third = lab.define("web3", 0x55)
@@ -197,16 +182,7 @@ def test_a_domains_job_backs_up_every_domain_and_keeps_each_history(
     assert "restored-from" in copy.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
     restored_disk = restored_dir / f"{p}web3-copy-vda.raw"
     assert str(restored_disk) in copy.XMLDesc(0)
-    compare = subprocess.run(
-        [
-            *("qemu-img", "compare", "-f", "raw", "-F", "qcow2"),
-            *(str(restored_disk), str(lab.disks[third.name()])),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert compare.returncode == 0, compare.stdout + compare.stderr
+    assert_same_image(lab.disks[third.name()], restored_disk, "qcow2")
 
     # Renamed: the history directory follows, the manifest says so.
     old_name = first.name()
@@ -316,22 +292,7 @@ def test_disks_left_out_by_kind_and_by_exclude_disks(
         {"target": "vdc", "why": "excluded by the job's exclude_disks"},
     ]
     assert sorted(p.name for p in (folder / "disks").iterdir()) == ["vda.raw", "vdb.raw"]
-    compare = subprocess.run(
-        [
-            "qemu-img",
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "qcow2",
-            str(folder / "disks" / "vdb.raw"),
-            str(extra),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert compare.returncode == 0, compare.stdout + compare.stderr
+    assert_same_image(extra, folder / "disks" / "vdb.raw", "qcow2")
     assert "disk vdc left out: excluded by the job's exclude_disks" in done.stderr
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +16,7 @@ from tests.conftest import RunGfs
 from tests.lab.fixtures import remote_host
 from tests.lab.remote_host import RemoteHost
 from tests.system.conftest import Mounter
-from tests.system.helpers import gfs_subprocess, listing
+from tests.system.helpers import gfs_subprocess, listing, run_cutting_the_link
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 __all__ = ["remote_host"]
@@ -197,24 +195,11 @@ def test_a_dropped_connection_mid_export_fails_and_the_next_run_removes_the_snap
     config = lvm_config(tmp_path, target, remote_host, volume)
     args = ("run", "--force", "--config", str(config))
 
-    def pull_the_cable() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            partials = list((target / "db").glob(".partial-*/volume.raw"))
-            if partials and partials[0].stat().st_size > 0:
-                remote_host.set_link(False)
-                return
-            time.sleep(0.05)
+    def streaming() -> bool:
+        partials = list((target / "db").glob(".partial-*/volume.raw"))
+        return bool(partials) and partials[0].stat().st_size > 0
 
-    cutter = threading.Thread(target=pull_the_cable)
-    cutter.start()
-    try:
-        started = time.monotonic()
-        failed = gfs_subprocess(*args)
-        elapsed = time.monotonic() - started
-    finally:
-        cutter.join()
-        remote_host.set_link(True)
+    failed, elapsed = run_cutting_the_link(remote_host, args, streaming)
     assert failed.returncode == 5, failed.stderr
     assert elapsed < 180, f"gfs hung {elapsed:.0f} s on a dead connection"
     assert "Traceback" not in failed.stderr
