@@ -101,7 +101,7 @@ class Selection:
     vanished: list[Job] = field(default_factory=list)  # histories whose domain is gone
     left_out: list[tuple[str, str]] = field(default_factory=list)  # (domain, why)
     warnings: list[str] = field(default_factory=list)
-    problems: dict[str, str] = field(default_factory=dict)  # domain -> why it cannot run
+    problems: dict[str, str] = field(default_factory=dict)  # member name -> why it cannot run
 
 
 def matches(name: str, patterns: list[str]) -> bool:
@@ -132,7 +132,7 @@ def select(job: Job, domains: list[DomainInfo], found: list[History]) -> Selecti
     by_uuid = {history.uuid: history for history in found}
     present = {info.uuid for info in domains}
     for pattern in job.options["domains"]:
-        if not any(fnmatch.fnmatchcase(info.name, pattern) for info in domains):
+        if not any(matches(info.name, [pattern]) for info in domains):
             selection.warnings.append(f"pattern {pattern!r} matches no domain")
     for info in domains:
         why = why_left_out(job, info)
@@ -171,8 +171,8 @@ def select(job: Job, domains: list[DomainInfo], found: list[History]) -> Selecti
 
 
 def list_domains(job: Job) -> list[DomainInfo]:
-    """The domains of the job's libvirt. GfsError (exit 4) when libvirtd does not answer:
-    never read as "every domain vanished"."""
+    """The domains of the job's libvirt. GfsError when libvirtd does not answer (the job
+    fails): never read as "every domain vanished"."""
     connection = Connection(str(job.options.get("uri", DEFAULT_URI)))
     try:
         return connection.domains()
