@@ -34,7 +34,7 @@ from gfs_backup.tools.btrfs import make_subvolume_list_command, parse_subvolume_
 from gfs_backup.tools.domainxml import gfs_metadata, parse_disks
 from gfs_backup.tools.lvm import Volume, make_lvs_command, parse_lvs
 from gfs_backup.tools.mounts import Mount, read_mounts
-from gfs_backup.tools.virt import DEFAULT_URI, Connection, DomainInfo
+from gfs_backup.tools.virt import DEFAULT_URI, DomainInfo, list_domains
 from gfs_backup.transport.runner import Command, LocalRunner, Runner
 
 T = TypeVar("T")
@@ -91,17 +91,10 @@ def _domains(jobs: list[Job], ignored: list[str], found: Coverage) -> set[str]:
     covered_disks: set[str] = set()
     for uri in sorted(uris):
         try:
-            connection = Connection(uri)
+            domains = list_domains(uri)
         except GfsError as exc:
             found.problems.append(f"coverage: {exc}")
             continue
-        try:
-            domains = connection.domains()
-        except GfsError as exc:
-            found.problems.append(f"coverage: {exc}")
-            continue
-        finally:
-            connection.close()
         for info in domains:
             jobs_here = [j for j in virt if str(j.options.get("uri", DEFAULT_URI)) == uri]
             covered, why = _domain_covered(jobs_here, info)

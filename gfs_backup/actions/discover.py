@@ -12,7 +12,8 @@ from typing import Any, TypeVar
 from gfs_backup.core.errors import ExitCode, GfsError
 from gfs_backup.tools.domainxml import gfs_metadata, opted_out
 from gfs_backup.tools.mounts import NFS_TYPES, Mount
-from gfs_backup.tools.virt import Connection, DomainInfo
+from gfs_backup.tools.virt import DomainInfo
+from gfs_backup.tools.virt import list_domains as virt_domains
 
 T = TypeVar("T")
 
@@ -85,11 +86,7 @@ def within(seconds: float, work: Callable[[], T]) -> T:
 def list_domains(uri: str) -> list[FoundDomain]:
     """Every domain defined or running at `uri`, by name. Raises VirtError when libvirt
     (or its Python module) is missing or libvirtd does not answer."""
-    connection = Connection(uri)
-    try:
-        return [found_domain(info) for info in connection.domains()]
-    finally:
-        connection.close()
+    return [found_domain(info) for info in virt_domains(uri)]
 
 
 def domains_within(uri: str, seconds: float) -> list[FoundDomain]:

@@ -35,7 +35,8 @@ from gfs_backup.target.checks import check_target
 from gfs_backup.target.fs import TargetFS
 from gfs_backup.target.generation import delete_generation
 from gfs_backup.tools.domainxml import gfs_metadata, opted_out
-from gfs_backup.tools.virt import DEFAULT_URI, Connection, DomainInfo
+from gfs_backup.tools.virt import DEFAULT_URI, DomainInfo
+from gfs_backup.tools.virt import list_domains as virt_domains
 
 SEPARATOR = "--"
 UUID_LENGTH = 36
@@ -173,11 +174,7 @@ def select(job: Job, domains: list[DomainInfo], found: list[History]) -> Selecti
 def list_domains(job: Job) -> list[DomainInfo]:
     """The domains of the job's libvirt. GfsError when libvirtd does not answer (the job
     fails): never read as "every domain vanished"."""
-    connection = Connection(str(job.options.get("uri", DEFAULT_URI)))
-    try:
-        return connection.domains()
-    finally:
-        connection.close()
+    return virt_domains(str(job.options.get("uri", DEFAULT_URI)))
 
 
 def overlapping(selections: dict[str, Selection], singles: list[Job]) -> dict[str, list[str]]:

@@ -91,6 +91,16 @@ def _hint(uri: str) -> str:
     return " (is libvirtd running? systemctl start libvirtd)"
 
 
+def list_domains(uri: str) -> list[DomainInfo]:
+    """Every domain at `uri` (see `Connection.domains`), on a connection of its own.
+    VirtError when libvirt is missing or libvirtd does not answer."""
+    connection = Connection(uri)
+    try:
+        return connection.domains()
+    finally:
+        connection.close()
+
+
 class Connection:
     """One libvirt connection; errors become VirtError with the domain named.
 

@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 from click.shell_completion import ShellComplete
 
-from gfs_backup.actions import completion, discover
+from gfs_backup.actions import completion
 from gfs_backup.actions.completion import domain_names, generation_ids, job_names, member_names
 from gfs_backup.cli import cli
 from gfs_backup.core.state import State
+from gfs_backup.tools import virt
 from gfs_backup.tools.virt import DomainInfo
 
 pytestmark = pytest.mark.unit
@@ -89,7 +90,7 @@ class FakeConnection:
 
 @pytest.fixture
 def fake_libvirt(monkeypatch: pytest.MonkeyPatch) -> type[FakeConnection]:
-    monkeypatch.setattr(discover, "Connection", FakeConnection)
+    monkeypatch.setattr(virt, "Connection", FakeConnection)
     monkeypatch.setattr(FakeConnection, "hang", False)
     return FakeConnection
 

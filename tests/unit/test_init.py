@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from gfs_backup.actions import discover as discover_module
 from gfs_backup.actions.discover import FoundDomain, found_domain, nfs_mounts
 from gfs_backup.actions.init import (
     OPT_OUT_COMMAND,
@@ -21,6 +20,7 @@ from gfs_backup.actions.init import (
     render_config,
 )
 from gfs_backup.core.config import load_config
+from gfs_backup.tools import virt as virt_module
 from gfs_backup.tools.mounts import parse_mountinfo
 from gfs_backup.tools.virt import DomainInfo
 from tests.conftest import RunGfs
@@ -182,7 +182,7 @@ def test_discover_waits_for_a_hung_libvirtd_only_so_long(monkeypatch: pytest.Mon
         def __init__(self, _uri: str) -> None:
             time.sleep(30)
 
-    monkeypatch.setattr(discover_module, "Connection", Hung)
+    monkeypatch.setattr(virt_module, "Connection", Hung)
     started = time.monotonic()
     result = discover("qemu:///system", NOW, parse_mountinfo(MOUNTINFO), seconds=0.3)
     assert time.monotonic() - started < 2
