@@ -16,6 +16,11 @@ class LabError(Exception):
     """A lab step failed: a daemon did not answer, a guest did not print its marker."""
 
 
+class HostHung(LabError):
+    """A command in a lab host guest did not end in time: the guest is treated as hung
+    from then on (its later commands fail at once instead of each waiting out a timeout)."""
+
+
 def require_root() -> None:
     """Raises LabUnavailable unless we are root (libvirtd, qemu:///system need it)."""
     if os.geteuid() != 0:

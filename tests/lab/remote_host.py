@@ -30,7 +30,7 @@ from typing import Any
 import paramiko  # type: ignore[import-untyped,unused-ignore]
 
 from tests.lab.daemons import STATE_DIR, ProcessRecord, is_alive, process_record
-from tests.lab.errors import LabError, require_root, require_tools
+from tests.lab.errors import HostHung, LabError, require_root, require_tools
 from tests.lab.remote_image import (
     ERROR_MARKER,
     NFS_SERIAL,
@@ -210,6 +210,7 @@ class RemoteHost:
     boot_seconds: float = 0.0
     address: str = ADDRESS
     user: str = USER
+    hung: bool = False
     _client: Any = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -252,12 +253,20 @@ class RemoteHost:
         input: str | None = None,
         timeout: float = 120.0,
         check: bool = False,
+        expect_timeout: bool = False,
     ) -> subprocess.CompletedProcess[str]:
         """Runs `argv` in the guest over SSH (quoted with shlex.join), like subprocess.run.
 
-        Raises subprocess.TimeoutExpired after `timeout` seconds and, with `check`,
-        subprocess.CalledProcessError on a non-zero exit status.
+        With `check`, raises subprocess.CalledProcessError on a non-zero exit status. A
+        command still running after `timeout` seconds raises HostHung with what the guest
+        shows (its blocked tasks), and the host's later commands fail at once (a hung guest
+        would otherwise cost every later test its whole timeout); with `expect_timeout` it
+        raises subprocess.TimeoutExpired instead and the host stays usable.
         """
+        if self.hung:
+            raise HostHung(
+                f"{self.name} hung in an earlier test, so {shlex.join(argv)} was not run"
+            )
         with self._lock:
             if self._client is None or not self._client.get_transport().is_active():
                 self._client = self.connect()
@@ -269,6 +278,14 @@ class RemoteHost:
                 channel.sendall(input.encode())
             channel.shutdown_write()
             status, out, err = _collect(channel, argv, timeout)
+        except subprocess.TimeoutExpired:
+            if expect_timeout:
+                raise
+            self.hung = True
+            raise HostHung(
+                f"{self.name}: {shlex.join(argv)} did not end within {timeout:.0f} s; the "
+                f"host's later commands fail at once\n{self.hang_diagnostics()}"
+            ) from None
         finally:
             channel.close()
         if check and status != 0:
@@ -323,6 +340,31 @@ class RemoteHost:
                 self.process.wait(timeout)
         self.record_file.unlink(missing_ok=True)
         self.qmp_socket.unlink(missing_ok=True)
+
+    def hang_diagnostics(self) -> str:
+        """What a hung host shows: QEMU's run state, the kernel's blocked tasks (sysrq w,
+        read back with dmesg over a new connection) and the console's tail."""
+        parts = []
+        try:
+            state = qmp_command(self.qmp_socket, "query-status", timeout=10.0)
+            parts.append(f"QEMU status: {state}")
+        except (OSError, LabError) as error:
+            parts.append(f"QEMU status: unknown ({error})")
+        client = None
+        try:
+            client = self.connect(timeout=20.0)
+            channel = client.get_transport().open_session(timeout=20.0)
+            channel.exec_command("echo w >/proc/sysrq-trigger; free; dmesg | tail -n 150")
+            _, out, err = _collect(channel, ["dmesg"], 30.0)
+            parts.append(f"guest memory and kernel log (sysrq w):\n{out}{err}")
+        except Exception as error:  # the diagnostics must not hide the hang itself
+            parts.append(f"guest kernel log: not read ({type(error).__name__}: {error})")
+        finally:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    client.close()
+        parts.append(self._diagnostics())
+        return "\n".join(parts)
 
     def _diagnostics(self) -> str:
         qemu_log = self.workdir / "qemu.log"

@@ -182,6 +182,10 @@ while read -r module; do
     insmod "/modules/$module" || echo "GFS-REMOTE-WARNING insmod $module failed"
 done </modules/order
 
+# A task blocked for 30 s is reported on the console with its stack (KERN_ERR passes `quiet`):
+# a guest that hangs in CI then says where.
+[ -w /proc/sys/kernel/hung_task_timeout_secs ] && echo 30 >/proc/sys/kernel/hung_task_timeout_secs
+
 begin network
 hostname -F /etc/hostname
 must ip link set lo up

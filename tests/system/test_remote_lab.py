@@ -299,7 +299,7 @@ def test_run_reports_status_output_and_timeouts(remote_host: RemoteHost) -> None
     done = remote_host.run(["sh", "-c", 'cat; echo "$1" >&2; exit 3', "sh", "it's"], input="in")
     assert (done.returncode, done.stdout, done.stderr) == (3, "in", "it's\n")
     with pytest.raises(subprocess.TimeoutExpired):
-        remote_host.run(["sleep", "30"], timeout=2)
+        remote_host.run(["sleep", "30"], timeout=2, expect_timeout=True)
     assert ok(remote_host, ["echo", "still", "usable"]) == "still usable\n"
 
 
