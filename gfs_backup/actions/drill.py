@@ -47,7 +47,7 @@ from gfs_backup.backends.base import JobContext, RestoreOptions
 from gfs_backup.backends.libvirt import image_problems
 from gfs_backup.backends.vm_inplace import boot_file, disk_files
 from gfs_backup.copying.copy import digest_file
-from gfs_backup.core.config import Config, Job
+from gfs_backup.core.config import LOCAL_HOST, Config, Job
 from gfs_backup.core.errors import GfsError, InputError, Problem
 from gfs_backup.core.lock import job_lock
 from gfs_backup.core.policy import TCG_TIMEOUT_FACTOR, DrillSettings
@@ -170,10 +170,24 @@ def scratch_root(job: Job) -> Path:
     return root
 
 
+def check_drillable(job: Job) -> None:
+    """InputError for a job whose generations no drill here can restore yet."""
+    if job.kind == "files" and job.host != LOCAL_HOST:
+        raise InputError(
+            Problem(
+                f"job {job.name}",
+                f"a drill of a files job of host {job.host!r} is not supported yet: `gfs "
+                "verify` re-reads every file there and `gfs restore --to PATH` restores and "
+                "checks the tree on that host",
+            )
+        )
+
+
 def drill(
     config: Config, job: Job, generation: str | None, now: datetime, wait: bool = False
 ) -> DrillResult:
     """Drill the named (or newest) generation of `job` under its lock; record the result."""
+    check_drillable(job)
     stored = find_generation(config, job, generation)
     root = scratch_root(job)
     with job_lock(config.state_dir, job.name, wait):
@@ -552,6 +566,7 @@ def periodic_drill(
     if due is None or due > now:
         return []
     try:
+        check_drillable(job)
         result = drill_locked(job, chosen, scratch_root(job), state, now)
     except GfsError as exc:
         return [f"scheduled drill not run: {exc}"]

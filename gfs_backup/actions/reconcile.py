@@ -26,7 +26,8 @@ def reconcile(ctx: JobContext, backend: Backend, job_dir: Path) -> list[str]:
     for entry in ctx.state.open_entries(ctx.job.name):
         if entry.run_id == ctx.run_id:
             continue
-        if entry.action == "restore" and ctx.job.host != LOCAL_HOST and ctx.job.kind == "btrfs":
+        restored_on_host = ctx.job.host != LOCAL_HOST and ctx.job.kind in ("btrfs", "files")
+        if entry.action == "restore" and restored_on_host:
             source_host(ctx).remove_leftover(Path(entry.path))  # a restore on that host
             ctx.state.done(entry.id)
             done.append(f"removed leftover restore {entry.path} on host {ctx.job.host}")

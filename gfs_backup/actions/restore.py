@@ -65,7 +65,7 @@ def restore(
     into a temporary name beside it, renamed to `to` once complete and checked, so a
     failed restore leaves nothing at `to` (journaled: a killed one is removed by the next
     run of the job)."""
-    if job.host != LOCAL_HOST and job.kind == "btrfs":  # received on the job's host
+    if job.host != LOCAL_HOST and job.kind in ("btrfs", "files"):  # restored on the job's host
         return _restore_on_host(config, job, generation, to, now, progress)
     if to.exists() or to.is_symlink():
         raise InputError(Problem(str(to), "already exists: restore into a new path"))
@@ -107,8 +107,9 @@ def _restore_on_host(
     now: datetime,
     progress: Progress | None,
 ) -> Stored:
-    """A btrfs job of a remote host: `to` is a path on that host, where the stream is
-    received (see BtrfsBackend.restore); the same staging, check and rename as here."""
+    """A btrfs or files job of a remote host: `to` is a path on that host, where the stream
+    is received or the tree restored and checked (BtrfsBackend.restore, FilesBackend.restore);
+    the same staging, check and rename as here."""
     host = RemoteHost(job.host, runner_for(job.host, config))
     if host.exists(to):
         raise InputError(
@@ -128,6 +129,16 @@ def _restore_on_host(
         except FileExistsError:
             raise RestoreError(
                 f"{to} appeared while restoring: the restore is left unused"
+            ) from None
+        except ValueError as exc:
+            raise RestoreError(
+                f"restore of {stored.id} to {to} on host {job.host} does not match its "
+                f"manifest: {exc}"
+            ) from None
+        except OSError as exc:
+            raise RestoreError(
+                f"restore of {stored.id} to {to} on host {job.host} failed ({exc}); nothing "
+                f"was left at {to}"
             ) from None
         finally:
             host.remove_leftover(staging)

@@ -149,6 +149,8 @@ def restore_command(
 
     With --to, the restore is written to `.gfs-restore-NAME-rRUN` beside it and renamed
     to --to only when complete and checked: a failed restore leaves nothing at --to.
+    btrfs and files jobs of a remote host (`host =` in the job) restore on that host:
+    --to is a path there.
     """
     if over_original == (to is not None):
         raise click.UsageError("give exactly one of --to PATH and --over-original")

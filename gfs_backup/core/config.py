@@ -63,7 +63,6 @@ LOCAL_HOST = "local"
 # Kinds whose backends read this machine only so far: what they back up, for the error.
 LOCAL_ONLY_KINDS = {
     "libvirt": "libvirt jobs back up domains of the libvirt",
-    "files": "files jobs copy directories",
 }
 TOP_KEYS = (
     "state_dir",
@@ -449,11 +448,19 @@ def _job(
         collector.add(
             join_key(path, "host"),
             f"{LOCAL_ONLY_KINDS[kind]} on the machine gfs runs on; for host {host!r}, "
-            "run gfs there and remove host here (lvm and btrfs jobs can run on remote hosts)",
+            "run gfs there and remove host here (lvm, btrfs and files jobs can run on remote "
+            "hosts)",
         )
     target = _job_target(table, path, collector, targets)
     if target in targets:
         _check_target_host(targets[target], host, kind, table, path, collector)
+        if kind == "files" and host != LOCAL_HOST and targets[target].host != host:
+            # The tree is exported by the host itself (backends/files.py): into its mount.
+            collector.add(
+                join_key(path, "target"),
+                f"a files job of host {host!r} exports on that host, into a target it mounts: "
+                f"use a target with host = {host!r}",
+            )
     policy = _job_policy(table, path, collector, policy_dir)
     if policy is None:
         return None
@@ -571,11 +578,11 @@ def _check_target_host(
             f"target {target.name} is mounted on host {target.host!r} but the job runs on "
             f"{host!r}: set host = {target.host!r} or use a target mounted there",
         )
-    elif kind not in ("lvm", "btrfs") or table.get("format", "raw") != "raw":
+    elif kind not in ("lvm", "btrfs", "files") or table.get("format", "raw") != "raw":
         collector.add(
             key,
             f"target {target.name} is on host {target.host!r}: only lvm jobs with format "
-            '"raw" and btrfs jobs can export to a remote target so far',
+            '"raw", btrfs and files jobs can export to a remote target so far',
         )
 
 

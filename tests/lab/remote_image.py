@@ -4,7 +4,8 @@ The guest is a Debian cloud kernel plus a busybox initramfs holding the real too
 KVM host has: lvm2 (all its commands as links to /usr/sbin/lvm), dmsetup, thin-provisioning
 tools, btrfs-progs, mke2fs, qemu-img, GNU coreutils, findutils and diffutils (in /usr/bin,
 ahead of the busybox applets in /bin on PATH), python3 with its standard library (gfs builds thin
-volumes' images there), the kernel NFS server tools and mount.nfs, and OpenSSH's sshd.
+volumes' images and exports file trees there), rsync, setfacl and setcap (tests make and judge
+trees with them), the kernel NFS server tools and mount.nfs, and OpenSSH's sshd.
 Binaries are copied from this host with their `ldd` libraries (scripts/lab-setup installs them).
 
 Its /init (INIT_SCRIPT) loads the modules, configures the network as QEMU user networking
@@ -81,8 +82,10 @@ SBIN_TOOLS = (
     "rpc.nfsd",
     "mount.nfs",
     "sshd",
+    "setcap",
 )
-BIN_TOOLS = ("btrfs", "qemu-img", "bash", "dash")
+# rsync judges restored trees (-aHAX --checksum); setfacl and setcap make ACLs, capabilities.
+BIN_TOOLS = ("btrfs", "qemu-img", "bash", "dash", "rsync", "setfacl")
 # busybox-static's sh runs its own applets ahead of PATH, so neither /bin/sh nor root's shell
 # may be busybox: sshd runs every command with `$SHELL -c`, and gfs needs the GNU tools.
 SHELL_LINKS = {"bin/sh": "/usr/bin/dash", "bin/bash": "/usr/bin/bash"}

@@ -75,16 +75,10 @@ def test_a_job_on_another_host_than_its_target_is_one_error_naming_job_and_keys(
     assert "but the job runs on 'local'" in problems(local)[0]
 
 
-@pytest.mark.parametrize(
-    "job",
-    [
-        'kind = "lvm"\nhost = "kvm2"\nvolume = "a/b"\nformat = "qcow2"',
-        'kind = "files"\nhost = "kvm2"\npath = "/etc"',
-    ],
-)
-def test_only_raw_lvm_jobs_export_to_a_remote_target(tmp_path: Path, job: str) -> None:
+def test_only_raw_lvm_jobs_export_to_a_remote_target(tmp_path: Path) -> None:
+    job = 'kind = "lvm"\nhost = "kvm2"\nvolume = "a/b"\nformat = "qcow2"'
     found = problems(config_with(tmp_path, 'host = "kvm2"', job))
-    wanted = 'only lvm jobs with format "raw" and btrfs jobs can export to a remote target'
+    wanted = 'only lvm jobs with format "raw", btrfs and files jobs can export to a remote target'
     assert any(wanted in p for p in found)
 
 
@@ -95,20 +89,25 @@ def test_btrfs_jobs_run_on_a_remote_host_to_its_own_or_a_local_target(tmp_path: 
         assert [(j.kind, j.host) for j in config.jobs] == [("btrfs", "kvm2")]
 
 
-@pytest.mark.parametrize(
-    ("job", "what"),
-    [
-        ('kind = "libvirt"\ndomain = "web01"', "libvirt jobs back up domains of the libvirt"),
-        ('kind = "files"\npath = "/etc"', "files jobs copy directories"),
-    ],
-)
-def test_jobs_that_read_this_machine_only_are_refused_on_a_remote_host(
-    tmp_path: Path, job: str, what: str
+def test_files_jobs_of_a_remote_host_export_into_a_target_that_host_mounts(
+    tmp_path: Path,
 ) -> None:
-    path = config_with(tmp_path, "", f'{job}\nhost = "kvm2"')
+    job = 'kind = "files"\nhost = "kvm2"\npath = "/srv/data"'
+    config = load_config(config_with(tmp_path, 'host = "kvm2"', job))
+    assert [(j.kind, j.host) for j in config.jobs] == [("files", "kvm2")]
+    path = config_with(tmp_path, "", job)
     assert problems(path) == [
-        f"{path}: job[db].host: {what} on the machine gfs runs on; for host 'kvm2', run gfs "
-        "there and remove host here (lvm and btrfs jobs can run on remote hosts)"
+        f"{path}: job[db].target: a files job of host 'kvm2' exports on that host, into a "
+        "target it mounts: use a target with host = 'kvm2'"
+    ]
+
+
+def test_libvirt_jobs_are_refused_on_a_remote_host(tmp_path: Path) -> None:
+    path = config_with(tmp_path, "", 'kind = "libvirt"\ndomain = "web01"\nhost = "kvm2"')
+    assert problems(path) == [
+        f"{path}: job[db].host: libvirt jobs back up domains of the libvirt on the machine gfs "
+        "runs on; for host 'kvm2', run gfs there and remove host here (lvm, btrfs and files "
+        "jobs can run on remote hosts)"
     ]
 
 
