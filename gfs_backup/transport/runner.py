@@ -23,6 +23,7 @@ from gfs_backup.core.errors import ExitCode, GfsError
 log = logging.getLogger("gfs.runner")
 DEFAULT_TIMEOUT = 600.0
 STDERR_TAIL = 400
+SHOWN_ARGUMENT = 300
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,11 @@ class Command:
     idle_timeout: float | None = None
 
     def __str__(self) -> str:
-        return shlex.join(self.argv)
+        """The command line as a human reads it in logs and errors: an argument longer than
+        SHOWN_ARGUMENT (a host script, its encoded request) is shown as its size."""
+        return shlex.join(
+            arg if len(arg) <= SHOWN_ARGUMENT else f"<{len(arg)} characters>" for arg in self.argv
+        )
 
 
 @dataclass(frozen=True)

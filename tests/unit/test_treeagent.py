@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from gfs_backup.copying.hostimage import MAX_SPEC
-from gfs_backup.copying.treeagent import manifest_request, payload, run_agent
-from gfs_backup.transport.runner import LocalRunner
+from gfs_backup.copying.treeagent import make_agent_command, manifest_request, payload, run_agent
+from gfs_backup.transport.runner import CommandError, LocalRunner
 
 SYSTEM_PYTHON = Path("/usr/bin/python3")
 
@@ -129,3 +129,11 @@ def test_the_hosts_os_errors_come_back_with_their_errno(
     assert raised.value.errno == errno.EEXIST
     assert "on host local" in str(raised.value) and raised.value.filename == str(tmp_path / "data")
     shutil.rmtree(tmp_path / "data")
+
+
+def test_logs_and_errors_show_the_agents_arguments_by_size() -> None:
+    command = make_agent_command({"op": "probe", "path": "/srv/x"}, 60, None)
+    shown = str(command)
+    assert len(shown) < 400 and shown.startswith("python3 -c '<")
+    assert f"<{len(payload())} characters>" in shown and '"/srv/x"' in shown
+    assert len(str(CommandError(command, "timed out"))) < 500
