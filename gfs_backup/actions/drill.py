@@ -45,6 +45,7 @@ from gfs_backup.actions.verify import check_data
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import JobContext, RestoreOptions
 from gfs_backup.backends.libvirt import image_problems
+from gfs_backup.backends.sourcehost import LocalHost, RemoteHost, SourceHost
 from gfs_backup.backends.vm_inplace import boot_file, disk_files
 from gfs_backup.copying.copy import digest_file
 from gfs_backup.core.config import LOCAL_HOST, Config, Job
@@ -53,7 +54,7 @@ from gfs_backup.core.lock import job_lock
 from gfs_backup.core.policy import TCG_TIMEOUT_FACTOR, DrillSettings
 from gfs_backup.core.state import State
 from gfs_backup.target.catalog import Stored, list_generations
-from gfs_backup.target.fs import LOCAL_FS, TargetFS
+from gfs_backup.target.fs import LOCAL_FS, RemoteFS, TargetFS
 from gfs_backup.target.manifest import (
     DRILL_RECORDS,
     MANIFEST,
@@ -144,9 +145,11 @@ class DrillResult:
         return entry
 
 
-def scratch_root(job: Job) -> Path:
-    """Where the job's drills restore: `scratch_dir`, else /var/tmp (btrfs: the directory
-    holding the subvolume). InputError when it is missing or (btrfs) not on btrfs."""
+def scratch_root(job: Job, host: SourceHost | None = None) -> Path:
+    """Where the job's drills restore, on `host` (default here): `scratch_dir`, else
+    /var/tmp (btrfs: the directory holding the subvolume). InputError when it is missing
+    or (btrfs) not on btrfs."""
+    host = host or LocalHost()
     configured = job.options.get("scratch_dir")
     if configured:
         root = Path(configured)
@@ -155,8 +158,11 @@ def scratch_root(job: Job) -> Path:
     else:
         root = DEFAULT_SCRATCH
     where = f"job {job.name}: scratch_dir"
-    if not root.is_dir():
-        raise InputError(Problem(where, f"{root} is not a directory: create it or set scratch_dir"))
+    if not host.is_dir(root):
+        on = f" on host {host.name}" if host.name != LOCAL_HOST else ""
+        raise InputError(
+            Problem(where, f"{root}{on} is not a directory: create it or set scratch_dir")
+        )
     if job.kind == "btrfs":
         fstype = mount_of(root, read_mounts()).fstype
         if fstype != "btrfs":
@@ -170,30 +176,26 @@ def scratch_root(job: Job) -> Path:
     return root
 
 
-def check_drillable(job: Job) -> None:
-    """InputError for a job whose generations no drill here can restore yet."""
-    if job.kind == "files" and job.host != LOCAL_HOST:
-        raise InputError(
-            Problem(
-                f"job {job.name}",
-                f"a drill of a files job of host {job.host!r} is not supported yet: `gfs "
-                "verify` re-reads every file there and `gfs restore --to PATH` restores and "
-                "checks the tree on that host",
-            )
-        )
+def drill_host(job: Job, stored: Stored) -> SourceHost:
+    """Where a drill of `stored` restores: a files job of a remote host restores and checks
+    its tree on that host, from the target it mounts (FilesBackend.restore); every other
+    drill restores here (a remote target's data is streamed here)."""
+    if job.kind == "files" and job.host != LOCAL_HOST and isinstance(stored.fs, RemoteFS):
+        return RemoteHost(job.host, stored.fs.runner)
+    return LocalHost()
 
 
 def drill(
     config: Config, job: Job, generation: str | None, now: datetime, wait: bool = False
 ) -> DrillResult:
     """Drill the named (or newest) generation of `job` under its lock; record the result."""
-    check_drillable(job)
     stored = find_generation(config, job, generation)
-    root = scratch_root(job)
+    host = drill_host(job, stored)
+    root = scratch_root(job, host)
     with job_lock(config.state_dir, job.name, wait):
         state = State(config.state_dir)
         try:
-            remove_leftover_drills(state, job)
+            remove_leftover_drills(state, job, host)
             return drill_locked(job, stored, root, state, now)
         finally:
             state.close()
@@ -206,10 +208,12 @@ def drill_locked(
     `record`: "manifest" appends the result to the generation's manifest (the host, under
     the job's lock), "beside" writes it as a file of its own next to it (a drill away from
     the host, which does not hold that lock), "" records nothing."""
+    host = drill_host(job, stored)
     run_id = state.start_run(job.name)
     workdir = root / f"{WORKDIR_PREFIX}{job.name}-{stored.id}-r{run_id}"
     entry = state.journal(run_id, job.name, "drill", str(workdir))
-    ctx = JobContext(job, LocalRunner(), state, run_id, now, log)
+    runner = host.runner if isinstance(host, RemoteHost) else LocalRunner()
+    ctx = JobContext(job, runner, state, run_id, now, log)
     check = describe_check(job, stored)
     log.info("job %s: drill of %s in %s (%s)", job.name, stored.id, workdir, check)
     started = time.monotonic()
@@ -217,7 +221,7 @@ def drill_locked(
     checks: tuple[CheckResult, ...] = ()
     try:
         try:
-            workdir.mkdir(mode=0o700)
+            host.make_dir(workdir)
             reason, checks, accel = _drill_kind(ctx, stored, workdir)
             passed = True
         except DrillCheckFailed as exc:
@@ -232,7 +236,7 @@ def drill_locked(
         state.finish_run(run_id, "interrupted", stored.id, message="drill interrupted")
         raise
     finally:
-        remove_leftover(ctx.runner, workdir)
+        _remove_workdir(host, workdir)
         state.done(entry)
     seconds = time.monotonic() - started
     result = DrillResult(
@@ -476,11 +480,19 @@ def read_back(root: Path) -> tuple[int, int]:
     return files, size
 
 
-def remove_leftover_drills(state: State, job: Job) -> None:
-    """Scratch directories of drills that were killed (their journal entries are open)."""
+def _remove_workdir(host: SourceHost, workdir: Path) -> None:
+    if isinstance(host, RemoteHost):
+        host.remove_leftover(workdir)
+    else:
+        remove_leftover(LocalRunner(), workdir)
+
+
+def remove_leftover_drills(state: State, job: Job, host: SourceHost | None = None) -> None:
+    """Scratch directories of drills that were killed (their journal entries are open),
+    on `host` (default here)."""
     for entry in state.open_entries(job.name):
         if entry.action == "drill":
-            remove_leftover(LocalRunner(), Path(entry.path))
+            _remove_workdir(host or LocalHost(), Path(entry.path))
             state.done(entry.id)
             log.info("job %s: removed leftover drill directory %s", job.name, entry.path)
 
@@ -566,8 +578,7 @@ def periodic_drill(
     if due is None or due > now:
         return []
     try:
-        check_drillable(job)
-        result = drill_locked(job, chosen, scratch_root(job), state, now)
+        result = drill_locked(job, chosen, scratch_root(job, drill_host(job, chosen)), state, now)
     except GfsError as exc:
         return [f"scheduled drill not run: {exc}"]
     if result.passed:

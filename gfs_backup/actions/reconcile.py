@@ -26,11 +26,10 @@ def reconcile(ctx: JobContext, backend: Backend, job_dir: Path) -> list[str]:
     for entry in ctx.state.open_entries(ctx.job.name):
         if entry.run_id == ctx.run_id:
             continue
-        restored_on_host = ctx.job.host != LOCAL_HOST and ctx.job.kind in ("btrfs", "files")
-        if entry.action == "restore" and restored_on_host:
-            source_host(ctx).remove_leftover(Path(entry.path))  # a restore on that host
+        if _left_on_host(ctx, entry.action):
+            source_host(ctx).remove_leftover(Path(entry.path))
             ctx.state.done(entry.id)
-            done.append(f"removed leftover restore {entry.path} on host {ctx.job.host}")
+            done.append(f"removed leftover {entry.action} {entry.path} on host {ctx.job.host}")
         elif entry.action in ("partial", "prune", "drill", "restore"):  # only dot-names
             fs = LOCAL_FS if entry.action in ("drill", "restore") else ctx.target
             remove_leftover(ctx.runner, Path(entry.path), fs)
@@ -46,6 +45,16 @@ def reconcile(ctx: JobContext, backend: Backend, job_dir: Path) -> list[str]:
     for line in done:
         ctx.log.info("job %s: reconcile: %s", ctx.job.name, line)
     return done
+
+
+def _left_on_host(ctx: JobContext, action: str) -> bool:
+    """Whether a journaled restore or drill of the job ran on its remote host: restores of
+    btrfs and files jobs, drills of files jobs (actions/restore.py, actions/drill.py)."""
+    if ctx.job.host == LOCAL_HOST:
+        return False
+    return (action == "restore" and ctx.job.kind in ("btrfs", "files")) or (
+        action == "drill" and ctx.job.kind == "files"
+    )
 
 
 def remove_leftover(runner: Runner, path: Path, fs: TargetFS = LOCAL_FS) -> None:

@@ -192,6 +192,11 @@ class FilesBackend(snapshots.SnapshottingBackend):
         options: RestoreOptions,
     ) -> None:
         if isinstance(stored.fs, RemoteFS):  # `to` is on the job's host, which mounts it
+            if ctx.runner.host != stored.fs.host:
+                raise GfsError(
+                    f"internal: a tree on host {stored.fs.host} restored through host "
+                    f"{ctx.runner.host}"
+                )
             request = {
                 "op": "restore",
                 "tree": str(stored.path / TREE),

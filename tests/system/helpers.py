@@ -136,3 +136,32 @@ def run_cutting_the_link(
     finally:
         thread.join()
         host.set_link(True)
+
+
+def cut_then_heal(
+    host: RemoteHost,
+    args: tuple[str, ...],
+    cut_when: Callable[[], bool],
+    still_running: list[str],
+    job_dir: str,
+) -> str:
+    """The dropped-link drill of a remote job: `gfs ARGS` with the link cut once `cut_when()`
+    must fail (exit 5) within its io_timeout, without a traceback; once the host's side of
+    the dead session has ended (`still_running`, run there, exits non-zero), the same run
+    must remove the partial generation and the snapshot and back up. Returns the one
+    generation then in `job_dir` (a path on the host)."""
+    failed, elapsed = run_cutting_the_link(host, args, cut_when)
+    assert failed.returncode == 5, failed.stderr
+    assert elapsed < 180, f"gfs hung {elapsed:.0f} s on a dead connection"
+    assert "Traceback" not in failed.stderr
+    deadline = time.monotonic() + 60  # the host's side ends once the link is back (SIGHUP)
+    while host.run(still_running).returncode == 0:
+        assert time.monotonic() < deadline, f"{still_running} still finds it on the host"
+        time.sleep(0.5)
+    healed = gfs_subprocess(*args)
+    assert healed.returncode == 0, healed.stderr
+    assert "removed leftover partial" in healed.stderr
+    assert "deleted snapshot" in healed.stderr
+    names = host.run(["ls", "-A", job_dir], check=True).stdout.split()
+    assert len(names) == 1 and not names[0].startswith("."), names
+    return names[0]
