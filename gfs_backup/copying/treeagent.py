@@ -30,7 +30,7 @@ from gfs_backup.copying.copy import Progress
 from gfs_backup.copying.hostimage import ScriptOutput
 from gfs_backup.copying.treehost import entries_digest
 from gfs_backup.core.errors import GfsError
-from gfs_backup.transport.runner import Command, Runner
+from gfs_backup.transport.runner import Command, CommandError, Runner
 
 AGENT_MODULES = (
     "gfs_backup",
@@ -121,12 +121,21 @@ def run_agent(
     them; an agent that ends without an answer is a GfsError."""
     command = make_agent_command(request, timeout, idle_timeout)
     output = ScriptOutput()
-    with runner.reading(command) as stream:
-        reader = cast(BinaryIO, stream)
-        while chunk := reader.read(1 << 16):
-            grown = output.feed(chunk)
-            if progress is not None and grown:
-                progress(grown)
+    try:
+        with runner.reading(command) as stream:
+            reader = cast(BinaryIO, stream)
+            while chunk := reader.read(1 << 16):
+                grown = output.feed(chunk)
+                if progress is not None and grown:
+                    progress(grown)
+    except CommandError as exc:
+        if "exit status 127" in str(exc) or "command not found" in str(exc):
+            raise GfsError(
+                f"host {runner.host} has no python3: files jobs of a remote host run gfs's "
+                "tree code there (python3 >= 3.10, standard library only: apt install "
+                "python3-minimal)"
+            ) from None
+        raise
     text = output.result()
     if text is None:
         raise GfsError(f"python3 on host {runner.host} gave no answer to {request['op']}")

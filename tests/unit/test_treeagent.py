@@ -14,6 +14,7 @@ import pytest
 
 from gfs_backup.copying.hostimage import MAX_SPEC
 from gfs_backup.copying.treeagent import make_agent_command, manifest_request, payload, run_agent
+from gfs_backup.core.errors import GfsError
 from gfs_backup.transport.runner import CommandError, LocalRunner
 
 SYSTEM_PYTHON = Path("/usr/bin/python3")
@@ -137,3 +138,11 @@ def test_logs_and_errors_show_the_agents_arguments_by_size() -> None:
     assert len(shown) < 400 and shown.startswith("python3 -c '<")
     assert f"<{len(payload())} characters>" in shown and '"/srv/x"' in shown
     assert len(str(CommandError(command, "timed out"))) < 500
+
+
+def test_a_host_without_python3_is_named_with_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no python3 on it
+    with pytest.raises(GfsError, match=r"host local has no python3: .*apt install python3-minimal"):
+        run_agent(LocalRunner(), {"op": "probe", "path": "/"}, timeout=60, idle_timeout=None)
