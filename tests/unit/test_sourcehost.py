@@ -3,13 +3,24 @@ guard against removing anything but gfs's dot-named leftovers."""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from gfs_backup.actions.reconcile import reconcile
+from gfs_backup.backends import backend_for
+from gfs_backup.backends.base import JobContext
 from gfs_backup.backends.sourcehost import REMOVE_LEFTOVER, RemoteHost
+from gfs_backup.core.config import load_config
 from gfs_backup.core.errors import GfsError
+from gfs_backup.core.state import State
 from gfs_backup.transport.runner import Command, Completed
+from tests.unit.test_remote_target import config_with
+
+log = logging.getLogger("test")
 
 
 class Recorder:
@@ -52,3 +63,45 @@ def test_a_subvolume_root_is_btrfs_with_inode_256() -> None:
     yes = Recorder({"stat": (0, "btrfs\n")})
     assert not RemoteHost("h", yes).is_subvolume_root(Path("/x"))  # type: ignore[arg-type]
     assert yes.argvs[-1] == ("stat", "-c", "%i", "--", "/x")
+
+
+@pytest.mark.parametrize(
+    ("kind", "action", "on_host"),
+    [
+        ("files", "drill", True),
+        ("files", "restore", True),
+        ("btrfs", "restore", True),
+        ("btrfs", "drill", False),  # a btrfs drill receives here
+    ],
+)
+def test_a_killed_restore_or_drill_of_a_remote_job_is_removed_where_it_ran(
+    tmp_path: Path, kind: str, action: str, on_host: bool
+) -> None:
+    """reconcile removes a journaled leftover on the job's host when it was made there."""
+    source = 'path = "/srv/data"' if kind == "files" else 'subvolume = "/srv/data"'
+    config_file = config_with(
+        tmp_path, 'host = "kvm2"', f'kind = "{kind}"\nhost = "kvm2"\n{source}'
+    )
+    (job,) = load_config(config_file).jobs
+    state = State(tmp_path / "state")
+    leftover = tmp_path / f".gfs-{action}-x"  # exists here too: only one side may go
+    leftover.mkdir()
+    try:
+        killed = state.start_run(job.name)
+        state.journal(killed, job.name, action, str(leftover))
+        runner = Recorder()
+        ctx = JobContext(job, runner, state, state.start_run(job.name), datetime.now(UTC), log)  # type: ignore[arg-type]
+        ctx = replace(ctx, target=Entries())  # type: ignore[arg-type]
+        done = reconcile(ctx, backend_for(kind), Path("/mnt/backup/db"))
+    finally:
+        state.close()
+    removed_there = ("sh", "-c", REMOVE_LEFTOVER, "sh", str(leftover)) in runner.argvs
+    assert removed_there is on_host and leftover.exists() is on_host, (runner.argvs, done)
+    assert any(str(leftover) in line for line in done)
+
+
+class Entries:
+    """A target with nothing in the job's directory."""
+
+    def entries(self, path: Path) -> list[object]:
+        return []
