@@ -6,6 +6,14 @@ forwards 127.0.0.1:PORT on this host to the guest's sshd (and nothing else: `res
 the serial console in a log file, a QMP socket and a PID file. It returns a `RemoteHost` once
 the guest printed its ready marker, which tests reach over SSH (paramiko, the lab's keys).
 
+Its virtio devices interrupt the guest by INTx, not MSI-X (`vectors=0`). With MSI-X, a CI run
+and a local one hung the same way: the PV disk's virtqueue was empty and every request
+completed on QEMU's side (avail idx = used idx = QEMU's signalled-used, isr 1), while the
+guest still counted 11 reads in flight and its used_event was 12 completions behind: an
+interrupt QEMU sent and the TCG guest never handled. Every later I/O to that disk (`lvs`, the
+snapshot's `dd`) then waited forever. A level-triggered INTx line stays raised until the guest
+reads the ISR, so a completion cannot be missed that way.
+
 Crashed sessions: every running guest is recorded in STATE_DIR/remote-hosts/NAME.json with
 the PIDs (and start times) of its QEMU and of the owning test session; the next start kills
 QEMUs whose owner is gone, by PID, and forgets them. Names are unique per run.
@@ -79,7 +87,7 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
             f"driver=qcow2,node-name={node},cache.no-flush=on,"
             f"file.driver=file,file.filename={_escape(path)}",
             "-device",
-            f"virtio-blk-pci,drive={node},serial={serial}",
+            f"virtio-blk-pci,drive={node},serial={serial},vectors=0",
         ]
     return [
         "qemu-system-x86_64",
@@ -98,7 +106,7 @@ def qemu_argv(spec: QemuSpec) -> list[str]:
         "-qmp", f"unix:{_escape(spec.qmp_socket)},server=on,wait=off",
         "-pidfile", str(spec.pidfile),
         "-netdev", f"user,id=net0,restrict=on,hostfwd=tcp:{ADDRESS}:{spec.port}-:22",
-        "-device", f"virtio-net-pci,netdev=net0,id={NIC_ID}",
+        "-device", f"virtio-net-pci,netdev=net0,id={NIC_ID},vectors=0",
         *disks,
     ]  # fmt: skip
 
