@@ -382,7 +382,8 @@ class RemoteHost:
 
 
 def _collect(channel: Any, argv: list[str], timeout: float) -> tuple[int, str, str]:
-    """Exit status, stdout and stderr of an exec channel, within `timeout` seconds."""
+    """Exit status, stdout and stderr of an exec channel, within `timeout` seconds. Read to
+    the channel's EOF: sshd may send the exit status before the rest of the output."""
     out, err = bytearray(), bytearray()
     deadline = time.monotonic() + timeout
     while True:
@@ -394,7 +395,7 @@ def _collect(channel: Any, argv: list[str], timeout: float) -> tuple[int, str, s
             err += channel.recv_stderr(65536)
             busy = True
         if not busy:
-            if channel.exit_status_ready():
+            if channel.closed or (channel.eof_received and channel.exit_status_ready()):
                 break
             if time.monotonic() > deadline:
                 raise subprocess.TimeoutExpired(argv, timeout, bytes(out), bytes(err))
