@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.lvm_export import POLICY, Abort, Lab, guest, sh, with_lab  # noqa: E402
+from benchmarks.lvm_export import Lab, guest, lab_config, sh, timed_gfs, with_lab  # noqa: E402
 from tests.lab.remote_host import RemoteHost  # noqa: E402
 from tests.lab.remote_image import NFS_MOUNT, VG_NAME  # noqa: E402
 
@@ -108,19 +108,9 @@ def make_tree(lab: Lab, files: int, mib: int) -> None:
 
 
 def write_config(lab: Lab) -> Path:
-    host = host_of(lab)
-    config = lab.workdir / "gfs.toml"
-    config.write_text(
-        f"state_dir = {json.dumps(str(lab.workdir / 'state'))}\n"
-        f'[target.nas]\npath = "{NFS_MOUNT}"\nhost = "lab"\n'
-        f"[hosts.lab]\naddress = {json.dumps(host.address)}\nport = {host.port}\n"
-        f"user = {json.dumps(host.user)}\n"
-        f"identity_file = {json.dumps(str(host.identity_file))}\n"
-        f"known_hosts = {json.dumps(str(host.known_hosts_file))}\n"
-        f'[[job]]\nname = "{JOB}"\nkind = "files"\nhost = "lab"\npath = "{TREE}"\n{POLICY}',
-        encoding="utf-8",
-    )
-    return config
+    target = f'[target.nas]\npath = "{NFS_MOUNT}"\nhost = "lab"\n'
+    job = f'name = "{JOB}"\nkind = "files"\nhost = "lab"\npath = "{TREE}"\n'
+    return lab_config(lab, lab.workdir, target, job)
 
 
 def drop_caches(lab: Lab) -> None:
@@ -140,17 +130,7 @@ def timed_in_guest(lab: Lab, script: str) -> float:
 def gfs_run(lab: Lab, config: Path) -> tuple[float, dict[str, object]]:
     """`gfs run --force`: wall seconds, and the new generation's manifest `source`."""
     drop_caches(lab)
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "gfs_backup", "run", "--force", "--config", str(config)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    seconds = time.monotonic() - started
-    if done.returncode != 0:
-        raise Abort(f"gfs run failed ({done.returncode}):\n{done.stderr}")
+    seconds, _ = timed_gfs(config)
     listed = subprocess.run(
         [sys.executable, "-m", "gfs_backup", "list", "--json", "--config", str(config)],
         cwd=ROOT, capture_output=True, text=True, check=True,

@@ -296,22 +296,46 @@ def paramiko_dd(lab: Lab, output: Path) -> tuple[float, str]:
         runner.close()
 
 
-def write_config(lab: Lab, directory: Path) -> Path:
+def lab_config(lab: Lab, directory: Path, target: str, job: str) -> Path:
+    """DIRECTORY/gfs.toml: a state dir there, the `[target.*]` table `target`, the lab host
+    as `[hosts.lab]`, and the `[[job]]` lines `job` with the benchmarks' POLICY."""
     host = cast(RemoteHost, lab.host)
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "gfs.toml"
     config.write_text(
-        f"state_dir = {json.dumps(str(directory / 'state'))}\n"
-        f"[target.local]\npath = {json.dumps(str(lab.target))}\nrequire_nfs = false\n"
+        f"state_dir = {json.dumps(str(directory / 'state'))}\n{target}"
         f"[hosts.lab]\naddress = {json.dumps(host.address)}\nport = {host.port}\n"
         f"user = {json.dumps(host.user)}\n"
         f"identity_file = {json.dumps(str(host.identity_file))}\n"
         f"known_hosts = {json.dumps(str(host.known_hosts_file))}\n"
-        f'[[job]]\nname = "{JOB}"\nkind = "lvm"\nhost = "lab"\n'
-        f"volume = {json.dumps(f'{VG_NAME}/{lab.volume}')}\n{POLICY}",
+        f"[[job]]\n{job}{POLICY}",
         encoding="utf-8",
     )
     return config
+
+
+def timed_gfs(config: Path, *args: str) -> tuple[float, str]:
+    """`gfs run --force ARGS --config CONFIG`: its wall seconds and stderr; Abort if it
+    fails."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "gfs_backup", "run", "--force", *args, "--config", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    seconds = time.monotonic() - started
+    if done.returncode != 0:
+        raise Abort(f"gfs run failed ({done.returncode}):\n{done.stderr}")
+    return seconds, done.stderr
+
+
+def write_config(lab: Lab, directory: Path) -> Path:
+    target = f"[target.local]\npath = {json.dumps(str(lab.target))}\nrequire_nfs = false\n"
+    job = f'name = "{JOB}"\nkind = "lvm"\nhost = "lab"\n'
+    job += f"volume = {json.dumps(f'{VG_NAME}/{lab.volume}')}\n"
+    return lab_config(lab, directory, target, job)
 
 
 @dataclass

@@ -29,9 +29,7 @@ import argparse
 import json
 import re
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import cast
 
@@ -41,12 +39,13 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.lvm_export import (  # noqa: E402
     JOB,
-    POLICY,
     Abort,
     Lab,
     guest,
+    lab_config,
     rate,
     snapshot_device,
+    timed_gfs,
     with_lab,
 )
 from tests.lab.remote_host import RemoteHost  # noqa: E402
@@ -78,38 +77,18 @@ def dd_to_nfs(lab: Lab, sparse: bool) -> float:
 
 
 def write_config(lab: Lab, directory: Path) -> Path:
-    host = cast(RemoteHost, lab.host)
-    config = directory / "gfs.toml"
-    config.write_text(
-        f"state_dir = {json.dumps(str(directory / 'state'))}\n"
-        f'[target.nas]\npath = "{NFS_MOUNT}"\nhost = "lab"\n'
-        f"[hosts.lab]\naddress = {json.dumps(host.address)}\nport = {host.port}\n"
-        f"user = {json.dumps(host.user)}\n"
-        f"identity_file = {json.dumps(str(host.identity_file))}\n"
-        f"known_hosts = {json.dumps(str(host.known_hosts_file))}\n"
-        f'[[job]]\nname = "{JOB}"\nkind = "lvm"\nhost = "lab"\ntarget = "nas"\n'
-        f"volume = {json.dumps(f'{VG_NAME}/{lab.volume}')}\n{POLICY}",
-        encoding="utf-8",
-    )
-    return config
+    target = f'[target.nas]\npath = "{NFS_MOUNT}"\nhost = "lab"\n'
+    job = f'name = "{JOB}"\nkind = "lvm"\nhost = "lab"\ntarget = "nas"\n'
+    job += f"volume = {json.dumps(f'{VG_NAME}/{lab.volume}')}\n"
+    return lab_config(lab, directory, target, job)
 
 
 def gfs_run(config: Path) -> tuple[float, float, int, int]:
     """`gfs run --force`: (wall seconds, copy seconds, bytes, bytes allocated)."""
-    started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-m", "gfs_backup", "run", "--force", "--config", str(config)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    seconds = time.monotonic() - started
-    if done.returncode != 0:
-        raise Abort(f"gfs run failed ({done.returncode}):\n{done.stderr}")
-    found = COPIED_RE.search(done.stderr)
+    seconds, stderr = timed_gfs(config)
+    found = COPIED_RE.search(stderr)
     if found is None:
-        raise Abort(f"no 'copied' line in gfs's log:\n{done.stderr}")
+        raise Abort(f"no 'copied' line in gfs's log:\n{stderr}")
     return seconds, float(found.group(3)), int(found.group(1)), int(found.group(2))
 
 
