@@ -188,10 +188,10 @@ def test_remote_qemu_argv_is_tcg_with_loopback_only_forwarding_and_both_disks() 
     assert argv[0] == "qemu-system-x86_64"
     assert option(argv, "-accel") == ["tcg"]
     assert option(argv, "-netdev") == ["user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22"]
-    assert option(argv, "-device")[0] == "virtio-net-pci,netdev=net0,id=nic0"
+    assert option(argv, "-device")[0] == "virtio-net-pci,netdev=net0,id=nic0,vectors=0"
     assert option(argv, "-device")[1:] == [
-        f"virtio-blk-pci,drive=pv,serial={PV_SERIAL}",
-        f"virtio-blk-pci,drive=nfs,serial={NFS_SERIAL}",
+        f"virtio-blk-pci,drive=pv,serial={PV_SERIAL},vectors=0",
+        f"virtio-blk-pci,drive=nfs,serial={NFS_SERIAL},vectors=0",
     ]
     assert "file.filename=/run/lab/pv.qcow2" in option(argv, "-blockdev")[0]
     assert option(argv, "-serial") == ["file:/run/lab/console.log"]
