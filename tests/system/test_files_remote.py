@@ -104,20 +104,13 @@ def config_for(path: Path, host: RemoteHost, extra_target: str = "") -> Path:
 
 def rsync_differences(host: RemoteHost, source: str, restored: str) -> list[str]:
     """What rsync would change to make `restored` equal `source` (contents by checksum,
-    hard links, ACLs, xattrs, owners, modes, times, devices, fifos): [] when equal."""
+    hard links, ACLs, xattrs, owners, modes, times to the nanosecond, devices, fifos, and
+    objects only `restored` has): [] when equal."""
     done = host.run(
-        [
-            "rsync",
-            "-aHAX",
-            "--numeric-ids",
-            "--checksum",
-            "--dry-run",
-            "--itemize-changes",
-            f"{source}/",
-            f"{restored}/",
-        ],
+        ["rsync", "-aHAX", "--numeric-ids", "--checksum", "--dry-run", "--itemize-changes",
+         "--delete", "--modify-window=-1", f"{source}/", f"{restored}/"],
         timeout=300,
-    )
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     return done.stdout.splitlines()
 
@@ -165,6 +158,11 @@ def test_a_remote_files_job_exports_links_verifies_and_restores_on_its_host(
         remote_host,
         ["sh", "-c", f'cd "$1" && {rewrite} && echo fresh > fresh-file && rm aged', "sh", tree],
     )
+    # The judge sees each of those three changes against the first restore.
+    stale = rsync_differences(remote_host, tree, f"{MOUNT}/r1")
+    assert any(line.endswith(" rewritten") and line.startswith(">fc") for line in stale), stale
+    assert any(line.endswith(" fresh-file") for line in stale), stale
+    assert "*deleting   aged" in stale, stale
     time.sleep(1.1)  # a new generation id
     second = gfs_subprocess("run", "--force", "--config", str(config))
     assert second.returncode == 0, second.stderr
