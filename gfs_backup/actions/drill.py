@@ -45,7 +45,7 @@ from gfs_backup.actions.verify import check_data
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import JobContext, RestoreOptions
 from gfs_backup.backends.libvirt import image_problems
-from gfs_backup.backends.sourcehost import LocalHost, RemoteHost, SourceHost
+from gfs_backup.backends.sourcehost import LocalHost, RemoteHost, SourceHost, runs_on_host
 from gfs_backup.backends.vm_inplace import boot_file, disk_files
 from gfs_backup.copying.copy import digest_file
 from gfs_backup.core.config import LOCAL_HOST, Config, Job
@@ -180,7 +180,7 @@ def drill_host(job: Job, stored: Stored) -> SourceHost:
     """Where a drill of `stored` restores: a files job of a remote host restores and checks
     its tree on that host, from the target it mounts (FilesBackend.restore); every other
     drill restores here (a remote target's data is streamed here)."""
-    if job.kind == "files" and job.host != LOCAL_HOST and isinstance(stored.fs, RemoteFS):
+    if runs_on_host(job, "drill") and isinstance(stored.fs, RemoteFS):
         return RemoteHost(job.host, stored.fs.runner)
     return LocalHost()
 

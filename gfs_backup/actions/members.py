@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gfs_backup.actions.targets import job_location
+from gfs_backup.backends.libvirt import libvirt_uri
 from gfs_backup.core.config import Config, Job
 from gfs_backup.core.errors import GfsError, InputError, Problem
 from gfs_backup.core.lock import job_lock
@@ -35,8 +36,9 @@ from gfs_backup.target.checks import check_target
 from gfs_backup.target.fs import TargetFS
 from gfs_backup.target.generation import delete_generation
 from gfs_backup.tools.domainxml import gfs_metadata, opted_out
-from gfs_backup.tools.virt import DEFAULT_URI, DomainInfo
+from gfs_backup.tools.virt import DomainInfo
 from gfs_backup.tools.virt import list_domains as virt_domains
+from gfs_backup.transport.ssh import runner_for
 
 SEPARATOR = "--"
 UUID_LENGTH = 36
@@ -171,10 +173,10 @@ def select(job: Job, domains: list[DomainInfo], found: list[History]) -> Selecti
     return selection
 
 
-def list_domains(job: Job) -> list[DomainInfo]:
-    """The domains of the job's libvirt. GfsError when libvirtd does not answer (the job
-    fails): never read as "every domain vanished"."""
-    return virt_domains(str(job.options.get("uri", DEFAULT_URI)))
+def list_domains(config: Config, job: Job) -> list[DomainInfo]:
+    """The domains of the job's libvirt (on its host). GfsError when libvirtd does not
+    answer (the job fails): never read as "every domain vanished"."""
+    return virt_domains(libvirt_uri(job, runner_for(job.host, config)))
 
 
 def overlapping(selections: dict[str, Selection], singles: list[Job]) -> dict[str, list[str]]:
@@ -203,7 +205,7 @@ def pattern_job_warnings(config: Config, job: Job) -> list[str]:
     except GfsError as exc:
         warnings.append(str(exc))
     try:
-        list_domains(job)
+        list_domains(config, job)
     except GfsError as exc:
         warnings.append(f"job {job.name}: {exc}")
     return warnings
@@ -226,7 +228,7 @@ def forget(config: Config, job: Job, member_job: Job, state: State, wait: bool) 
     (journaled like a prune; under the domain's lock). Refused while the domain exists
     (its history would only start again) or when libvirt cannot say. Returns the ids."""
     uuid = str(member_job.options["uuid"])
-    present = {info.uuid for info in list_domains(job)}
+    present = {info.uuid for info in list_domains(config, job)}
     if uuid in present:
         raise InputError(
             [

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gfs_backup.backends.base import Backend, JobContext
-from gfs_backup.backends.sourcehost import source_host
-from gfs_backup.core.config import LOCAL_HOST
+from gfs_backup.backends.sourcehost import runs_on_host, source_host
 from gfs_backup.target.catalog import PARTIAL_PREFIX, PRUNING_PREFIX
 from gfs_backup.target.fs import LOCAL_FS, TargetFS
 from gfs_backup.tools.btrfs import is_subvolume_root, make_delete_command
@@ -26,7 +25,7 @@ def reconcile(ctx: JobContext, backend: Backend, job_dir: Path) -> list[str]:
     for entry in ctx.state.open_entries(ctx.job.name):
         if entry.run_id == ctx.run_id:
             continue
-        if _left_on_host(ctx, entry.action):
+        if entry.action in ("restore", "drill") and runs_on_host(ctx.job, entry.action):
             source_host(ctx).remove_leftover(Path(entry.path))
             ctx.state.done(entry.id)
             done.append(f"removed leftover {entry.action} {entry.path} on host {ctx.job.host}")
@@ -45,16 +44,6 @@ def reconcile(ctx: JobContext, backend: Backend, job_dir: Path) -> list[str]:
     for line in done:
         ctx.log.info("job %s: reconcile: %s", ctx.job.name, line)
     return done
-
-
-def _left_on_host(ctx: JobContext, action: str) -> bool:
-    """Whether a journaled restore or drill of the job ran on its remote host: restores of
-    btrfs and files jobs, drills of files jobs (actions/restore.py, actions/drill.py)."""
-    if ctx.job.host == LOCAL_HOST:
-        return False
-    return (action == "restore" and ctx.job.kind in ("btrfs", "files")) or (
-        action == "drill" and ctx.job.kind == "files"
-    )
 
 
 def remove_leftover(runner: Runner, path: Path, fs: TargetFS = LOCAL_FS) -> None:

@@ -14,7 +14,7 @@ from gfs_backup.actions.verify import Verified, check_data, verify_stored
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import JobContext, Progress, RestoreOptions
 from gfs_backup.backends.libvirt import LibvirtBackend
-from gfs_backup.backends.sourcehost import RemoteHost
+from gfs_backup.backends.sourcehost import RemoteHost, runs_on_host
 from gfs_backup.core.config import LOCAL_HOST, Config, Job
 from gfs_backup.core.errors import ExitCode, GfsError, InputError, Problem
 from gfs_backup.core.state import State
@@ -65,8 +65,8 @@ def restore(
     into a temporary name beside it, renamed to `to` once complete and checked, so a
     failed restore leaves nothing at `to` (journaled: a killed one is removed by the next
     run of the job)."""
-    if job.host != LOCAL_HOST and job.kind in ("btrfs", "files"):  # restored on the job's host
-        return _restore_on_host(config, job, generation, to, now, progress)
+    if runs_on_host(job, "restore"):
+        return _restore_on_host(config, job, generation, to, now, progress, options)
     if to.exists() or to.is_symlink():
         raise InputError(Problem(str(to), "already exists: restore into a new path"))
     if not to.parent.is_dir():
@@ -106,10 +106,11 @@ def _restore_on_host(
     to: Path,
     now: datetime,
     progress: Progress | None,
+    options: RestoreOptions | None = None,
 ) -> Stored:
-    """A btrfs or files job of a remote host: `to` is a path on that host, where the stream
-    is received or the tree restored and checked (BtrfsBackend.restore, FilesBackend.restore);
-    the same staging, check and rename as here."""
+    """A btrfs, files or libvirt job of a remote host: `to` is a path on that host, where
+    the stream is received, the tree restored or the disks copied, and checked (the
+    backends' restore); the same staging, check and rename as here."""
     host = RemoteHost(job.host, runner_for(job.host, config))
     if host.exists(to):
         raise InputError(
@@ -123,7 +124,7 @@ def _restore_on_host(
         entry = ctx.state.journal(ctx.run_id, job.name, "restore", str(staging))
         try:
             backend_for(stored.manifest.kind).restore(
-                ctx, stored, staging, progress, RestoreOptions(final=to)
+                ctx, stored, staging, progress, replace(options or RestoreOptions(), final=to)
             )
             host.rename(staging, to)
         except FileExistsError:
@@ -162,6 +163,16 @@ def restore_over_original(
             Problem(
                 f"job {job.name}",
                 f"--over-original is for libvirt jobs; restore a {job.kind} job with --to PATH",
+            )
+        )
+
+    if job.host != LOCAL_HOST:
+        raise InputError(
+            Problem(
+                f"job {job.name}",
+                f"--over-original runs on this machine only so far, and domain "
+                f"{job.options.get('domain')} is on host {job.host}: restore with --to PATH "
+                "(a path on that host) --as-domain NAME, then swap the domains",
             )
         )
 

@@ -169,7 +169,7 @@ def select_all(config: Config, jobs: list[Job]) -> dict[str, Selection | GfsErro
         if not job.selects_domains:
             continue
         try:
-            selections[job.name] = select(job, list_domains(job), histories(config, job))
+            selections[job.name] = select(job, list_domains(config, job), histories(config, job))
         except GfsError as exc:
             selections[job.name] = exc
     found = {name: s for name, s in selections.items() if isinstance(s, Selection)}

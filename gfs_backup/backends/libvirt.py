@@ -22,6 +22,7 @@ from gfs_backup.backends.base import (
     Snapshot,
     SourceError,
 )
+from gfs_backup.backends.sourcehost import source_host
 from gfs_backup.backends.vm_capture import (
     VERIFY_SCOPE,
     Decision,
@@ -51,12 +52,14 @@ from gfs_backup.backends.vm_inplace import (
     JOURNAL_ACTION as RESTORE_TEMP,
 )
 from gfs_backup.copying.copy import copy_file, digest_and_punch_zeros, digest_file
+from gfs_backup.copying.digest import ALGORITHM
 from gfs_backup.copying.image import clone_file
 from gfs_backup.core.config import LOCAL_HOST, Job
 from gfs_backup.core.errors import GfsError
 from gfs_backup.core.faults import crash_point
 from gfs_backup.core.state import JournalEntry
 from gfs_backup.target.catalog import Stored
+from gfs_backup.target.fs import RemoteFS
 from gfs_backup.target.manifest import DataFile
 from gfs_backup.tools import nbd
 from gfs_backup.tools.domainxml import (
@@ -81,6 +84,8 @@ from gfs_backup.tools.virt import (
     ConnectionLost,
 )
 from gfs_backup.transport.runner import Command, LocalRunner, Runner
+from gfs_backup.transport.ssh import SSHRunner
+from gfs_backup.transport.virttunnel import tunnel_for
 
 BACKUP_TIMEOUT = 24 * 3600.0
 AGENT_TIMEOUT = 10  # seconds the guest agent may take to answer, to freeze
@@ -168,10 +173,12 @@ def selected_disks(job: Job, disks: list[Disk], domain_xml: str | None = None) -
 class LibvirtBackend:
     kind = "libvirt"
 
-    def _connect(self, job: Job) -> Connection:
-        return Connection(str(job.options.get("uri", DEFAULT_URI)))
+    def _connect(self, job: Job, runner: Runner | None = None) -> Connection:
+        return Connection(libvirt_uri(job, runner))
 
     def sources(self, job: Job) -> list[Path]:
+        if job.host != LOCAL_HOST:
+            return []  # the disks are paths on that host: its target is checked there
         try:
             connection = self._connect(job)
         except GfsError:
@@ -186,7 +193,7 @@ class LibvirtBackend:
             connection.close()
 
     def check_source(self, ctx: JobContext) -> None:
-        connection = self._connect(ctx.job)
+        connection = self._connect(ctx.job, ctx.runner)
         try:
             domain = find_domain(connection, ctx.job)
             xml = connection.xml(domain)
@@ -223,7 +230,7 @@ class LibvirtBackend:
         previous: Stored | None,
         progress: Progress | None,
     ) -> Exported:
-        connection = self._connect(ctx.job)
+        connection = self._connect(ctx.job, ctx.runner)
         try:
             domain = find_domain(connection, ctx.job)
             live_xml = connection.xml(domain)
@@ -234,11 +241,12 @@ class LibvirtBackend:
             for target, why in left_out:
                 ctx.log.info("job %s: disk %s left out: %s", ctx.job.title, target, why)
             folder = into / DISKS
-            folder.mkdir()
+            ctx.target.make_dir(folder, 0o755)
             running = connection.is_running(domain)
             method = str(ctx.job.options.get("method", "auto"))
-            pull = method in ("auto", "backup-api") and nbd.available()
-            if method == "auto" and not pull:
+            remote = ctx.job.host != LOCAL_HOST  # QEMU there writes into that host's target
+            pull = method in ("auto", "backup-api") and nbd.available() and not remote
+            if method == "auto" and not pull and not remote:
                 ctx.log.info(
                     "job %s: python3-libnbd is not installed: QEMU writes whole qcow2 "
                     "images (push mode), no changed-block capture",
@@ -308,8 +316,12 @@ class LibvirtBackend:
             connection.close()
         if files is None:
             files = self._checked_qcow2_files(ctx, disks, folder)
-        files += _export_nvram(ctx, str(source["xml"]), into)
-        files += _export_boot_files(ctx, str(source["xml"]), into, previous)
+        if ctx.job.host != LOCAL_HOST:
+            source["host"] = ctx.job.host
+            files += _copy_host_files(ctx, str(source["xml"]), into)
+        else:
+            files += _export_nvram(ctx, str(source["xml"]), into)
+            files += _export_boot_files(ctx, str(source["xml"]), into, previous)
         written = sum(f.size for f in files)
         capture = source.get("capture")
         if isinstance(capture, dict):
@@ -338,6 +350,10 @@ class LibvirtBackend:
                     f"job {ctx.job.title}: exported disk {disk.target} is not a "
                     f"sound qcow2: {problems}"
                 )
+            if ctx.job.host != LOCAL_HOST:  # checksummed on the host, read from its target
+                found = ctx.target.file_digest(image, ALGORITHM)
+                files.append(DataFile(f"{DISKS}/{image.name}", found.size, found.digest))
+                continue
             # QEMU's backup job writes the zeros of a raw block device as data: deallocate them.
             result = digest_and_punch_zeros(image)
             files.append(DataFile(f"{DISKS}/{image.name}", result.size, result.digest))
@@ -753,7 +769,7 @@ class LibvirtBackend:
         stale backup job gfs started; commit gfs overlays back and pivot the domain onto
         its own disks. A failure leaves the entry open and fails this run."""
         if entry.action == "checkpoint":
-            connection = self._connect(ctx.job)
+            connection = self._connect(ctx.job, ctx.runner)
             try:
                 domain = connection.domain(entry.path)
                 if connection.is_running(domain):
@@ -772,7 +788,7 @@ class LibvirtBackend:
         if entry.action == "backup-job":
             if Path(entry.detail).name.startswith("gfs-nbd-"):
                 shutil.rmtree(entry.detail, ignore_errors=True)
-            connection = self._connect(ctx.job)
+            connection = self._connect(ctx.job, ctx.runner)
             try:
                 domain = connection.domain(entry.path)
                 if connection.has_backup_job(domain):
@@ -790,7 +806,7 @@ class LibvirtBackend:
             Path(entry.path).unlink(missing_ok=True)  # an interrupted restore over the disks
         elif entry.action == "overlay":
             layers: dict[str, dict[str, str]] = json.loads(entry.detail)
-            connection = self._connect(ctx.job)
+            connection = self._connect(ctx.job, ctx.runner)
             try:
                 try:
                     domain = connection.domain(entry.path)
@@ -806,6 +822,8 @@ class LibvirtBackend:
 
     def health(self, job: Job) -> list[str]:
         """A domain left running on (or defined with) a gfs overlay by an interrupted run."""
+        if job.host != LOCAL_HOST:
+            return []  # no overlays there (push mode only): `gfs run` reports the rest
         try:
             connection = self._connect(job)
         except GfsError as exc:
@@ -845,8 +863,9 @@ class LibvirtBackend:
 
     def verify_data(self, stored: Stored, progress: Progress | None) -> list[str]:
         problems = []
+        runner = stored.fs.runner if isinstance(stored.fs, RemoteFS) else LocalRunner()
         for data in disk_files(stored):
-            found = image_problems(LocalRunner(), stored.path / data.path)
+            found = image_problems(runner, stored.path / data.path)
             if found:
                 problems.append(f"{data.path}: qemu-img check: {found}")
         return problems
@@ -866,19 +885,19 @@ class LibvirtBackend:
         source = stored.manifest.source
         name = options.domain_name or f"{source['domain']}-restored-{stored.id}"
         final = options.final or to
-        to.mkdir(parents=True)
+        remote = isinstance(stored.fs, RemoteFS)  # on the job's host (actions/restore.py)
+        if remote:
+            source_host(ctx).make_dir(to)
+        else:
+            to.mkdir(parents=True)
         paths: dict[str, Path] = {}
         try:
             for data in disk_files(stored):
                 target = Path(data.path).stem
                 disk = f"{name}-{target}{Path(data.path).suffix}"
                 paths[target] = final / disk
-                copied = copy_file(stored.path / data.path, to / disk)
-                if (copied.size, copied.digest) != (data.size, data.digest):
-                    raise GfsError(
-                        f"{stored.path / data.path}: the copy does not match the manifest's "
-                        "checksum (the generation's data is corrupted)"
-                    )
+                copy = _copy_on_host if remote else _copy_here
+                copy(ctx, stored, data, to / disk)
                 problems = image_problems(ctx.runner, to / disk)
                 if problems:
                     raise GfsError(f"restored disk {final / disk}: {problems}")
@@ -887,13 +906,14 @@ class LibvirtBackend:
                 str(source["xml"]), name, paths, options.keep_interfaces, final, origin
             )
             _copy_firmware_files(ctx, stored, restored, to)
-            connection = self._connect(ctx.job)
+            connection = self._connect(ctx.job, ctx.runner)
             try:
                 connection.define(restored.xml)
             finally:
                 connection.close()
         except BaseException:
-            shutil.rmtree(to, ignore_errors=True)
+            if not remote:  # on a host, actions/restore.py removes the staging
+                shutil.rmtree(to, ignore_errors=True)
             raise
         for line in restored.rewritten:
             ctx.log.info("job %s: domain %s: %s", ctx.job.title, name, line)
@@ -904,7 +924,7 @@ class LibvirtBackend:
     ) -> list[str]:
         """Write the (checked) disks of `stored` over the disks of the job's domain, which
         must be shut off; see gfs_backup.backends.vm_inplace. Returns the disks written."""
-        connection = self._connect(ctx.job)
+        connection = self._connect(ctx.job, ctx.runner)
         try:
             domain = find_domain(connection, ctx.job)
             saved_uuid = stored.manifest.source.get("uuid")
@@ -920,6 +940,46 @@ class LibvirtBackend:
             return InPlaceRestore(ctx, connection, domain).run(writes)
         finally:
             connection.close()
+
+
+def libvirt_uri(job: Job, runner: Runner | None) -> str:
+    """The URI libvirt-python opens for the job: its `uri`, or for a job of a remote host
+    the tunnel to that host's libvirt on the job's SSH connection (transport/virttunnel)."""
+    uri = str(job.options.get("uri", DEFAULT_URI))
+    if job.host == LOCAL_HOST:
+        return uri
+    if not isinstance(runner, SSHRunner):
+        raise GfsError(f"internal: job {job.title} of host {job.host} without its SSH runner")
+    return tunnel_for(runner, uri).uri
+
+
+def _copy_host_files(ctx: JobContext, domain_xml: str, into: Path) -> list[DataFile]:
+    """A remote domain's NVRAM, kernel and initrd (see _export_nvram, _export_boot_files),
+    copied on its host into the generation there and checked against the original's
+    checksum, both read there."""
+    os_element = ET.fromstring(domain_xml).find("os")
+    wanted = [(NVRAM, "VARS.fd", nvram_path(domain_xml))]
+    for name in ("kernel", "initrd"):
+        wanted.append((BOOT, name, os_element.findtext(name) if os_element is not None else None))
+    host = source_host(ctx)
+    files = []
+    for folder, name, original in wanted:
+        if not original or not host.exists(Path(original)):
+            continue
+        if not ctx.target.is_dir(into / folder):
+            ctx.target.make_dir(into / folder, 0o755)
+        copy = into / folder / name
+        ctx.runner.run(Command(("cp", "--sparse=always", "--", original, str(copy)), mutating=True))
+        ctx.runner.run(Command(("sync", "--", str(copy)), mutating=True))
+        found = ctx.target.file_digest(copy, ALGORITHM)
+        if found != ctx.target.file_digest(Path(original), ALGORITHM):
+            raise GfsError(
+                f"job {ctx.job.title}: the copy of {original} on host {ctx.job.host} does not "
+                "match the original (changed while copied?); run again"
+            )
+        files.append(DataFile(f"{folder}/{name}", found.size, found.digest))
+        ctx.log.info("job %s: saved %s of host %s", ctx.job.title, original, ctx.job.host)
+    return files
 
 
 def _export_nvram(ctx: JobContext, domain_xml: str, into: Path) -> list[DataFile]:
@@ -977,8 +1037,24 @@ def _copy_firmware_files(
     """The restored domain's own NVRAM (from the generation, else as it is on this host
     now) and writable loader, at the new paths `restore_xml` chose (in `to`)."""
     saved = nvram_file(stored)
+    remote = isinstance(stored.fs, RemoteFS)
     for what, new, old in restored.copies:
         source = stored.path / saved.path if what == "nvram" and saved else Path(old)
+        if remote:
+            if what == "nvram" and saved is not None:
+                _copy_on_host(ctx, stored, saved, to / new.name)
+            elif source_host(ctx).exists(source):
+                ctx.runner.run(Command(("cp", "--", str(source), str(to / new.name)), True))
+            else:
+                ctx.log.warning(
+                    "job %s: no %s to copy (%s is gone from host %s): the restored domain "
+                    "starts with its firmware's template",
+                    ctx.job.title,
+                    what,
+                    old,
+                    ctx.job.host,
+                )
+            continue
         if not source.is_file():
             ctx.log.warning(
                 "job %s: no %s to copy (%s is gone): the restored domain starts with its "
@@ -991,6 +1067,30 @@ def _copy_firmware_files(
         result = copy_file(source, to / new.name)
         if saved is not None and what == "nvram" and result.digest != saved.digest:
             raise GfsError(f"{saved.path}: the copy does not match the manifest's checksum")
+
+
+def _copy_here(ctx: JobContext, stored: Stored, data: DataFile, to: Path) -> None:
+    copied = copy_file(stored.path / data.path, to)
+    if (copied.size, copied.digest) != (data.size, data.digest):
+        raise GfsError(
+            f"{stored.path / data.path}: the copy does not match the manifest's "
+            "checksum (the generation's data is corrupted)"
+        )
+
+
+def _copy_on_host(ctx: JobContext, stored: Stored, data: DataFile, to: Path) -> None:
+    """A file of a generation on the job's host's target, copied there to `to` (a new
+    path on that host), synced and checked against the manifest, read there."""
+    assert isinstance(stored.fs, RemoteFS)
+    source = stored.path / data.path
+    ctx.runner.run(Command(("cp", "--sparse=always", "--", str(source), str(to)), mutating=True))
+    ctx.runner.run(Command(("sync", "--", str(to)), mutating=True))
+    found = stored.fs.file_digest(to, stored.manifest.digest_algorithm)
+    if (found.size, found.digest) != (data.size, data.digest):
+        raise GfsError(
+            f"{source} on host {ctx.job.host}: the copy does not match the manifest's "
+            "checksum (the generation's data is corrupted)"
+        )
 
 
 def _check_disk_path(job: str, disk: Disk) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from gfs_backup.backends.base import JobContext
-from gfs_backup.core.config import LOCAL_HOST
+from gfs_backup.core.config import LOCAL_HOST, Job
 from gfs_backup.core.errors import GfsError
 from gfs_backup.tools.btrfs import SUBVOLUME_ROOT_INODE, is_subvolume_root
 from gfs_backup.transport.runner import Command, LocalRunner, Runner
@@ -164,6 +164,20 @@ class RemoteHost:
         if not path.name.startswith(".") or not path.is_absolute() or ".." in path.parts:
             raise GfsError(f"internal: refusing to remove {path} on host {self.name}")
         self._must(("sh", "-c", REMOVE_LEFTOVER, "sh", str(path)), mutating=True)
+
+
+# What of a remote job runs on its host rather than here: restores (into a path on that
+# host) and drills (restored and checked there); a drill of a VM or volume streams the
+# remote target's data here and boots or checks it here.
+RESTORED_ON_HOST = ("btrfs", "files", "libvirt")
+DRILLED_ON_HOST = ("files",)
+
+
+def runs_on_host(job: Job, action: str) -> bool:
+    """Whether `action` ("restore" or "drill") of `job` runs on the job's remote host."""
+    if job.host == LOCAL_HOST:
+        return False
+    return job.kind in (RESTORED_ON_HOST if action == "restore" else DRILLED_ON_HOST)
 
 
 def source_host(ctx: JobContext) -> SourceHost:

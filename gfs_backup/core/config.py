@@ -43,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from gfs_backup.core.errors import InputError, Problem
 from gfs_backup.core.lvmnames import LvmInputError, parse_size, split_volume
@@ -60,10 +61,10 @@ from gfs_backup.core.validate import Collector, Table, join_key, read_toml
 DEFAULT_CONFIG = Path("/etc/gfs/gfs.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/gfs")
 LOCAL_HOST = "local"
-# Kinds whose backends read this machine only so far: what they back up, for the error.
-LOCAL_ONLY_KINDS = {
-    "libvirt": "libvirt jobs back up domains of the libvirt",
-}
+DEFAULT_LIBVIRT_URI = "qemu:///system"
+# Kinds whose remote jobs write into a target their host mounts (the data never crosses
+# SSH): the tree agent of files jobs, and QEMU of libvirt jobs, on that host.
+ON_HOST_KINDS = ("files", "libvirt")
 TOP_KEYS = (
     "state_dir",
     "policy_dir",
@@ -441,26 +442,18 @@ def _job(
         collector.add(
             join_key(path, "host"), f"unknown host {host!r}: add [hosts.{host}] or use 'local'"
         )
-    if kind in LOCAL_ONLY_KINDS and host != LOCAL_HOST:
-        # Such a job would read this machine's libvirt or paths (and journal, list and
-        # clean up snapshots here): refuse rather than back up the wrong data under the
-        # remote host's job, or leave its snapshots there unseen.
-        collector.add(
-            join_key(path, "host"),
-            f"{LOCAL_ONLY_KINDS[kind]} on the machine gfs runs on; for host {host!r}, "
-            "run gfs there and remove host here (lvm, btrfs and files jobs can run on remote "
-            "hosts)",
-        )
     target = _job_target(table, path, collector, targets)
     if target in targets:
         _check_target_host(targets[target], host, kind, table, path, collector)
-        if kind == "files" and host != LOCAL_HOST and targets[target].host != host:
-            # The tree is exported by the host itself (backends/files.py): into its mount.
+        if kind in ON_HOST_KINDS and host != LOCAL_HOST and targets[target].host == LOCAL_HOST:
+            writer = "the tree is exported" if kind == "files" else "QEMU writes the backup"
             collector.add(
                 join_key(path, "target"),
-                f"a files job of host {host!r} exports on that host, into a target it mounts: "
-                f"use a target with host = {host!r}",
+                f"a {kind} job of host {host!r} needs a target that host mounts ({writer} "
+                f"there): use a target with host = {host!r}",
             )
+    if kind == "libvirt" and host != LOCAL_HOST:
+        _check_remote_libvirt(table, path, collector)
     policy = _job_policy(table, path, collector, policy_dir)
     if policy is None:
         return None
@@ -497,6 +490,34 @@ def _job(
     if not isinstance(disks, list) or not all(isinstance(d, str) and d for d in disks):
         collector.add(join_key(path, "disks"), 'must be a list of disk targets, e.g. ["vda"]')
     return Job(name, kind, host, target, policy, options)
+
+
+def check_host_uri(uri: str) -> str:
+    """The libvirt URI as the host itself names it (qemu:///system): no transport and no
+    server, since gfs reaches the host by its own SSH. ValueError saying what to write."""
+    parts = urlsplit(uri)
+    if "+" in parts.scheme or parts.netloc or not parts.scheme or not parts.path:
+        raise ValueError(
+            f"uri {uri!r}: with host = ..., name the libvirt as the host itself does "
+            '(uri = "qemu:///system", the default): gfs connects to the host by SSH itself'
+        )
+    return uri
+
+
+def _check_remote_libvirt(table: Table, path: str, collector: Collector) -> None:
+    """A libvirt job on a remote host: libvirt named as that host names it; QEMU there
+    writes push-mode backups (backends/libvirt.py), the snapshot method runs here only."""
+    uri = table.get("uri", DEFAULT_LIBVIRT_URI)
+    try:
+        check_host_uri(uri if isinstance(uri, str) else "")
+    except ValueError as exc:
+        collector.add(join_key(path, "uri"), str(exc))
+    if table.get("method") == "snapshot":
+        collector.add(
+            join_key(path, "method"),
+            '"snapshot" runs on this machine only so far: on a remote host gfs uses the '
+            'backup API (method = "auto")',
+        )
 
 
 def _check_libvirt(table: Table, path: str, collector: Collector) -> None:
@@ -578,11 +599,11 @@ def _check_target_host(
             f"target {target.name} is mounted on host {target.host!r} but the job runs on "
             f"{host!r}: set host = {target.host!r} or use a target mounted there",
         )
-    elif kind not in ("lvm", "btrfs", "files") or table.get("format", "raw") != "raw":
+    elif kind == "lvm" and table.get("format", "raw") != "raw":
         collector.add(
             key,
-            f"target {target.name} is on host {target.host!r}: only lvm jobs with format "
-            '"raw", btrfs and files jobs can export to a remote target so far',
+            f"target {target.name} is on host {target.host!r}: lvm jobs export to a remote "
+            'target with format "raw" only so far',
         )
 
 

@@ -13,10 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gfs_backup.core.config import DEFAULT_LIBVIRT_URI
 from gfs_backup.core.errors import ExitCode, GfsError
 from gfs_backup.tools.domainxml import Disk, parse_disks, with_disk_sources
 
-DEFAULT_URI = "qemu:///system"
+DEFAULT_URI = DEFAULT_LIBVIRT_URI
 POLL_SECONDS = 0.2
 # libvirtd restarted (package upgrade, admin): how long gfs waits for it to answer again.
 RECONNECT_SECONDS = 60.0

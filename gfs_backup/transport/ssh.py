@@ -64,6 +64,7 @@ from gfs_backup.transport.runner import (
     skipped_in_dry_run,
     timed_out,
 )
+from gfs_backup.transport.virttunnel import close_tunnels
 
 
 def _lazy_module(name: str) -> ModuleType:
@@ -510,6 +511,18 @@ class SSHRunner:
         finally:
             session.close()
 
+    def open_channel(self, command: Command) -> paramiko.Channel:
+        """A channel running `command` on the host, its stdin and stdout for the caller to
+        relay (a libvirt tunnel: transport/virttunnel.py); closing it ends the command."""
+        transport = self._connected()
+        log.debug("opening a channel on %s: %s", self.host, remote_command_line(command))
+        try:
+            channel = transport.open_session(timeout=CONNECT_TIMEOUT)
+            channel.exec_command(remote_command_line(command))
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise CommandError(command, f"{self.where}cannot open a channel ({exc})") from None
+        return channel
+
     def run(self, command: Command, check: bool = True) -> Completed:
         """Run to completion and capture output; raise CommandError if it fails and `check`."""
         if skipped_in_dry_run(self.dry_run, command):
@@ -577,7 +590,8 @@ def runner_for(host_name: str, config: Config, dry_run: bool = False) -> Runner:
 
 
 def close_runners() -> None:
-    """Close every SSH connection `runner_for` opened."""
+    """Close every SSH connection `runner_for` opened (and the libvirt tunnels on them)."""
+    close_tunnels()
     with _runners_lock:
         runners = list(_runners.values())
         _runners.clear()

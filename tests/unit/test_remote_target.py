@@ -78,7 +78,7 @@ def test_a_job_on_another_host_than_its_target_is_one_error_naming_job_and_keys(
 def test_only_raw_lvm_jobs_export_to_a_remote_target(tmp_path: Path) -> None:
     job = 'kind = "lvm"\nhost = "kvm2"\nvolume = "a/b"\nformat = "qcow2"'
     found = problems(config_with(tmp_path, 'host = "kvm2"', job))
-    wanted = 'only lvm jobs with format "raw", btrfs and files jobs can export to a remote target'
+    wanted = 'lvm jobs export to a remote target with format "raw" only so far'
     assert any(wanted in p for p in found)
 
 
@@ -97,18 +97,40 @@ def test_files_jobs_of_a_remote_host_export_into_a_target_that_host_mounts(
     assert [(j.kind, j.host) for j in config.jobs] == [("files", "kvm2")]
     path = config_with(tmp_path, "", job)
     assert problems(path) == [
-        f"{path}: job[db].target: a files job of host 'kvm2' exports on that host, into a "
-        "target it mounts: use a target with host = 'kvm2'"
+        f"{path}: job[db].target: a files job of host 'kvm2' needs a target that host "
+        "mounts (the tree is exported there): use a target with host = 'kvm2'"
+    ]
+    other = config_with(tmp_path, 'host = "kvm3"', job)
+    assert problems(other) == [  # one error, not two saying the same
+        f"{other}: job[db].target: target nas is mounted on host 'kvm3' but the job runs on "
+        "'kvm2': set host = 'kvm3' or use a target mounted there"
     ]
 
 
-def test_libvirt_jobs_are_refused_on_a_remote_host(tmp_path: Path) -> None:
-    path = config_with(tmp_path, "", 'kind = "libvirt"\ndomain = "web01"\nhost = "kvm2"')
+def test_libvirt_jobs_of_a_remote_host_write_into_a_target_it_mounts(tmp_path: Path) -> None:
+    job = 'kind = "libvirt"\ndomain = "web01"\nhost = "kvm2"'
+    config = load_config(config_with(tmp_path, 'host = "kvm2"', job))
+    assert [(j.kind, j.host) for j in config.jobs] == [("libvirt", "kvm2")]
+    path = config_with(tmp_path, "", job)
     assert problems(path) == [
-        f"{path}: job[db].host: libvirt jobs back up domains of the libvirt on the machine gfs "
-        "runs on; for host 'kvm2', run gfs there and remove host here (lvm, btrfs and files "
-        "jobs can run on remote hosts)"
+        f"{path}: job[db].target: a libvirt job of host 'kvm2' needs a target that host "
+        "mounts (QEMU writes the backup there): use a target with host = 'kvm2'"
     ]
+
+
+def test_a_remote_libvirt_job_names_the_hosts_own_libvirt_and_no_snapshot_method(
+    tmp_path: Path,
+) -> None:
+    job = (
+        'kind = "libvirt"\ndomain = "web01"\nhost = "kvm2"\n'
+        'uri = "qemu+ssh://root@kvm2/system"\nmethod = "snapshot"'
+    )
+    path = config_with(tmp_path, 'host = "kvm2"', job)
+    found = problems(path)
+    assert len(found) == 2, found
+    assert found[0].startswith(f"{path}: job[db].uri: uri 'qemu+ssh://root@kvm2/system': with ")
+    assert 'uri = "qemu:///system", the default' in found[0]
+    assert found[1].startswith(f'{path}: job[db].method: "snapshot" runs on this machine only')
 
 
 def test_bad_target_host_and_io_timeout_are_reported_together(tmp_path: Path) -> None:
