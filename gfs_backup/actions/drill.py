@@ -54,7 +54,7 @@ from gfs_backup.core.lock import job_lock
 from gfs_backup.core.policy import TCG_TIMEOUT_FACTOR, DrillSettings
 from gfs_backup.core.state import State
 from gfs_backup.target.catalog import Stored, list_generations
-from gfs_backup.target.fs import LOCAL_FS, RemoteFS, TargetFS
+from gfs_backup.target.fs import LOCAL_FS, RemoteFS, TargetFS, fetch_file
 from gfs_backup.target.manifest import (
     DRILL_RECORDS,
     MANIFEST,
@@ -292,9 +292,9 @@ def _drill_vm(
     overlays in `workdir`) while their checksums are verified: the reason and every
     check's result, or DrillCheckFailed with them."""
     settings = ctx.job.policy.drill
-    disks = disk_files(stored)
     if stored.fs is not LOCAL_FS:
-        raise DrillCheckFailed(f"generation {stored.id} is on a remote target: not drillable")
+        stored = _fetched(stored, workdir / "generation")
+    disks = disk_files(stored)
     images = {Path(data.path).stem: stored.path / data.path for data in disks}
     try:
         machine = parse_drill_machine(str(stored.manifest.source.get("xml", "")), images)
@@ -401,6 +401,26 @@ def resolve_accel(ctx: JobContext, settings: DrillSettings) -> tuple[str, float]
         why,
     )
     return "tcg", timeout
+
+
+def _fetched(stored: Stored, into: Path) -> Stored:
+    """A generation on a remote target, its files streamed from the host that mounts it into
+    `into` here (sparse) and checked against the manifest as they come: the generation as
+    a drill here boots it. DrillCheckFailed names a file that does not match."""
+    into.mkdir()
+    for data in stored.manifest.files:
+        local = into / data.path
+        local.parent.mkdir(parents=True, exist_ok=True)
+        algorithm = stored.manifest.digest_algorithm
+        try:
+            found = fetch_file(stored.fs, stored.path / data.path, algorithm, local)
+        except GfsError as exc:
+            raise DrillCheckFailed(f"{data.path}: cannot be read from the target: {exc}") from None
+        if (found.size, found.digest) != (data.size, data.digest):
+            raise DrillCheckFailed(
+                f"checksums: {data.path} does not match the manifest's checksum (corrupted)"
+            )
+    return replace(stored, path=into, fs=LOCAL_FS)
 
 
 def _checksums(stored: Stored, disks: list[DataFile]) -> CheckResult:

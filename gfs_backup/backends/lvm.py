@@ -42,7 +42,12 @@ from gfs_backup.core.errors import GfsError
 from gfs_backup.core.lvmnames import LvmInputError, parse_size, split_volume
 from gfs_backup.core.state import JournalEntry
 from gfs_backup.target.catalog import Stored
-from gfs_backup.target.fs import LOCAL_FS, WHOLE_FILE_SHA256, TargetStalled, sha256_file
+from gfs_backup.target.fs import (
+    LOCAL_FS,
+    WHOLE_FILE_SHA256,
+    TargetStalled,
+    fetch_file,
+)
 from gfs_backup.target.manifest import DataFile
 from gfs_backup.tools.lvm import (
     Volume,
@@ -439,11 +444,8 @@ class LvmBackend:
         """A raw image on a remote target, streamed from its host to the new file `to`
         (sparse), checked against the manifest's digest."""
         data = stored.manifest.files[0]
-        with stored.fs.open_read(stored.path / data.path) as stream:
-            result = copy_stream(cast(BinaryIO, stream), to, progress)
-        digest = result.digest
-        if stored.manifest.digest_algorithm == WHOLE_FILE_SHA256:
-            digest = sha256_file(to).digest
-        if result.size != data.size or digest != data.digest:
+        algorithm = stored.manifest.digest_algorithm
+        found = fetch_file(stored.fs, stored.path / data.path, algorithm, to, progress)
+        if (found.size, found.digest) != (data.size, data.digest):
             to.unlink(missing_ok=True)
-            raise ValueError(f"{data.path}: restored image has checksum {digest}")
+            raise ValueError(f"{data.path}: restored image has checksum {found.digest}")

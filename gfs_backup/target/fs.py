@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, BinaryIO, Protocol, cast
 
-from gfs_backup.copying.copy import digest_file
+from gfs_backup.copying.copy import Progress, copy_stream, digest_file
 from gfs_backup.copying.digest import ALGORITHM
 from gfs_backup.copying.hostcopy import CopyOutput, make_file_digest_command
 from gfs_backup.copying.hostimage import ScriptOutput, make_digest_command
@@ -413,3 +413,15 @@ def parse_find_entries(text: str) -> list[Entry]:
         if name and "/" not in name:
             found.append(Entry(name, kind if kind in ("d", "l") else "f"))
     return sorted(found, key=lambda entry: entry.name)
+
+
+def fetch_file(
+    fs: TargetFS, path: Path, algorithm: str, to: Path, progress: Progress | None = None
+) -> FileDigest:
+    """A file of a target (here or on the host that mounts it), streamed to the new file
+    `to` here (sparse, fsynced): its size and checksum by `algorithm`, of what was written."""
+    with fs.open_read(path) as stream:
+        result = copy_stream(cast(BinaryIO, stream), to, progress)
+    if algorithm == WHOLE_FILE_SHA256:
+        return sha256_file(to)
+    return FileDigest(result.size, result.digest)

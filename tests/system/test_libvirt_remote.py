@@ -38,6 +38,9 @@ __all__ = [
     "sshd",
 ]
 
+# The lab guest boots from the saved kernel with its command line: it writes its pattern
+# again (into the drill's overlay) and prints this.
+DRILL = '[job.policy.drill]\nconsole = "GFS-PATTERN-WRITTEN tag=rl1"\ntimeout = 300\n'
 TRAFFIC = re.compile(r"host kvm2: (\d+) bytes of command output received")
 
 
@@ -50,7 +53,8 @@ def remote_config(tmp_path: Path, server: Sshd, target: Path, domain: str) -> Pa
         f"known_hosts = {json.dumps(str(server.known_hosts))}\n"
         f'[target.nas]\npath = {json.dumps(str(target))}\nhost = "kvm2"\nrequire_nfs = false\n'
         f'[[job]]\nname = "vm"\nkind = "libvirt"\nhost = "kvm2"\ntarget = "nas"\n'
-        f"domain = {json.dumps(domain)}\n{DAILY}",
+        f"domain = {json.dumps(domain)}\nscratch_dir = {json.dumps(str(tmp_path))}\n{DAILY}"
+        f"{DRILL}",
         encoding="utf-8",
     )
     return config
@@ -105,6 +109,13 @@ def test_running_domain_of_a_remote_host_is_backed_up_there_and_restores_there(
     assert traffic and max(traffic) < vm.disk.stat().st_size // 4, result.stderr  # not the disk
 
     assert run_gfs("verify", "--config", str(config)).exit_code == 0
+    drilled = run_gfs("drill", "vm", "--config", str(config))  # streamed here, booted here
+    assert drilled.exit_code == 0, drilled.output
+    assert f"{generation.name}: drill passed" in drilled.stdout, drilled.stdout
+    assert "console matched /GFS-PATTERN-WRITTEN tag=rl1/" in drilled.stdout
+    record = json.loads((generation / "manifest.json").read_text())["drills"][-1]
+    assert record["outcome"] == "pass", record
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".gfs-drill")] == []
     refused = run_gfs("restore", "vm", "--config", str(config), "--over-original")
     assert refused.exit_code != 0 and "is on host kvm2" in refused.output, refused.output
 
@@ -132,6 +143,8 @@ def test_running_domain_of_a_remote_host_is_backed_up_there_and_restores_there(
         handle.write(bytes([byte[0] ^ 0x40]))
     damaged = run_gfs("verify", "--config", str(config))
     assert damaged.exit_code != 0 and "disks/vda.qcow2" in damaged.output + damaged.stderr
+    bad = run_gfs("drill", "vm", "--config", str(config))
+    assert bad.exit_code != 0 and "disks/vda.qcow2" in bad.output, bad.output
 
 
 def test_remote_host_key_checked_a_killed_run_cleaned_up_there_and_shut_off_copied(
