@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from gfs_backup.actions.cluster import Located, check_unmoved, on_its_host
 from gfs_backup.actions.drill import periodic_drill
 from gfs_backup.actions.members import (
     Selection,
@@ -259,6 +260,14 @@ def _run_one(
     options: RunOptions,
     bandwidth: int = 0,
 ) -> JobOutcome:
+    if not options.dry_run and job.options.get("cluster"):
+        assert state is not None
+        try:
+            job, _found = on_its_host(config, job)
+        except GfsError as exc:
+            state.finish_run(state.start_run(job.name), "failed", message=str(exc))
+            log.error("job %s: failed: %s", job.title, exc)
+            return JobOutcome(job.title, "failed", message=str(exc))
     job_dir, fs = job_location(config, job, options.dry_run)
     if options.dry_run:
         return _preview(config, job, state, job_dir, clock(), fs)
@@ -426,6 +435,10 @@ def _pipeline(
                 ctx, snapshot, partial.path, previous, _with_crash_point(progress)
             )
             manifest = _manifest(ctx, partial, exported, listing.generations)
+            if job.options.get("cluster"):
+                running = exported.source.get("state") == "running"
+                backed_up = Located(job.host, running, str(exported.source.get("uuid")))
+                check_unmoved(config, job, backed_up)
             crash_point("before-publish")
             shared = config.targets[job.target].read_group if job.kind == "libvirt" else None
             partial.publish(manifest, shared)

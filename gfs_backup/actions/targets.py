@@ -10,13 +10,17 @@ from gfs_backup.target.fs import LOCAL_FS, RemoteFS, TargetFS
 from gfs_backup.transport.ssh import runner_for
 
 
-def target_fs(config: Config, target_name: str, dry_run: bool = False) -> TargetFS:
+def target_fs(
+    config: Config, target_name: str, dry_run: bool = False, host: str | None = None
+) -> TargetFS:
     """LOCAL_FS for a target mounted here, else a RemoteFS through its host's runner (the
-    SSH connection the host's jobs share)."""
+    SSH connection the host's jobs share); a cluster's share through `host` when given (the
+    host a cluster job runs on), else through the cluster's first host."""
     target = config.targets[target_name]
     if target.host == LOCAL_HOST:
         return LOCAL_FS
-    runner = runner_for(target.host, config, dry_run)
+    through = host if target.cluster is not None and host not in (None, LOCAL_HOST) else None
+    runner = runner_for(through or target.host, config, dry_run)
     return RemoteFS(runner, target.name, target.path, target.io_timeout)
 
 
@@ -30,4 +34,4 @@ def job_dir(config: Config, job: Job) -> Path:
 
 def job_location(config: Config, job: Job, dry_run: bool = False) -> tuple[Path, TargetFS]:
     """The job's directory on its target and the filesystem that holds it."""
-    return job_dir(config, job), target_fs(config, job.target, dry_run)
+    return job_dir(config, job), target_fs(config, job.target, dry_run, job.host)

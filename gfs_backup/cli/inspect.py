@@ -29,6 +29,8 @@ from gfs_backup.core.state import State
 from gfs_backup.ops.settings import ops_of
 from gfs_backup.target.catalog import Stored
 
+HOSTS_SHOWN = 6  # generations whose host `gfs status` names (all in --json)
+
 
 def _stored_json(stored: Stored) -> dict[str, Any]:
     manifest = stored.manifest
@@ -206,6 +208,10 @@ def status_command(jobs: tuple[str, ...], config_path: Path, as_json: bool, chec
                 if drilled
                 else None,
                 "warnings": status.warnings,
+                # where each generation's source was read (a cluster's domain moves)
+                "generation_hosts": [
+                    {"id": g.id, "host": g.manifest.host} for g in status.listing.stored
+                ],
             }
         )
     found = coverage(config) if not jobs else None
@@ -227,6 +233,11 @@ def status_command(jobs: tuple[str, ...], config_path: Path, as_json: bool, chec
                 f"  last drill: {verdict} {drill['time']} (generation {drill['generation']}): "
                 f"{drill['message']}"
             )
+        hosts = row["generation_hosts"]
+        if any(g["host"] != "local" for g in hosts):
+            newest = [f"{g['id']} {g['host']}" for g in reversed(hosts)][:HOSTS_SHOWN]
+            more = f", {len(hosts) - HOSTS_SHOWN} more" if len(hosts) > HOSTS_SHOWN else ""
+            click.echo(f"  host of each generation, newest first: {', '.join(newest)}{more}")
         for warning in row["warnings"]:
             click.echo(f"  warning: {warning}")
     if found is not None:

@@ -40,7 +40,7 @@ from __future__ import annotations
 import grp
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -71,6 +71,7 @@ TOP_KEYS = (
     "concurrency",
     "target",
     "hosts",
+    "cluster",
     "job",
     "files",
     "incremental",
@@ -85,7 +86,16 @@ DEFAULT_REHASH_EVERY = "30d"
 INCREMENTAL_KEYS = ("full_every", "base_verified_within")
 DEFAULT_FULL_EVERY = "30d"
 DEFAULT_BASE_VERIFIED_WITHIN = "7d"
-TARGET_KEYS = ("path", "require_nfs", "bandwidth", "host", "io_timeout", "read_group")
+TARGET_KEYS = (
+    "path",
+    "require_nfs",
+    "bandwidth",
+    "host",
+    "cluster",
+    "io_timeout",
+    "read_group",
+)
+CLUSTER_KEYS = ("hosts",)
 DEFAULT_IO_TIMEOUT = 600.0
 HOST_KEYS = ("address", "user", "port", "identity_file", "known_hosts")
 JOB_COMMON_KEYS = ("name", "kind", "host", "target", "policy", "scratch_dir")
@@ -105,6 +115,7 @@ KIND_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
             "exclude_disks",
             "disks",
             "uri",
+            "cluster",
             "quiesce",
             "method",
             "overlay_dir",
@@ -138,6 +149,17 @@ class Target:
     host: str = "local"  # the host that mounts it; a job writing to it must run there
     io_timeout: float = DEFAULT_IO_TIMEOUT  # seconds without progress on a remote target
     read_group: str | None = None  # may read VM generations (a CI runner's drills)
+    # The cluster whose every host mounts it at `path` (its shared NFS share); `host` is
+    # then the cluster's first host, through which gfs reads it outside a job's run.
+    cluster: str | None = None
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """KVM hosts sharing storage and a backup share, whose domains move between them."""
+
+    name: str
+    hosts: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -199,6 +221,7 @@ class Config:
     coverage_ignore: tuple[str, ...] = ()
     # What registered section parsers made of their keys (see `register_section`).
     sections: dict[str, Any] = field(default_factory=dict)
+    clusters: dict[str, Cluster] = field(default_factory=dict)
 
 
 # Parsers of settings that belong to higher layers (operations: [notify], [metrics], the
@@ -232,7 +255,14 @@ def load_config(path: Path) -> Config:
         name: _host(name, value, collector)
         for name, value in _named_tables(table, "hosts", collector)
     }
-    for target in targets.values():
+    clusters = {
+        name: _cluster(name, value, collector, hosts)
+        for name, value in _named_tables(table, "cluster", collector)
+    }
+    for name, target in list(targets.items()):
+        if target.cluster is not None:
+            targets[name] = _cluster_target(target, clusters, collector)
+            continue
         if target.host != LOCAL_HOST and target.host not in hosts:
             collector.add(
                 join_key(f"target.{target.name}", "host"),
@@ -244,7 +274,7 @@ def load_config(path: Path) -> Config:
         table, "incremental", "", dict, {}, "an [incremental] table"
     )
     collector.unknown_keys(incremental_defaults, INCREMENTAL_KEYS, "incremental")
-    jobs = _jobs(table, collector, targets, hosts, policy_dir)
+    jobs = _jobs(table, collector, targets, hosts, clusters, policy_dir)
     for job in jobs:
         if job.kind == "files":
             off = "to never read every file again"
@@ -279,6 +309,7 @@ def load_config(path: Path) -> Config:
         concurrency,
         tuple(ignore),
         sections,
+        clusters,
     )
 
 
@@ -314,7 +345,7 @@ def _target(name: str, table: Table, collector: Collector) -> Target:
         io_timeout = DEFAULT_IO_TIMEOUT
     elif not 1 <= io_timeout <= 86400:
         collector.add(join_key(path, "io_timeout"), f"{io_timeout} is not 1 to 86400 seconds")
-    if bandwidth and host != LOCAL_HOST:
+    if bandwidth and (host != LOCAL_HOST or "cluster" in table):
         collector.add(
             join_key(path, "bandwidth"),
             f"cannot be enforced on a target of host {host!r}: the copy runs there; "
@@ -330,7 +361,57 @@ def _target(name: str, table: Table, collector: Collector) -> Target:
                 f"group {read_group!r} does not exist on this machine: create it (groupadd) "
                 "with the same GID as on the machines that drill from the share",
             )
-    return Target(name, Path(where), require_nfs, bandwidth, host, float(io_timeout), read_group)
+    cluster = collector.get(table, "cluster", path, str, None, "a cluster name")
+    return Target(
+        name,
+        Path(where),
+        require_nfs,
+        bandwidth,
+        host,
+        float(io_timeout),
+        read_group,
+        cluster,
+    )
+
+
+def _cluster(name: str, table: Table, collector: Collector, hosts: dict[str, Host]) -> Cluster:
+    path = f"cluster.{name}"
+    collector.unknown_keys(table, CLUSTER_KEYS, path)
+    members = table.get("hosts")
+    if (
+        not isinstance(members, list)
+        or not members
+        or not all(isinstance(m, str) and m for m in members)
+    ):
+        collector.add(join_key(path, "hosts"), 'required: the hosts, e.g. ["kvm1", "kvm2"]')
+        return Cluster(name, ())
+    for member in members:
+        if member not in hosts:
+            collector.add(
+                join_key(path, "hosts"),
+                f"unknown host {member!r}: add [hosts.{member}] (a cluster's hosts are "
+                "reached by SSH, also this machine's)",
+            )
+    if len(set(members)) != len(members):
+        collector.add(join_key(path, "hosts"), "names a host twice")
+    return Cluster(name, tuple(members))
+
+
+def _cluster_target(target: Target, clusters: dict[str, Cluster], collector: Collector) -> Target:
+    """A target mounted by every host of a cluster: read through its first host."""
+    path = f"target.{target.name}"
+    if target.host != LOCAL_HOST:
+        collector.add(join_key(path, "cluster"), "name the cluster or one host, not both")
+    cluster = clusters.get(str(target.cluster))
+    if cluster is None:
+        collector.add(
+            join_key(path, "cluster"),
+            f"unknown cluster {target.cluster!r}: add [cluster.{target.cluster}] hosts = [...]",
+        )
+        return target
+    if not cluster.hosts:
+        return target
+    return replace(target, host=cluster.hosts[0])
 
 
 def _group_exists(name: str) -> bool:
@@ -367,6 +448,7 @@ def _jobs(
     collector: Collector,
     targets: dict[str, Target],
     hosts: dict[str, Host],
+    clusters: dict[str, Cluster],
     policy_dir: Path,
 ) -> list[Job]:
     entries: list[Any] = collector.get(table, "job", "", list, [], "[[job]] tables")
@@ -377,7 +459,7 @@ def _jobs(
         if not isinstance(entry, dict):
             collector.add(path, "expected a [[job]] table")
             continue
-        job = _job(entry, path, collector, targets, hosts, policy_dir)
+        job = _job(entry, path, collector, targets, hosts, clusters, policy_dir)
         if job is None:
             continue
         if job.name in seen:
@@ -411,6 +493,7 @@ def _job(
     collector: Collector,
     targets: dict[str, Target],
     hosts: dict[str, Host],
+    clusters: dict[str, Cluster],
     policy_dir: Path,
 ) -> Job | None:
     name = collector.get(table, "name", path, str, "", "a job name")
@@ -443,8 +526,11 @@ def _job(
             join_key(path, "host"), f"unknown host {host!r}: add [hosts.{host}] or use 'local'"
         )
     target = _job_target(table, path, collector, targets)
+    cluster = _job_cluster(table, path, collector, clusters, targets.get(target))
+    if cluster is not None:
+        host = cluster.hosts[0]  # until a run finds the host the domain is on
     if target in targets:
-        _check_target_host(targets[target], host, kind, table, path, collector)
+        _check_target_host(targets[target], host, kind, table, path, collector, clusters)
         if kind in ON_HOST_KINDS and host != LOCAL_HOST and targets[target].host == LOCAL_HOST:
             writer = "the tree is exported" if kind == "files" else "QEMU writes the backup"
             collector.add(
@@ -585,15 +671,59 @@ def duration_or_off(value: object, minimum: int) -> int:
     return seconds
 
 
+def _job_cluster(
+    table: Table,
+    path: str,
+    collector: Collector,
+    clusters: dict[str, Cluster],
+    target: Target | None,
+) -> Cluster | None:
+    """A libvirt job's `cluster`: one domain, on whichever host of the cluster it is, into
+    a target every host of that cluster mounts. None when not set or wrong (reported)."""
+    name = table.get("cluster")
+    if name is None:
+        return None
+    key = join_key(path, "cluster")
+    if "host" in table:
+        collector.add(key, "name a cluster or a host, not both")
+    if "domains" in table:
+        collector.add(key, 'backs up one domain (domain = "web01") so far, not patterns')
+    cluster = clusters.get(name) if isinstance(name, str) else None
+    if cluster is None:
+        collector.add(key, f"unknown cluster {name!r}: add [cluster.{name}] hosts = [...]")
+        return None
+    if target is not None and target.cluster != cluster.name:
+        collector.add(
+            join_key(path, "target"),
+            f"target {target.name} is not mounted by the hosts of cluster {cluster.name}: use "
+            f'a target with cluster = "{cluster.name}" (the share every host mounts)',
+        )
+    return cluster if cluster.hosts else None
+
+
 def _check_target_host(
-    target: Target, host: str, kind: str, table: Table, path: str, collector: Collector
+    target: Target,
+    host: str,
+    kind: str,
+    table: Table,
+    path: str,
+    collector: Collector,
+    clusters: dict[str, Cluster],
 ) -> None:
     """A target mounted by a remote host takes data only from jobs on that host (the data
-    would need a third path otherwise), and so far only raw LVM images."""
+    would need a third path otherwise), and so far only raw LVM images. A cluster's target
+    takes data from jobs on any of its hosts."""
     if target.host == LOCAL_HOST:
         return
     key = join_key(path, "target")
-    if host != target.host:
+    members = clusters[target.cluster].hosts if target.cluster in clusters else ()
+    if target.cluster is not None and host not in members:
+        collector.add(
+            key,
+            f"target {target.name} is the share of cluster {target.cluster}: a job writing "
+            f"to it runs on one of its hosts ({', '.join(members)}), not on {host!r}",
+        )
+    elif target.cluster is None and host != target.host:
         collector.add(
             key,
             f"target {target.name} is mounted on host {target.host!r} but the job runs on "

@@ -131,6 +131,15 @@ class Connection:
                 f"domain {name!r} does not exist on {self.uri} (virsh list --all shows the domains)"
             ) from None
 
+    def find(self, name: str) -> Any | None:
+        """The domain called `name`, None when there is none (VirtError when libvirt fails)."""
+        try:
+            return self.conn.lookupByName(name)
+        except self.lib.libvirtError as exc:
+            if exc.get_error_code() == self.lib.VIR_ERR_NO_DOMAIN:
+                return None
+            raise VirtError(f"cannot look up domain {name!r} at {self.uri}: {exc}") from None
+
     def domain_by_uuid(self, uuid: str, name: str) -> Any:
         """The domain with `uuid` (`name`: what it was called, for the error)."""
         try:
