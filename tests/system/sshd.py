@@ -184,10 +184,10 @@ def stop(server: Sshd) -> None:
     kill(below)
 
 
-@pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[Sshd]:
+def start_sshd(directory: Path, wrapper: tuple[str, ...] = ()) -> Sshd:
+    """A new sshd with its keys in `directory` (created), listening; `wrapper` is argv run
+    before sshd's own (it must exec it: e.g. a script entering a namespace). `stop` ends it."""
     require_openssh()
-    directory = tmp_path / "sshd"
     directory.mkdir()
     host_key = keygen(directory / "host_ed25519")
     keygen(directory / "client_ed25519")
@@ -199,7 +199,7 @@ def sshd(tmp_path: Path) -> Iterator[Sshd]:
     log = directory / "sshd.log"
     with log.open("wb") as output:
         process = subprocess.Popen(
-            [str(SSHD), "-D", "-e", "-f", str(config)],
+            [*wrapper, str(SSHD), "-D", "-e", "-f", str(config)],
             stdin=subprocess.DEVNULL,
             stdout=output,
             stderr=output,
@@ -207,6 +207,16 @@ def sshd(tmp_path: Path) -> Iterator[Sshd]:
     server = Sshd(directory, port, host_key, directory / "client_ed25519", process, log)
     try:
         _wait_listening(server)
+    except BaseException:
+        stop(server)
+        raise
+    return server
+
+
+@pytest.fixture
+def sshd(tmp_path: Path) -> Iterator[Sshd]:
+    server = start_sshd(tmp_path / "sshd")
+    try:
         yield server
     finally:
         stop(server)

@@ -1,0 +1,142 @@
+"""Cluster jobs across two real libvirt hosts: this machine's lab libvirtd (host kvm1, through
+a local sshd) and a second libvirtd with its own sshd in a mount namespace of its own (host
+kvm2, tests/lab/second_host.py). A TCG domain is live-migrated between them by libvirt; gfs
+finds it on each run, backs it up where it runs, and keeps one history. The backups are
+judged by `qemu-img compare` against the domain's disk.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from tests.conftest import RunGfs
+from tests.lab.domains import LabDomain, create_disk, domain_xml
+from tests.lab.fixtures import guest_image, libvirt_conn, libvirt_daemon, make_domain
+from tests.lab.second_host import SecondHost, start_second_host, stop_second_host
+from tests.system.helpers import listing
+from tests.system.sshd import Sshd, sshd
+from tests.system.test_libvirt import DAILY
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+__all__ = ["guest_image", "libvirt_conn", "libvirt_daemon", "make_domain", "sshd"]
+
+MIGRATE = (
+    libvirt.VIR_MIGRATE_LIVE
+    | libvirt.VIR_MIGRATE_PERSIST_DEST
+    | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+    | libvirt.VIR_MIGRATE_UNSAFE  # the disk is on shared storage libvirt cannot recognise
+)
+
+
+@pytest.fixture
+def second_host(tmp_path: Path, libvirt_daemon: object) -> Iterator[SecondHost]:
+    host = start_second_host(tmp_path / "kvm2")
+    try:
+        yield host
+    finally:
+        stop_second_host(host)
+
+
+def host_table(name: str, server: Sshd) -> str:
+    return (
+        f'[hosts.{name}]\naddress = "127.0.0.1"\nport = {server.port}\nuser = "root"\n'
+        f"identity_file = {json.dumps(str(server.client_key))}\n"
+        f"known_hosts = {json.dumps(str(server.known_hosts))}\n"
+    )
+
+
+def cluster_config(tmp_path: Path, first: Sshd, second: Sshd, target: Path, domain: str) -> Path:
+    config = tmp_path / "gfs.toml"
+    config.write_text(
+        f"state_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+        + host_table("kvm1", first)
+        + host_table("kvm2", second)
+        + '[cluster.prod]\nhosts = ["kvm1", "kvm2"]\n'
+        f'[target.nas]\npath = {json.dumps(str(target))}\ncluster = "prod"\n'
+        "require_nfs = false\n"
+        f'[[job]]\nname = "web"\nkind = "libvirt"\ncluster = "prod"\ntarget = "nas"\n'
+        f"domain = {json.dumps(domain)}\n{DAILY}",
+        encoding="utf-8",
+    )
+    return config
+
+
+def compare(first: Path, second: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["qemu-img", "compare", "-U", str(first), str(second)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_a_domain_migrating_between_hosts_keeps_one_history_and_ambiguity_fails(
+    make_domain: object,
+    tmp_path: Path,
+    run_gfs: RunGfs,
+    sshd: Sshd,
+    second_host: SecondHost,
+    libvirt_conn: libvirt.virConnect,
+) -> None:
+    target = second_host.mount_share("tgt", 512)  # mounted on both hosts
+    vm: LabDomain = make_domain(action="write-pattern", tag="cl1", after="idle")  # type: ignore[operator]
+    vm.wait_for("GFS-PATTERN-WRITTEN tag=cl1")
+    sshd.trust()
+    second_host.sshd.trust()
+    config = cluster_config(tmp_path, sshd, second_host.sshd, target, vm.name)
+    args = ("--config", str(config))
+
+    first = run_gfs("run", "--force", *args)
+    assert first.exit_code == 0, first.output
+    assert f"domain {vm.name} is running on host kvm1" in first.stderr
+
+    kvm2 = second_host.connect()
+    try:
+        moved = vm.domain.migrate(kvm2, MIGRATE, None, None, 0)
+        assert moved.isActive()
+        assert vm.name not in [d.name() for d in libvirt_conn.listAllDomains(0)]
+        second = run_gfs("run", "--force", *args)
+        assert second.exit_code == 0, second.output
+        assert f"domain {vm.name} is running on host kvm2" in second.stderr
+        generations = listing(run_gfs("list", *args, "--json"))
+        assert [g["host"] for g in generations] == ["kvm1", "kvm2"]  # one history, in order
+        for generation in generations:
+            judged = compare(vm.disk, Path(generation["path"]) / "disks" / "vda.qcow2")
+            assert judged.returncode == 0, judged.stdout + judged.stderr
+        status = run_gfs("status", "web", *args)
+        newest_first = f"{generations[1]['id']} kvm2, {generations[0]['id']} kvm1"
+        assert f"host of each generation, newest first: {newest_first}" in status.stdout
+
+        # A stale copy of the domain starts on kvm1 while it runs on kvm2: which is it?
+        stale_disk = create_disk(tmp_path / "stale.qcow2")
+        stale_xml = domain_xml(vm.spec).replace(str(vm.disk), str(stale_disk))
+        stale = libvirt_conn.defineXML(stale_xml)
+        try:
+            stale.create()
+            split = run_gfs("run", "--force", *args)
+            assert split.exit_code != 0
+            assert f"domain {vm.name} is running on hosts kvm1 and kvm2 at once" in split.stderr
+            stale.destroy()
+            both = run_gfs("run", "--force", *args)  # running on kvm2, defined on both: kvm2
+            assert both.exit_code == 0, both.output
+            moved.destroy()
+            ambiguous = run_gfs("run", "--force", *args)
+            assert ambiguous.exit_code != 0
+            assert "is shut off and defined on hosts kvm1 and kvm2" in ambiguous.stderr
+        finally:
+            if stale.isActive():
+                stale.destroy()
+            stale.undefine()
+        moved.undefine()
+        gone = run_gfs("run", "--force", *args)
+        assert gone.exit_code != 0
+        assert f"domain {vm.name} is on none of the hosts of cluster prod" in gone.stderr
+        assert len(listing(run_gfs("list", *args, "--json"))) == 3  # failures published none
+    finally:
+        kvm2.close()
