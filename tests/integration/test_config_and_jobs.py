@@ -137,8 +137,8 @@ father-weekday = "someday"
         ),
         (
             "colour = 1\n",
-            "colour: unknown key (allowed: state_dir, policy_dir, concurrency, target, hosts, cluster, "
-            "job, files, incremental, coverage, metrics, notify, ping_url)",
+            "colour: unknown key (allowed: state_dir, policy_dir, concurrency, target, hosts, "
+            "cluster, job, files, incremental, coverage, metrics, notify, ping_url)",
         ),
         ("[hosts.kvm2]\nport = 70000\n", "hosts.kvm2.address: required"),
         (

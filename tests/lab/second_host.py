@@ -8,8 +8,9 @@ own `host_uuid`, so libvirt migrates between the two hosts as between two machin
 cgroup controllers, so two QEMUs of the same domain name cannot collide in a cgroup). All
 else is shared: disks live in shared storage as on a cluster, and a filesystem mounted here
 later (the backup share) shows up there too (below `share`, a shared mount point: slave
-propagation), as a share every host of a cluster mounts. The host's sshd runs in the namespace, so what gfs runs over SSH
-(virt-ssh-helper, qemu-img, cp) sees that host's libvirt. This machine's lab libvirtd is
+propagation), as a share every host of a cluster mounts. The host's sshd runs in the
+namespace, so what gfs runs over SSH (virt-ssh-helper, qemu-img, cp) sees that host's
+libvirt. This machine's lab libvirtd is
 the first host.
 
 Checked by hand (libvirt 9.0, QEMU 7.2): a TCG domain live-migrates between the two
@@ -118,7 +119,8 @@ def start_second_host(directory: Path) -> SecondHost:
         except (libvirt.libvirtError, LabError):
             if time.monotonic() > deadline:
                 stop_second_host(host)
-                raise LabError(f"the second host's libvirtd does not answer: {host.log_tail()}")
+                why = f"the second host's libvirtd does not answer: {host.log_tail()}"
+                raise LabError(why) from None
             time.sleep(0.3)
 
 
