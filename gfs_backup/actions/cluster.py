@@ -25,10 +25,9 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
-from gfs_backup.backends.libvirt import libvirt_uri
+from gfs_backup.backends.libvirt import connect
 from gfs_backup.core.config import Config, Job
 from gfs_backup.core.errors import ExitCode, GfsError
-from gfs_backup.tools.virt import Connection
 from gfs_backup.transport.ssh import runner_for
 
 log = logging.getLogger("gfs.cluster")
@@ -60,7 +59,7 @@ class Located:
 
 def _look(config: Config, job: Job, host: str) -> Seen:
     try:
-        connection = Connection(libvirt_uri(replace(job, host=host), runner_for(host, config)))
+        connection = connect(replace(job, host=host), runner_for(host, config))
     except GfsError as exc:
         return Seen(host, error=str(exc))
     try:
@@ -129,6 +128,21 @@ def on_its_host(config: Config, job: Job) -> tuple[Job, Located | None]:
         found.host,
     )
     return replace(job, host=found.host), found
+
+
+def explain_failure_in_cluster(config: Config, job: Job, failure: GfsError) -> None:
+    """A cluster job's export failed: if the domain is now running on another host (it was
+    migrated), raise a GfsError saying so, else return (the failure speaks for itself)."""
+    try:
+        now = locate(config, job)
+    except NotLocated:
+        return
+    if now.host != job.host and now.running:
+        raise GfsError(
+            f"job {job.title}: domain {job.options['domain']} moved from host {job.host} to "
+            f"{now.host} during its backup ({failure}): no generation was made; the next "
+            "run backs it up there"
+        ) from None
 
 
 def check_unmoved(config: Config, job: Job, before: Located) -> None:

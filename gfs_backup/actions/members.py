@@ -176,7 +176,7 @@ def select(job: Job, domains: list[DomainInfo], found: list[History]) -> Selecti
 def list_domains(config: Config, job: Job) -> list[DomainInfo]:
     """The domains of the job's libvirt (on its host). GfsError when libvirtd does not
     answer (the job fails): never read as "every domain vanished"."""
-    return virt_domains(libvirt_uri(job, runner_for(job.host, config)))
+    return virt_domains(*libvirt_uri(job, runner_for(job.host, config)))
 
 
 def overlapping(selections: dict[str, Selection], singles: list[Job]) -> dict[str, list[str]]:

@@ -12,7 +12,12 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from gfs_backup.actions.cluster import Located, check_unmoved, on_its_host
+from gfs_backup.actions.cluster import (
+    Located,
+    check_unmoved,
+    explain_failure_in_cluster,
+    on_its_host,
+)
 from gfs_backup.actions.drill import periodic_drill
 from gfs_backup.actions.members import (
     Selection,
@@ -431,9 +436,14 @@ def _pipeline(
         )
         ctx.log.info("job %s: exporting to %s", job.title, partial.path)
         try:
-            exported = backend.export(
-                ctx, snapshot, partial.path, previous, _with_crash_point(progress)
-            )
+            try:
+                exported = backend.export(
+                    ctx, snapshot, partial.path, previous, _with_crash_point(progress)
+                )
+            except GfsError as exc:
+                if job.options.get("cluster"):
+                    explain_failure_in_cluster(config, job, exc)
+                raise
             manifest = _manifest(ctx, partial, exported, listing.generations)
             if job.options.get("cluster"):
                 running = exported.source.get("state") == "running"

@@ -174,7 +174,7 @@ class LibvirtBackend:
     kind = "libvirt"
 
     def _connect(self, job: Job, runner: Runner | None = None) -> Connection:
-        return Connection(libvirt_uri(job, runner))
+        return connect(job, runner)
 
     def sources(self, job: Job) -> list[Path]:
         if job.host != LOCAL_HOST:
@@ -291,7 +291,7 @@ class LibvirtBackend:
             source = {
                 "domain": domain.name(),
                 "uuid": domain.UUIDString(),
-                "uri": connection.uri,
+                "uri": str(ctx.job.options.get("uri", DEFAULT_URI)),
                 "xml": connection.xml(domain, inactive=True),
                 "disks": [
                     {
@@ -942,15 +942,21 @@ class LibvirtBackend:
             connection.close()
 
 
-def libvirt_uri(job: Job, runner: Runner | None) -> str:
-    """The URI libvirt-python opens for the job: its `uri`, or for a job of a remote host
-    the tunnel to that host's libvirt on the job's SSH connection (transport/virttunnel)."""
+def libvirt_uri(job: Job, runner: Runner | None) -> tuple[str, str | None]:
+    """The job's libvirt as messages name it (its `uri`, and its host), and the URI opened
+    for it when that differs: for a job of a remote host, the tunnel to that host's libvirt
+    on the job's SSH connection (transport/virttunnel.py)."""
     uri = str(job.options.get("uri", DEFAULT_URI))
     if job.host == LOCAL_HOST:
-        return uri
+        return uri, None
     if not isinstance(runner, SSHRunner):
         raise GfsError(f"internal: job {job.title} of host {job.host} without its SSH runner")
-    return tunnel_for(runner, uri).uri
+    return f"{uri} on host {job.host}", tunnel_for(runner, uri).uri
+
+
+def connect(job: Job, runner: Runner | None) -> Connection:
+    """A connection to the job's libvirt (on its host: see libvirt_uri)."""
+    return Connection(*libvirt_uri(job, runner))
 
 
 def _copy_host_files(ctx: JobContext, domain_xml: str, into: Path) -> list[DataFile]:

@@ -92,10 +92,10 @@ def _hint(uri: str) -> str:
     return " (is libvirtd running? systemctl start libvirtd)"
 
 
-def list_domains(uri: str) -> list[DomainInfo]:
-    """Every domain at `uri` (see `Connection.domains`), on a connection of its own.
-    VirtError when libvirt is missing or libvirtd does not answer."""
-    connection = Connection(uri)
+def list_domains(uri: str, via: str | None = None) -> list[DomainInfo]:
+    """Every domain at `uri` (see `Connection.domains`), on a connection of its own (opened
+    `via` that URI when given). VirtError when libvirt is missing or libvirtd does not answer."""
+    connection = Connection(uri, via)
     try:
         return connection.domains()
     finally:
@@ -110,14 +110,18 @@ class Connection:
     handles on the new one (see `_live`), so callers keep the handles they hold.
     """
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, via: str | None = None) -> None:
+        """`uri`: the libvirt as named in messages; `via`: the URI opened when it differs
+        (a remote host's libvirt through gfs's tunnel: transport/virttunnel.py)."""
         self.lib = _libvirt()
         self.uri = uri
+        self._address = via or uri
         self._handles: dict[str, Any] = {}  # UUID -> handle on self.conn, after a reconnect
         try:
-            self.conn = self.lib.open(uri)
+            self.conn = self.lib.open(self._address)
         except self.lib.libvirtError as exc:
-            raise VirtError(f"cannot connect to libvirt at {uri}: {exc}{_hint(uri)}") from None
+            hint = _hint(uri) if via is None else ""  # a remote host's: checked by tunnel_for
+            raise VirtError(f"cannot connect to libvirt at {uri}: {exc}{hint}") from None
 
     def close(self) -> None:
         with contextlib.suppress(self.lib.libvirtError):  # a broken connection closes too
@@ -201,7 +205,7 @@ class Connection:
         deadline = time.monotonic() + RECONNECT_SECONDS
         while True:
             try:
-                conn = self.lib.open(self.uri)
+                conn = self.lib.open(self._address)
                 break
             except self.lib.libvirtError:
                 if time.monotonic() > deadline:

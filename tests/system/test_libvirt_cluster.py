@@ -51,7 +51,9 @@ def host_table(name: str, server: Sshd) -> str:
     )
 
 
-def cluster_config(tmp_path: Path, first: Sshd, second: Sshd, target: Path, domain: str) -> Path:
+def cluster_config(
+    tmp_path: Path, first: Sshd, second: Sshd, target: Path, domain: str, extra: str = ""
+) -> Path:
     config = tmp_path / "gfs.toml"
     config.write_text(
         f"state_dir = {json.dumps(str(tmp_path / 'state'))}\n"
@@ -61,7 +63,7 @@ def cluster_config(tmp_path: Path, first: Sshd, second: Sshd, target: Path, doma
         f'[target.nas]\npath = {json.dumps(str(target))}\ncluster = "prod"\n'
         "require_nfs = false\n"
         f'[[job]]\nname = "web"\nkind = "libvirt"\ncluster = "prod"\ntarget = "nas"\n'
-        f"domain = {json.dumps(domain)}\n{DAILY}",
+        f"domain = {json.dumps(domain)}\n{extra}{DAILY}",
         encoding="utf-8",
     )
     return config
@@ -140,3 +142,58 @@ def test_a_domain_migrating_between_hosts_keeps_one_history_and_ambiguity_fails(
         assert len(listing(run_gfs("list", *args, "--json"))) == 3  # failures published none
     finally:
         kvm2.close()
+
+
+MIGRATE_HOOK = """#!/bin/sh
+# gfs's after_snapshot hook: live-migrate the job's domain to the other host, once.
+[ -e "$2" ] && exit 0
+: > "$2"
+exec virsh -q -c qemu:///system migrate --live --persistent --undefinesource --unsafe \\
+    "$GFS_DOMAIN" "$1"
+"""
+
+
+def test_a_domain_migrated_during_its_backup_fails_the_run_cleanly_and_the_next_follows_it(
+    make_domain: object,
+    tmp_path: Path,
+    run_gfs: RunGfs,
+    sshd: Sshd,
+    second_host: SecondHost,
+    libvirt_conn: libvirt.virConnect,
+) -> None:
+    target = second_host.mount_share("tgt", 512)
+    vm: LabDomain = make_domain(action="write-pattern", tag="cl2", after="idle")  # type: ignore[operator]
+    vm.wait_for("GFS-PATTERN-WRITTEN tag=cl2")
+    sshd.trust()
+    second_host.sshd.trust()
+    hook = tmp_path / "migrate.sh"
+    hook.write_text(MIGRATE_HOOK)
+    hook.chmod(0o755)
+    once = tmp_path / "migrated"
+    hooks = (
+        f"hooks = {{ after_snapshot = {json.dumps([str(hook), second_host.uri, str(once)])} }}\n"
+    )
+    config = cluster_config(tmp_path, sshd, second_host.sshd, target, vm.name, hooks)
+    args = ("--config", str(config))
+
+    moved = run_gfs("run", "--force", *args)  # found on kvm1, migrated to kvm2 mid-run
+    assert moved.exit_code != 0
+    assert once.exists()
+    assert f"domain {vm.name} is running on host kvm1" in moved.stderr
+    assert f"domain {vm.name} moved from host kvm1 to kvm2 during its backup" in moved.stderr
+    assert "the next run backs it up there" in moved.stderr
+    assert listing(run_gfs("list", *args, "--json")) == []  # nothing published
+    assert [p.name for p in (target / "web").iterdir()] == []  # nor left behind
+    kvm2 = second_host.connect()
+    try:
+        assert kvm2.lookupByName(vm.name).isActive()
+        assert not kvm2.lookupByName(vm.name).jobStats().get("type")
+    finally:
+        kvm2.close()
+
+    followed = run_gfs("run", "--force", *args)
+    assert followed.exit_code == 0, followed.output
+    (generation,) = listing(run_gfs("list", *args, "--json"))
+    assert generation["host"] == "kvm2"
+    judged = compare(vm.disk, Path(generation["path"]) / "disks" / "vda.qcow2")
+    assert judged.returncode == 0, judged.stdout + judged.stderr
