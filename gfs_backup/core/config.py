@@ -529,9 +529,11 @@ def _job(
     cluster = _job_cluster(table, path, collector, clusters, targets.get(target))
     if cluster is not None:
         host = cluster.hosts[0]  # until a run finds the host the domain is on
-    if target in targets:
-        _check_target_host(targets[target], host, kind, table, path, collector, clusters)
-        if kind in ON_HOST_KINDS and host != LOCAL_HOST and targets[target].host == LOCAL_HOST:
+    chosen = targets.get(target)
+    mismatched = cluster is not None and chosen is not None and chosen.cluster != cluster.name
+    if chosen is not None and not mismatched:  # a cluster job's wrong target: said above
+        _check_target_host(chosen, host, kind, table, path, collector, clusters)
+        if kind in ON_HOST_KINDS and host != LOCAL_HOST and chosen.host == LOCAL_HOST:
             writer = "the tree is exported" if kind == "files" else "QEMU writes the backup"
             collector.add(
                 join_key(path, "target"),
