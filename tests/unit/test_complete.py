@@ -73,7 +73,7 @@ class FakeConnection:
 
     hang = False
 
-    def __init__(self, _uri: str) -> None:
+    def __init__(self, _uri: str, _via: str | None = None) -> None:
         if self.hang:
             time.sleep(30)
 

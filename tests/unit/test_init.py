@@ -179,7 +179,7 @@ def test_libvirt_that_does_not_answer_is_said_in_a_comment() -> None:
 
 def test_discover_waits_for_a_hung_libvirtd_only_so_long(monkeypatch: pytest.MonkeyPatch) -> None:
     class Hung:
-        def __init__(self, _uri: str) -> None:
+        def __init__(self, _uri: str, _via: str | None = None) -> None:
             time.sleep(30)
 
     monkeypatch.setattr(virt_module, "Connection", Hung)
