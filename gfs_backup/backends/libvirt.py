@@ -53,13 +53,19 @@ from gfs_backup.backends.vm_inplace import (
 )
 from gfs_backup.copying.copy import copy_file, digest_and_punch_zeros, digest_file
 from gfs_backup.copying.digest import ALGORITHM
+from gfs_backup.copying.hostimage import (
+    HostCopy,
+    ScriptOutput,
+    make_copy_command,
+    parse_copies,
+)
 from gfs_backup.copying.image import clone_file
 from gfs_backup.core.config import LOCAL_HOST, Job
 from gfs_backup.core.errors import GfsError
 from gfs_backup.core.faults import crash_point
 from gfs_backup.core.state import JournalEntry
 from gfs_backup.target.catalog import Stored
-from gfs_backup.target.fs import RemoteFS
+from gfs_backup.target.fs import RemoteFS, TargetFS
 from gfs_backup.target.manifest import DataFile
 from gfs_backup.tools import nbd
 from gfs_backup.tools.domainxml import (
@@ -83,7 +89,7 @@ from gfs_backup.tools.virt import (
     Connection,
     ConnectionLost,
 )
-from gfs_backup.transport.runner import Command, LocalRunner, Runner
+from gfs_backup.transport.runner import Command, CommandError, LocalRunner, Runner
 from gfs_backup.transport.ssh import SSHRunner
 from gfs_backup.transport.virttunnel import tunnel_for
 
@@ -332,7 +338,9 @@ class LibvirtBackend:
             source=source,
             bytes_written=written,
             warnings=tuple(warnings),
-            read_back=isinstance(capture, dict),
+            # on a host, every file's checksum was read from the target's storage there and
+            # its images checked by qemu-img: what the verify after the export would redo
+            read_back=isinstance(capture, dict) or ctx.job.host != LOCAL_HOST,
             verify_scope=VERIFY_SCOPE if incremental else "full",
         )
 
@@ -961,31 +969,48 @@ def connect(job: Job, runner: Runner | None) -> Connection:
 
 def _copy_host_files(ctx: JobContext, domain_xml: str, into: Path) -> list[DataFile]:
     """A remote domain's NVRAM, kernel and initrd (see _export_nvram, _export_boot_files),
-    copied on its host into the generation there and checked against the original's
-    checksum, both read there."""
+    copied on its host into the generation there in one command, each copy read back from
+    the target's storage and checked against what was read of the original."""
     os_element = ET.fromstring(domain_xml).find("os")
     wanted = [(NVRAM, "VARS.fd", nvram_path(domain_xml))]
     for name in ("kernel", "initrd"):
         wanted.append((BOOT, name, os_element.findtext(name) if os_element is not None else None))
-    host = source_host(ctx)
+    present = [(folder, name, original) for folder, name, original in wanted if original]
+    if not present:
+        return []
+    pairs = [(Path(original), into / folder / name) for folder, name, original in present]
+    copies = copy_on_host(ctx.runner, pairs, ctx.target)
     files = []
-    for folder, name, original in wanted:
-        if not original or not host.exists(Path(original)):
-            continue
-        if not ctx.target.is_dir(into / folder):
-            ctx.target.make_dir(into / folder, 0o755)
-        copy = into / folder / name
-        ctx.runner.run(Command(("cp", "--sparse=always", "--", original, str(copy)), mutating=True))
-        ctx.runner.run(Command(("sync", "--", str(copy)), mutating=True))
-        found = ctx.target.file_digest(copy, ALGORITHM)
-        if found != ctx.target.file_digest(Path(original), ALGORITHM):
+    for (folder, name, original), copied in zip(present, copies, strict=True):
+        if copied is None:
+            continue  # gone from the host: the domain boots without it, as here
+        if not copied.intact:
             raise GfsError(
                 f"job {ctx.job.title}: the copy of {original} on host {ctx.job.host} does not "
-                "match the original (changed while copied?); run again"
+                "read back as it was written; run again"
             )
-        files.append(DataFile(f"{folder}/{name}", found.size, found.digest))
+        files.append(DataFile(f"{folder}/{name}", copied.size, copied.digest))
         ctx.log.info("job %s: saved %s of host %s", ctx.job.title, original, ctx.job.host)
     return files
+
+
+def copy_on_host(
+    runner: Runner, pairs: list[tuple[Path, Path]], fs: TargetFS
+) -> list[HostCopy | None]:
+    """Files copied on the host of `runner` (COPY_SCRIPT: sparse, fsynced, read back), for
+    each pair its HostCopy or None when the source does not exist. GfsError when the host
+    fails or stalls (`fs`'s io_timeout without progress)."""
+    idle = fs.io_timeout if isinstance(fs, RemoteFS) else 600.0
+    command = make_copy_command([(str(a), str(b)) for a, b in pairs], BACKUP_TIMEOUT, idle)
+    output = ScriptOutput()
+    try:
+        with runner.reading(command) as stream:
+            while chunk := stream.read(1 << 12):
+                output.feed(chunk)
+        return parse_copies(output.result(), len(pairs))
+    except (CommandError, ValueError) as exc:
+        what = ", ".join(str(b) for _a, b in pairs)
+        raise GfsError(f"copying {what} on host {runner.host} failed: {exc}") from None
 
 
 def _export_nvram(ctx: JobContext, domain_xml: str, into: Path) -> list[DataFile]:
@@ -1086,13 +1111,13 @@ def _copy_here(ctx: JobContext, stored: Stored, data: DataFile, to: Path) -> Non
 
 def _copy_on_host(ctx: JobContext, stored: Stored, data: DataFile, to: Path) -> None:
     """A file of a generation on the job's host's target, copied there to `to` (a new
-    path on that host), synced and checked against the manifest, read there."""
-    assert isinstance(stored.fs, RemoteFS)
+    path on that host) and checked against the manifest, as read and as read back."""
     source = stored.path / data.path
-    ctx.runner.run(Command(("cp", "--sparse=always", "--", str(source), str(to)), mutating=True))
-    ctx.runner.run(Command(("sync", "--", str(to)), mutating=True))
-    found = stored.fs.file_digest(to, stored.manifest.digest_algorithm)
-    if (found.size, found.digest) != (data.size, data.digest):
+    (copied,) = copy_on_host(ctx.runner, [(source, to)], stored.fs)
+    if copied is None:
+        raise GfsError(f"{source} on host {ctx.job.host}: missing from the generation")
+    wanted = (data.size, data.digest)
+    if (copied.size, copied.digest) != wanted or (copied.copy_size, copied.copy_digest) != wanted:
         raise GfsError(
             f"{source} on host {ctx.job.host}: the copy does not match the manifest's "
             "checksum (the generation's data is corrupted)"

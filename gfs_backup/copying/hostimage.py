@@ -280,6 +280,111 @@ sys.stdout.write("gfs-result %d %s\n" % (size, outer.hexdigest()))
 """
 
 
+# Files copied on the host (a VM's boot files and NVRAM into a generation, a generation's
+# disks into a restore): for each [source, destination] pair, the source is read once and
+# its sha256-1m computed as it is written (all-zero MiBs skipped: sparse), the copy is
+# fsynced and read back from its storage (O_DIRECT where allowed) for a second sha256-1m.
+# A missing source gives null; the caller compares the digests.
+COPY_SCRIPT = r"""
+import errno, hashlib, json, mmap, os, sys
+BLOCK = 1 << 20
+ZEROS = bytes(BLOCK)
+buf = mmap.mmap(-1, BLOCK)
+view = memoryview(buf)
+
+def read_into(fd, offset):
+    done = 0
+    while done < BLOCK:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            break
+        done += got
+    return done
+
+def digest(path):
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        fd = os.open(path, os.O_RDONLY)
+    outer, offset = hashlib.sha256(), 0
+    while True:
+        n = read_into(fd, offset)
+        if not n:
+            break
+        outer.update(hashlib.sha256(view[:n]).digest())
+        offset += n
+    os.close(fd)
+    return offset, outer.hexdigest()
+
+results = []
+for source, destination in json.loads(sys.argv[1]):
+    if not os.path.isfile(source):
+        results.append(None)
+        continue
+    os.makedirs(os.path.dirname(destination), 0o755, exist_ok=True)
+    src = os.open(source, os.O_RDONLY)
+    dst = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    outer, offset = hashlib.sha256(), 0
+    while True:
+        n = read_into(src, offset)
+        if not n:
+            break
+        outer.update(hashlib.sha256(view[:n]).digest())
+        if view[:n] != ZEROS[:n]:
+            done = 0
+            while done < n:
+                done += os.pwrite(dst, view[done:n], offset + done)
+        offset += n
+        if offset % (64 * BLOCK) == 0:
+            sys.stdout.write("gfs-progress %d\n" % offset)
+            sys.stdout.flush()
+    os.ftruncate(dst, offset)
+    os.fsync(dst)
+    os.close(dst)
+    os.close(src)
+    size, copied = digest(destination)
+    results.append([offset, outer.hexdigest(), size, copied])
+sys.stdout.write("gfs-result %s\n" % json.dumps(results))
+"""
+
+
+@dataclass(frozen=True)
+class HostCopy:
+    """A file copied on the host: its size and sha256-1m as read, and of the copy as read
+    back from its storage (see COPY_SCRIPT)."""
+
+    size: int
+    digest: str
+    copy_size: int
+    copy_digest: str
+
+    @property
+    def intact(self) -> bool:
+        return (self.size, self.digest) == (self.copy_size, self.copy_digest)
+
+
+def make_copy_command(pairs: list[tuple[str, str]], timeout: float, idle_timeout: float) -> Command:
+    return Command(
+        ("python3", "-c", COPY_SCRIPT, json.dumps([list(pair) for pair in pairs])),
+        mutating=True,
+        timeout=timeout,
+        idle_timeout=idle_timeout,
+    )
+
+
+def parse_copies(result: str | None, count: int) -> list[HostCopy | None]:
+    """COPY_SCRIPT's result line: one HostCopy (None: no such source) per pair. ValueError
+    when it is missing or malformed."""
+    found = json.loads(result) if result else None
+    if not isinstance(found, list) or len(found) != count:
+        raise ValueError(f"no result for {count} file(s) in the copy's output")
+    return [
+        None if one is None else HostCopy(int(one[0]), one[1], int(one[2]), one[3]) for one in found
+    ]
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     device: str
