@@ -15,7 +15,7 @@ from gfs_backup.actions.status import job_status
 from gfs_backup.cli.inspect import coverage_json, coverage_lines
 from gfs_backup.cli.options import config_option, json_option
 from gfs_backup.cli.render import describe_rules
-from gfs_backup.core.config import load_config
+from gfs_backup.core.config import Job, load_config
 from gfs_backup.core.errors import ExitCode
 from gfs_backup.core.state import State
 from gfs_backup.ops.settings import ops_warnings
@@ -88,7 +88,7 @@ def check_command(config_path: Path, lint_only: bool, as_json: bool) -> None:
             click.echo(f"  warning: {warning}")
         for job in config.jobs:
             click.echo(
-                f"  {job.name}: {job.kind} on {job.host} -> {job.target}, policy "
+                f"  {job.name}: {job.kind} on {where(job)} -> {job.target}, policy "
                 f"{job.policy.name} ({describe_rules(job.policy.rules)})"
             )
             for warning in warnings.get(job.name, []):
@@ -98,3 +98,9 @@ def check_command(config_path: Path, lint_only: bool, as_json: bool) -> None:
     uncovered = covered is not None and bool(covered.uncovered or covered.problems)
     if general or any(warnings.values()) or uncovered:
         raise SystemExit(int(ExitCode.WARNINGS))
+
+
+def where(job: Job) -> str:
+    """Where a job runs: its host, or the cluster whose hosts it follows its domain across."""
+    cluster = job.options.get("cluster")
+    return f"cluster {cluster}" if cluster else job.host

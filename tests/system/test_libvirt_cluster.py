@@ -57,6 +57,8 @@ def cluster_config(
     config = tmp_path / "gfs.toml"
     config.write_text(
         f"state_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+        # the hosts are this machine: its domains are the remote jobs', not uncovered ones
+        '[coverage]\nignore = ["gfs-test-*"]\n'
         + host_table("kvm1", first)
         + host_table("kvm2", second)
         + '[cluster.prod]\nhosts = ["kvm1", "kvm2"]\n'
@@ -94,6 +96,12 @@ def test_a_domain_migrating_between_hosts_keeps_one_history_and_ambiguity_fails(
     config = cluster_config(tmp_path, sshd, second_host.sshd, target, vm.name)
     args = ("--config", str(config))
 
+    checked = run_gfs("check", *args)  # 7: a warning, tmpfs is not NFS
+    assert checked.exit_code == 7 and "valid, 1 job(s)" in checked.output, checked.output
+    assert "web: libvirt on cluster prod -> nas" in checked.output and "not NFS" in checked.output
+    assert (
+        checked.output.count("warning:") == 2 and "generation on target nas yet" in checked.output
+    )
     first = run_gfs("run", "--force", *args)
     assert first.exit_code == 0, first.output
     assert f"domain {vm.name} is running on host kvm1" in first.stderr

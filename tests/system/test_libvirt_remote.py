@@ -48,6 +48,8 @@ def remote_config(tmp_path: Path, server: Sshd, target: Path, domain: str) -> Pa
     config = tmp_path / "gfs.toml"
     config.write_text(
         f"state_dir = {json.dumps(str(tmp_path / 'state'))}\n"
+        # the hosts are this machine: its domains are the remote jobs', not uncovered ones
+        '[coverage]\nignore = ["gfs-test-*"]\n'
         f'[hosts.kvm2]\naddress = "127.0.0.1"\nport = {server.port}\nuser = "root"\n'
         f"identity_file = {json.dumps(str(server.client_key))}\n"
         f"known_hosts = {json.dumps(str(server.known_hosts))}\n"
@@ -109,6 +111,11 @@ def test_running_domain_of_a_remote_host_is_backed_up_there_and_restores_there(
     assert traffic and max(traffic) < vm.disk.stat().st_size // 4, result.stderr  # not the disk
 
     assert run_gfs("verify", "--config", str(config)).exit_code == 0
+    checked = run_gfs("check", "--config", str(config))  # 7: a warning, tmpfs is not NFS
+    assert checked.exit_code == 7 and "vm: libvirt on kvm2 -> nas" in checked.output
+    assert checked.output.count("warning:") == 1 and "not NFS" in checked.output
+    status = run_gfs("status", "--config", str(config))
+    assert status.exit_code == 0 and f"{generation.name} kvm2" in status.stdout, status.output
     drilled = run_gfs("drill", "vm", "--config", str(config))  # streamed here, booted here
     assert drilled.exit_code == 0, drilled.output
     assert f"{generation.name}: drill passed" in drilled.stdout, drilled.stdout
