@@ -68,10 +68,8 @@ def write_config(workdir: Path, server: Sshd, target: Path, domain: str) -> Path
     config = workdir / "gfs.toml"
     config.write_text(
         f"state_dir = {json.dumps(str(workdir / 'state'))}\n"
-        f'[hosts.kvm2]\naddress = "127.0.0.1"\nport = {server.port}\nuser = "root"\n'
-        f"identity_file = {json.dumps(str(server.client_key))}\n"
-        f"known_hosts = {json.dumps(str(server.known_hosts))}\n"
-        f'[target.nas]\npath = {json.dumps(str(target))}\nhost = "kvm2"\nrequire_nfs = false\n'
+        + server.config_table("kvm2")
+        + f'[target.nas]\npath = {json.dumps(str(target))}\nhost = "kvm2"\nrequire_nfs = false\n'
         f'[[job]]\nname = "vm"\nkind = "libvirt"\nhost = "kvm2"\ntarget = "nas"\n'
         f"domain = {json.dumps(domain)}\n{POLICY}",
         encoding="utf-8",

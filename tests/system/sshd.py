@@ -10,6 +10,7 @@ fail with the reason (scripts/lab-setup installs openssh-server and openssh-clie
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -127,6 +128,14 @@ class Sshd:
             **changes,
         }
         return Host(**values)  # type: ignore[arg-type]
+
+    def config_table(self, name: str) -> str:
+        """The `[hosts.NAME]` table of a gfs configuration that reaches this sshd."""
+        return (
+            f'[hosts.{name}]\naddress = "127.0.0.1"\nport = {self.port}\nuser = "root"\n'
+            f"identity_file = {json.dumps(str(self.client_key))}\n"
+            f"known_hosts = {json.dumps(str(self.known_hosts))}\n"
+        )
 
     def trust(self, key: HostKey | None = None) -> None:
         """Record `key` (default: the real host key) as the key of this sshd."""

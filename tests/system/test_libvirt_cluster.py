@@ -8,7 +8,6 @@ judged by `qemu-img compare` against the domain's disk.
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from tests.conftest import RunGfs
 from tests.lab.domains import LabDomain, create_disk, domain_xml
 from tests.lab.fixtures import guest_image, libvirt_conn, libvirt_daemon, make_domain
 from tests.lab.second_host import SecondHost, start_second_host, stop_second_host
-from tests.system.helpers import listing
+from tests.system.helpers import compare_images, listing
 from tests.system.sshd import Sshd, sshd
 from tests.system.test_libvirt import DAILY
 
@@ -43,14 +42,6 @@ def second_host(tmp_path: Path, libvirt_daemon: object) -> Iterator[SecondHost]:
         stop_second_host(host)
 
 
-def host_table(name: str, server: Sshd) -> str:
-    return (
-        f'[hosts.{name}]\naddress = "127.0.0.1"\nport = {server.port}\nuser = "root"\n'
-        f"identity_file = {json.dumps(str(server.client_key))}\n"
-        f"known_hosts = {json.dumps(str(server.known_hosts))}\n"
-    )
-
-
 def cluster_config(
     tmp_path: Path, first: Sshd, second: Sshd, target: Path, domain: str, extra: str = ""
 ) -> Path:
@@ -59,8 +50,8 @@ def cluster_config(
         f"state_dir = {json.dumps(str(tmp_path / 'state'))}\n"
         # the hosts are this machine: its domains are the remote jobs', not uncovered ones
         '[coverage]\nignore = ["gfs-test-*"]\n'
-        + host_table("kvm1", first)
-        + host_table("kvm2", second)
+        + first.config_table("kvm1")
+        + second.config_table("kvm2")
         + '[cluster.prod]\nhosts = ["kvm1", "kvm2"]\n'
         f'[target.nas]\npath = {json.dumps(str(target))}\ncluster = "prod"\n'
         "require_nfs = false\n"
@@ -71,13 +62,22 @@ def cluster_config(
     return config
 
 
-def compare(first: Path, second: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["qemu-img", "compare", "-U", str(first), str(second)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+def cluster_lab(
+    make_domain: object,
+    tmp_path: Path,
+    first: Sshd,
+    second: SecondHost,
+    tag: str,
+    extra: str = "",
+) -> tuple[LabDomain, Path, Path]:
+    """A lab domain on kvm1 that wrote its pattern and idles, the share both hosts mount,
+    both hosts trusted, and the cluster job's configuration (`extra`: more job keys)."""
+    target = second.mount_share("tgt", 512)
+    vm: LabDomain = make_domain(action="write-pattern", tag=tag, after="idle")  # type: ignore[operator]
+    vm.wait_for(f"GFS-PATTERN-WRITTEN tag={tag}")
+    first.trust()
+    second.sshd.trust()
+    return vm, target, cluster_config(tmp_path, first, second.sshd, target, vm.name, extra)
 
 
 def test_a_domain_migrating_between_hosts_keeps_one_history_and_ambiguity_fails(
@@ -88,12 +88,7 @@ def test_a_domain_migrating_between_hosts_keeps_one_history_and_ambiguity_fails(
     second_host: SecondHost,
     libvirt_conn: libvirt.virConnect,
 ) -> None:
-    target = second_host.mount_share("tgt", 512)  # mounted on both hosts
-    vm: LabDomain = make_domain(action="write-pattern", tag="cl1", after="idle")  # type: ignore[operator]
-    vm.wait_for("GFS-PATTERN-WRITTEN tag=cl1")
-    sshd.trust()
-    second_host.sshd.trust()
-    config = cluster_config(tmp_path, sshd, second_host.sshd, target, vm.name)
+    vm, _share, config = cluster_lab(make_domain, tmp_path, sshd, second_host, "cl1")
     args = ("--config", str(config))
 
     checked = run_gfs("check", *args)  # 7: a warning, tmpfs is not NFS
@@ -117,7 +112,7 @@ def test_a_domain_migrating_between_hosts_keeps_one_history_and_ambiguity_fails(
         generations = listing(run_gfs("list", *args, "--json"))
         assert [g["host"] for g in generations] == ["kvm1", "kvm2"]  # one history, in order
         for generation in generations:
-            judged = compare(vm.disk, Path(generation["path"]) / "disks" / "vda.qcow2")
+            judged = compare_images(vm.disk, Path(generation["path"]) / "disks" / "vda.qcow2")
             assert judged.returncode == 0, judged.stdout + judged.stderr
         status = run_gfs("status", "web", *args)
         newest_first = f"{generations[1]['id']} kvm2, {generations[0]['id']} kvm1"
@@ -169,11 +164,6 @@ def test_a_domain_migrated_during_its_backup_fails_the_run_cleanly_and_the_next_
     second_host: SecondHost,
     libvirt_conn: libvirt.virConnect,
 ) -> None:
-    target = second_host.mount_share("tgt", 512)
-    vm: LabDomain = make_domain(action="write-pattern", tag="cl2", after="idle")  # type: ignore[operator]
-    vm.wait_for("GFS-PATTERN-WRITTEN tag=cl2")
-    sshd.trust()
-    second_host.sshd.trust()
     hook = tmp_path / "migrate.sh"
     hook.write_text(MIGRATE_HOOK)
     hook.chmod(0o755)
@@ -181,7 +171,7 @@ def test_a_domain_migrated_during_its_backup_fails_the_run_cleanly_and_the_next_
     hooks = (
         f"hooks = {{ after_snapshot = {json.dumps([str(hook), second_host.uri, str(once)])} }}\n"
     )
-    config = cluster_config(tmp_path, sshd, second_host.sshd, target, vm.name, hooks)
+    vm, target, config = cluster_lab(make_domain, tmp_path, sshd, second_host, "cl2", hooks)
     args = ("--config", str(config))
 
     moved = run_gfs("run", "--force", *args)  # found on kvm1, migrated to kvm2 mid-run
@@ -203,5 +193,5 @@ def test_a_domain_migrated_during_its_backup_fails_the_run_cleanly_and_the_next_
     assert followed.exit_code == 0, followed.output
     (generation,) = listing(run_gfs("list", *args, "--json"))
     assert generation["host"] == "kvm2"
-    judged = compare(vm.disk, Path(generation["path"]) / "disks" / "vda.qcow2")
+    judged = compare_images(vm.disk, Path(generation["path"]) / "disks" / "vda.qcow2")
     assert judged.returncode == 0, judged.stdout + judged.stderr

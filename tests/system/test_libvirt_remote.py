@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from pathlib import Path
 
 import libvirt
@@ -24,7 +23,7 @@ from tests.conftest import RunGfs
 from tests.lab.domains import LabDomain
 from tests.lab.fixtures import guest_image, libvirt_conn, libvirt_daemon, make_domain
 from tests.system.conftest import Mounter
-from tests.system.helpers import gfs_subprocess, listing
+from tests.system.helpers import compare_images, gfs_subprocess, listing
 from tests.system.sshd import Sshd, sshd
 from tests.system.test_libvirt import DAILY, boot_restored, restored_domains
 
@@ -50,26 +49,14 @@ def remote_config(tmp_path: Path, server: Sshd, target: Path, domain: str) -> Pa
         f"state_dir = {json.dumps(str(tmp_path / 'state'))}\n"
         # the hosts are this machine: its domains are the remote jobs', not uncovered ones
         '[coverage]\nignore = ["gfs-test-*"]\n'
-        f'[hosts.kvm2]\naddress = "127.0.0.1"\nport = {server.port}\nuser = "root"\n'
-        f"identity_file = {json.dumps(str(server.client_key))}\n"
-        f"known_hosts = {json.dumps(str(server.known_hosts))}\n"
-        f'[target.nas]\npath = {json.dumps(str(target))}\nhost = "kvm2"\nrequire_nfs = false\n'
+        + server.config_table("kvm2")
+        + f'[target.nas]\npath = {json.dumps(str(target))}\nhost = "kvm2"\nrequire_nfs = false\n'
         f'[[job]]\nname = "vm"\nkind = "libvirt"\nhost = "kvm2"\ntarget = "nas"\n'
         f"domain = {json.dumps(domain)}\nscratch_dir = {json.dumps(str(tmp_path))}\n{DAILY}"
         f"{DRILL}",
         encoding="utf-8",
     )
     return config
-
-
-def compare(first: Path, second: Path) -> subprocess.CompletedProcess[str]:
-    """`qemu-img compare` (the judge): -U reads an image a running QEMU holds."""
-    return subprocess.run(
-        ["qemu-img", "compare", "-U", str(first), str(second)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
 
 
 def manifest_of(run_gfs: RunGfs, config: Path) -> tuple[Path, dict[str, object]]:
@@ -103,7 +90,7 @@ def test_running_domain_of_a_remote_host_is_backed_up_there_and_restores_there(
     files = manifest["files"]
     assert isinstance(files, list)
     assert [f["path"] for f in files] == ["disks/vda.qcow2", "boot/kernel", "boot/initrd"]
-    judged = compare(vm.disk, generation / "disks" / "vda.qcow2")
+    judged = compare_images(vm.disk, generation / "disks" / "vda.qcow2")
     assert judged.returncode == 0, judged.stdout + judged.stderr
     assert (generation / "boot" / "kernel").read_bytes() == Path(vm.spec.image.kernel).read_bytes()
     assert not libvirt_conn.lookupByName(vm.name).jobStats().get("type")  # no job left
@@ -135,7 +122,7 @@ def test_running_domain_of_a_remote_host_is_backed_up_there_and_restores_there(
     assert done.exit_code == 0, done.output
     assert "on host kvm2" in done.output + done.stderr
     restored_disk = folder / f"{new_name}-vda.qcow2"
-    judged = compare(vm.disk, restored_disk)
+    judged = compare_images(vm.disk, restored_disk)
     assert judged.returncode == 0, judged.stdout + judged.stderr
     assert str(restored_disk) in libvirt_conn.lookupByName(new_name).XMLDesc(0)
     assert "GFS-PATTERN-OK tag=rl1" in boot_restored(libvirt_conn, new_name, tmp_path, "rl1")
@@ -189,6 +176,6 @@ def test_remote_host_key_checked_a_killed_run_cleaned_up_there_and_shut_off_copi
     newest = max((target / "vm").iterdir(), key=lambda p: p.name)
     source = json.loads((newest / "manifest.json").read_text())["source"]
     assert (source["state"], source["method"], source["host"]) == ("shut off", "qemu-img", "kvm2")
-    judged = compare(vm.disk, newest / "disks" / "vda.qcow2")
+    judged = compare_images(vm.disk, newest / "disks" / "vda.qcow2")
     assert judged.returncode == 0, judged.stdout + judged.stderr
     assert gfs_subprocess("verify", "--config", str(config)).returncode == 0
