@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import socket
 import tempfile
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("gfs.virttunnel")
 
 HELPER = "virt-ssh-helper"
+PREFIX = "gfs-virt-"  # the tunnels' socket directories, in the temporary directory
+SOCKET_NAME = "libvirt.sock"
 CHUNK = 1 << 16
 PROBE_TIMEOUT = 60.0
 
@@ -70,8 +73,8 @@ class VirtTunnel:
         self.runner = runner
         self.remote_uri = check_host_uri(remote_uri)
         self.host = runner.host
-        self._directory = Path(tempfile.mkdtemp(prefix="gfs-virt-"))
-        self.path = self._directory / "libvirt.sock"
+        self._directory = Path(tempfile.mkdtemp(prefix=PREFIX))
+        self.path = self._directory / SOCKET_NAME
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._server.bind(str(self.path))
         self._server.listen(16)
@@ -139,6 +142,26 @@ class VirtTunnel:
         shutil.rmtree(self._directory, ignore_errors=True)
 
 
+def remove_stale_tunnels(folder: Path | None = None) -> None:
+    """Remove the socket directories of tunnels whose gfs is gone (killed: nothing else
+    leaves one): nothing listens on their socket any more. A live one answers and stays."""
+    for directory in (folder or Path(tempfile.gettempdir())).glob(f"{PREFIX}*"):
+        if (
+            not directory.is_dir()
+            or directory.is_symlink()
+            or directory.stat().st_uid != os.getuid()
+        ):
+            continue
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(directory / SOCKET_NAME))
+                continue  # a running gfs's tunnel
+            except OSError:
+                pass
+        shutil.rmtree(directory, ignore_errors=True)
+        log.debug("removed %s, the tunnel of a gfs that is gone", directory)
+
+
 _tunnels: dict[tuple[int, str], VirtTunnel] = {}
 _tunnels_lock = threading.Lock()
 
@@ -164,6 +187,7 @@ def tunnel_for(runner: ChannelRunner, remote_uri: str) -> VirtTunnel:
                     "through it; install libvirt 6.8 or newer there (apt install "
                     "libvirt-daemon-system)"
                 )
+            remove_stale_tunnels()
             tunnel = _tunnels[key] = VirtTunnel(runner, remote_uri)
             log.debug("host %s: libvirt %s through %s", runner.host, remote_uri, tunnel.path)
         return tunnel

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import tempfile
 from pathlib import Path
 
 import libvirt
@@ -166,6 +168,9 @@ def test_remote_host_key_checked_a_killed_run_cleaned_up_there_and_shut_off_copi
     healed = gfs_subprocess(*args)  # reconciles through the host's libvirt: job, partial
     assert healed.returncode == 0, healed.stderr
     assert "reconcile" in healed.stderr
+    for tunnel in Path(tempfile.gettempdir()).glob("gfs-virt-*"):  # the killed run's is gone
+        with socket.socket(socket.AF_UNIX) as probe:
+            probe.connect(str(tunnel / "libvirt.sock"))  # any left is a live gfs's
     assert [p.name for p in (target / "vm").iterdir() if p.name.startswith(".")] == []
     assert not libvirt_conn.lookupByName(vm.name).jobStats().get("type")
     assert vm.is_active()

@@ -4,6 +4,7 @@ backup is called, and the libvirt tunnel's URIs and missing helper (a fake runne
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,14 @@ from gfs_backup.actions.cluster import Located, NotLocated, Seen, check_unmoved,
 from gfs_backup.core.config import check_host_uri, load_config
 from gfs_backup.core.errors import GfsError, InputError
 from gfs_backup.transport.runner import Command, Completed
-from gfs_backup.transport.virttunnel import TunnelError, local_uri, tunnel_for
+from gfs_backup.transport.virttunnel import (
+    PREFIX,
+    SOCKET_NAME,
+    TunnelError,
+    local_uri,
+    remove_stale_tunnels,
+    tunnel_for,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -185,3 +193,20 @@ def test_a_host_without_virt_ssh_helper_is_named_with_what_to_install() -> None:
         "host kvm2: virt-ssh-helper (not installed): gfs reaches the host's libvirt through "
         "it; install libvirt 6.8 or newer there (apt install libvirt-daemon-system)"
     )
+
+
+def test_a_killed_gfs_tunnel_directory_is_removed_a_live_one_kept(tmp_path: Path) -> None:
+    stale, live = tmp_path / f"{PREFIX}stale", tmp_path / f"{PREFIX}live"
+    for folder in (stale, live):
+        folder.mkdir()
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(stale / SOCKET_NAME))
+    dead.close()  # the socket file stays, nothing listens: its gfs was killed
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listening:
+        listening.bind(str(live / SOCKET_NAME))
+        listening.listen(1)
+        remove_stale_tunnels(tmp_path)
+        assert not stale.exists() and live.is_dir()
+    (tmp_path / "unrelated").mkdir()
+    remove_stale_tunnels(tmp_path)
+    assert (tmp_path / "unrelated").is_dir()
