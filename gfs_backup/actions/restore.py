@@ -8,6 +8,7 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
+from gfs_backup.actions.cluster import on_its_host
 from gfs_backup.actions.reconcile import remove_leftover
 from gfs_backup.actions.targets import job_location
 from gfs_backup.actions.verify import Verified, check_data, verify_stored
@@ -166,23 +167,17 @@ def restore_over_original(
             )
         )
 
-    if job.host != LOCAL_HOST:
-        raise InputError(
-            Problem(
-                f"job {job.name}",
-                f"--over-original runs on this machine only so far, and domain "
-                f"{job.options.get('domain')} is on host {job.host}: restore with --to PATH "
-                "(a path on that host) --as-domain NAME, then swap the domains",
-            )
-        )
+    job, _found = on_its_host(config, job)  # a cluster job: where its domain is now
+    runner = runner_for(job.host, config) if job.host != LOCAL_HOST else None
 
     def write(ctx: JobContext, stored: Stored) -> str:
         if stored.manifest.kind != LibvirtBackend.kind:
             raise RestoreError(f"generation {stored.id} of job {job.name} is not a VM backup")
         disks = LibvirtBackend().restore_over_original(ctx, stored, progress)
-        return ", ".join(disks)
+        on = f" on host {job.host}" if job.host != LOCAL_HOST else ""
+        return ", ".join(disks) + on
 
-    return _checked_restore(config, job, generation, now, progress, write)
+    return _checked_restore(config, job, generation, now, progress, write, runner)
 
 
 def _checked_restore(

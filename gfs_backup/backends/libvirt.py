@@ -43,6 +43,7 @@ from gfs_backup.backends.vm_inplace import (
     InPlaceRestore,
     boot_file,
     disk_files,
+    disks_of,
     image_format,
     is_restore_temp,
     nvram_file,
@@ -811,7 +812,7 @@ class LibvirtBackend:
             finally:
                 connection.close()
         elif entry.action == RESTORE_TEMP and is_restore_temp(Path(entry.path)):
-            Path(entry.path).unlink(missing_ok=True)  # an interrupted restore over the disks
+            disks_of(ctx).remove(Path(entry.path))  # an interrupted restore over the disks
         elif entry.action == "overlay":
             layers: dict[str, dict[str, str]] = json.loads(entry.detail)
             connection = self._connect(ctx.job, ctx.runner)

@@ -8,7 +8,9 @@ Each disk is written in the format the domain's definition gives it (qcow2 or ra
 - a block device (an LV, a raw partition) cannot be swapped, so the image is written onto
   it with `qemu-img convert -n`; QEMU's image locking keeps the domain from starting while
   qemu-img holds the device, and the device must be at least the image's size.
-Every written disk is compared with the stored image by `qemu-img compare`.
+Every written disk is compared with the stored image by `qemu-img compare`. A domain of a
+remote host is restored on that host: the same steps as commands through the job's SSH
+runner (HostDisks), from the generation on the target that host mounts.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gfs_backup.backends.base import JobContext
+from gfs_backup.core.config import LOCAL_HOST
 from gfs_backup.core.errors import ExitCode, GfsError
 from gfs_backup.target.catalog import Stored
 from gfs_backup.target.manifest import DataFile, fsync_dir
@@ -170,6 +173,75 @@ def block_device_size(path: Path) -> int:
         os.close(fd)
 
 
+class LocalDisks:
+    """The file operations of an in-place restore on this machine."""
+
+    def is_dir(self, path: Path) -> bool:
+        return path.is_dir()
+
+    def is_block_device(self, path: Path) -> bool:
+        return path.is_block_device()
+
+    def size(self, device: Path) -> int:
+        return block_device_size(device)
+
+    def take_over_metadata(self, new: Path, old: Path) -> None:
+        _take_over_metadata(new, old)
+
+    def fsync(self, path: Path) -> None:
+        _fsync(path)
+
+    def replace(self, temp: Path, destination: Path) -> None:
+        os.replace(temp, destination)
+        fsync_dir(destination.parent)
+
+    def remove(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+
+
+class HostDisks:
+    """The same operations on a remote host, each one argv command through its runner."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    def _test(self, flag: str, path: Path) -> bool:
+        return self.runner.run(Command(("test", flag, str(path))), check=False).returncode == 0
+
+    def is_dir(self, path: Path) -> bool:
+        return self._test("-d", path)
+
+    def is_block_device(self, path: Path) -> bool:
+        return self._test("-b", path)
+
+    def size(self, device: Path) -> int:
+        out = self.runner.run(Command(("blockdev", "--getsize64", str(device)))).stdout
+        return int(out.strip())
+
+    def take_over_metadata(self, new: Path, old: Path) -> None:
+        if not self._test("-e", old):
+            self.runner.run(Command(("chmod", "600", "--", str(new)), mutating=True))
+            return
+        for tool in ("chown", "chmod"):
+            reference = f"--reference={old}"
+            self.runner.run(Command((tool, reference, "--", str(new)), mutating=True))
+
+    def fsync(self, path: Path) -> None:
+        self.runner.run(Command(("sync", "--", str(path)), mutating=True))
+
+    def replace(self, temp: Path, destination: Path) -> None:
+        self.runner.run(Command(("mv", "-f", "-T", "--", str(temp), str(destination)), True))
+        self.runner.run(Command(("sync", "--", str(destination.parent)), mutating=True))
+
+    def remove(self, path: Path) -> None:
+        self.runner.run(Command(("rm", "-f", "--", str(path)), mutating=True), check=False)
+
+
+def disks_of(ctx: JobContext) -> LocalDisks | HostDisks:
+    """Where the job's domain's disks are: this machine, or the job's remote host."""
+    return LocalDisks() if ctx.job.host == LOCAL_HOST else HostDisks(ctx.runner)
+
+
 class InPlaceRestore:
     """Writes the checked images of a generation over the disks of the shut-off domain."""
 
@@ -178,6 +250,7 @@ class InPlaceRestore:
         self.connection = connection
         self.domain = domain
         self.name = str(domain.name())
+        self.disks = disks_of(ctx)
 
     def refuse_if_running(self, what: str) -> None:
         if self.connection.is_running(self.domain):
@@ -206,7 +279,7 @@ class InPlaceRestore:
 
     def _over_file(self, write: DiskWrite) -> None:
         destination = Path(write.disk.source)
-        if not destination.parent.is_dir():
+        if not self.disks.is_dir(destination.parent):
             raise InPlaceRefused(
                 f"job {self.ctx.job.name}: the directory of disk {write.disk.target} "
                 f"({destination.parent}) does not exist: create it, or restore with --to DIR"
@@ -219,25 +292,24 @@ class InPlaceRestore:
             runner = self.ctx.runner
             runner.run(make_write_command(write.image, temp, write.disk.format, False))
             self._compare(runner, write, str(temp), None)
-            _take_over_metadata(temp, destination)
-            _fsync(temp)
+            self.disks.take_over_metadata(temp, destination)
+            self.disks.fsync(temp)
             self.refuse_if_running(" (it was started during the restore; its disk is unchanged)")
-            os.replace(temp, destination)
-            fsync_dir(destination.parent)
+            self.disks.replace(temp, destination)
         finally:
-            temp.unlink(missing_ok=True)
+            self.disks.remove(temp)
             self.ctx.state.done(entry)
 
     def _onto_device(self, write: DiskWrite) -> None:
         device = Path(write.disk.source)
-        if not device.is_block_device():
+        if not self.disks.is_block_device(device):
             raise InPlaceRefused(
                 f"job {self.ctx.job.name}: disk {write.disk.target} is defined as the block "
                 f"device {device}, which does not exist: create it (e.g. lvcreate) first"
             )
         runner = self.ctx.runner
         needed = parse_virtual_size(runner.run(make_info_command(write.image)).stdout)
-        have = block_device_size(device)
+        have = self.disks.size(device)
         if have < needed:
             raise InPlaceRefused(
                 f"job {self.ctx.job.name}: block device {device} holds {have} bytes, the "

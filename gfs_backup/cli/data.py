@@ -150,9 +150,9 @@ def restore_command(
     With --to, the restore is written to `.gfs-restore-NAME-rRUN` beside it and renamed
     to --to only when complete and checked: a failed restore leaves nothing at --to.
     btrfs, files and libvirt jobs of a remote host (`host =` in the job) restore on that
-    host: --to is a path there, and a libvirt job's new domain is defined in its libvirt
-    (--over-original runs on this machine only so far). A cluster job (`cluster =`)
-    restores on the cluster's first host.
+    host: --to is a path there, and a libvirt job's new domain is defined in its libvirt;
+    --over-original writes there too. A cluster job (`cluster =`) restores --to on the
+    cluster's first host, --over-original on the host its domain is defined on.
     """
     if over_original == (to is not None):
         raise click.UsageError("give exactly one of --to PATH and --over-original")

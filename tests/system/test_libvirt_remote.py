@@ -13,8 +13,10 @@ job remote for gfs.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -113,7 +115,9 @@ def test_running_domain_of_a_remote_host_is_backed_up_there_and_restores_there(
     assert record["outcome"] == "pass", record
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".gfs-drill")] == []
     refused = run_gfs("restore", "vm", "--config", str(config), "--over-original")
-    assert refused.exit_code != 0 and "is on host kvm2" in refused.output, refused.output
+    assert refused.exit_code != 0, refused.output  # the domain runs: its disk is left alone
+    assert f"domain {vm.name} is running: shut it down first" in refused.output, refused.output
+    assert compare_images(vm.disk, generation / "disks" / "vda.qcow2").returncode == 0
 
     new_name = f"{vm.name}-r"
     restored_domains.append(new_name)
@@ -184,3 +188,22 @@ def test_remote_host_key_checked_a_killed_run_cleaned_up_there_and_shut_off_copi
     judged = compare_images(vm.disk, newest / "disks" / "vda.qcow2")
     assert judged.returncode == 0, judged.stdout + judged.stderr
     assert gfs_subprocess("verify", "--config", str(config)).returncode == 0
+
+    # Over the original, on the host: the domain is shut off, its disk lost its content.
+    os.chmod(vm.disk, 0o640)
+    before = vm.disk.stat()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(vm.disk), "64M"], check=True)
+    assert compare_images(vm.disk, newest / "disks" / "vda.qcow2").returncode != 0  # the judge
+    restored = gfs_subprocess("restore", "vm", "--config", str(config), "--over-original")
+    assert restored.returncode == 0, restored.stderr
+    assert "on host kvm2" in restored.stdout + restored.stderr
+    judged = compare_images(vm.disk, newest / "disks" / "vda.qcow2")
+    assert judged.returncode == 0, judged.stdout + judged.stderr
+    after = vm.disk.stat()
+    assert (after.st_mode, after.st_uid, after.st_gid) == (
+        before.st_mode,
+        before.st_uid,
+        before.st_gid,
+    )
+    assert after.st_ino != before.st_ino  # written beside, renamed over
+    assert [p.name for p in vm.disk.parent.iterdir() if ".gfs-restore-r" in p.name] == []

@@ -14,6 +14,7 @@ from gfs_backup.actions.reconcile import reconcile
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import JobContext
 from gfs_backup.backends.sourcehost import REMOVE_LEFTOVER, RemoteHost
+from gfs_backup.backends.vm_inplace import HostDisks
 from gfs_backup.core.config import load_config
 from gfs_backup.core.errors import GfsError
 from gfs_backup.core.state import State
@@ -105,3 +106,26 @@ class Entries:
 
     def entries(self, path: Path) -> list[object]:
         return []
+
+
+def test_an_in_place_restore_on_a_host_swaps_files_by_argv_commands() -> None:
+    runner = Recorder({"blockdev": (0, "1073741824\n")})
+    disks = HostDisks(runner)  # type: ignore[arg-type]
+    odd = Path("/var/lib/libvirt/images/web 01;$(x).qcow2")
+    temp = odd.with_name(".web 01;$(x).qcow2.gfs-restore-r7")
+    assert disks.size(Path("/dev/vg0/web")) == 1 << 30
+    disks.take_over_metadata(temp, odd)
+    disks.replace(temp, odd)
+    disks.remove(temp)
+    assert runner.argvs == [
+        ("blockdev", "--getsize64", "/dev/vg0/web"),
+        ("test", "-e", str(odd)),
+        ("chown", f"--reference={odd}", "--", str(temp)),
+        ("chmod", f"--reference={odd}", "--", str(temp)),
+        ("mv", "-f", "-T", "--", str(temp), str(odd)),
+        ("sync", "--", str(odd.parent)),
+        ("rm", "-f", "--", str(temp)),
+    ]
+    gone = Recorder({"test": (1, "")})
+    HostDisks(gone).take_over_metadata(temp, odd)  # type: ignore[arg-type]
+    assert gone.argvs[-1] == ("chmod", "600", "--", str(temp))
