@@ -79,6 +79,7 @@ class VirtTunnel:
         self._server.bind(str(self.path))
         self._server.listen(16)
         self._closed = threading.Event()
+        self._failing = False  # the last channel could not be opened (warned once)
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, paramiko.Channel]] = []
         self.uri = local_uri(self.remote_uri, self.path)
@@ -93,9 +94,12 @@ class VirtTunnel:
             try:
                 channel = self.runner.open_channel(Command((HELPER, self.remote_uri)))
             except GfsError as exc:
-                log.warning("host %s: cannot reach libvirt: %s", self.host, exc)
+                if not self._failing:  # once per outage: libvirt retries every second
+                    log.warning("host %s: cannot reach libvirt: %s", self.host, exc)
+                self._failing = True
                 client.close()
                 continue
+            self._failing = False
             with self._lock:
                 self._pairs.append((client, channel))
             for pump in (self._to_host, self._from_host):

@@ -181,6 +181,18 @@ def _wait_listening(server: Sshd) -> None:
     pytest.fail(f"sshd does not listen on port {server.port}: {server.log_tail()}")
 
 
+def restart(server: Sshd) -> None:
+    """Start a stopped sshd's listener again: the same port, keys and configuration."""
+    with server.log.open("ab") as output:
+        server.process = subprocess.Popen(
+            [str(SSHD), "-D", "-e", "-f", str(server.directory / "sshd_config")],
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+        )
+    _wait_listening(server)
+
+
 def stop(server: Sshd) -> None:
     """Stop the listener and every process below it (sessions, their commands), by PID."""
     below = descendants(server.process.pid)
