@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gfs_backup.actions.cluster import on_its_host
 from gfs_backup.actions.reconcile import remove_leftover
-from gfs_backup.actions.targets import job_location
+from gfs_backup.actions.targets import answering_host, job_location
 from gfs_backup.actions.verify import Verified, check_data, verify_stored
 from gfs_backup.backends import backend_for
 from gfs_backup.backends.base import JobContext, Progress, RestoreOptions
@@ -66,6 +66,9 @@ def restore(
     into a temporary name beside it, renamed to `to` once complete and checked, so a
     failed restore leaves nothing at `to` (journaled: a killed one is removed by the next
     run of the job)."""
+    if job.options.get("cluster"):  # on the first host that answers
+        cluster = str(job.options["cluster"])
+        job = replace(job, host=answering_host(config, cluster, job.host))
     if runs_on_host(job, "restore"):
         return _restore_on_host(config, job, generation, to, now, progress, options)
     if to.exists() or to.is_symlink():

@@ -152,7 +152,8 @@ def restore_command(
     btrfs, files and libvirt jobs of a remote host (`host =` in the job) restore on that
     host: --to is a path there, and a libvirt job's new domain is defined in its libvirt;
     --over-original writes there too. A cluster job (`cluster =`) restores --to on the
-    cluster's first host, --over-original on the host its domain is defined on.
+    first host of the cluster that answers, --over-original on the host its domain is
+    defined on.
     """
     if over_original == (to is not None):
         raise click.UsageError("give exactly one of --to PATH and --over-original")

@@ -459,6 +459,15 @@ class SSHRunner:
                 self._transport = connect(self.config)
             return self._transport
 
+    def reachable(self) -> bool:
+        """Whether the connection is open or opens now (False: connecting failed)."""
+        try:
+            self._connected()
+        except GfsError as exc:
+            log.debug("host %s does not answer: %s", self.host, exc)
+            return False
+        return True
+
     def transport_alive(self) -> bool:
         transport = self._transport
         return transport is not None and transport.is_active()

@@ -19,7 +19,7 @@ from tests.lab.domains import LabDomain, create_disk, domain_xml
 from tests.lab.fixtures import guest_image, libvirt_conn, libvirt_daemon, make_domain
 from tests.lab.second_host import SecondHost, start_second_host, stop_second_host
 from tests.system.helpers import compare_images, listing
-from tests.system.sshd import Sshd, sshd
+from tests.system.sshd import Sshd, sshd, stop
 from tests.system.test_libvirt import DAILY
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
@@ -143,6 +143,23 @@ def test_a_domain_migrating_between_hosts_keeps_one_history_and_ambiguity_fails(
         assert gone.exit_code != 0
         assert f"domain {vm.name} is on none of the hosts of cluster prod" in gone.stderr
         assert len(listing(run_gfs("list", *args, "--json"))) == 3  # failures published none
+
+        # kvm1, the cluster's first host, is down: the share is read, checked and restored
+        # from through kvm2.
+        stop(sshd)
+        listed = run_gfs("list", *args, "--json")
+        assert len(listing(listed)) == 3
+        assert "cluster prod: host kvm1 does not answer: through host kvm2" in listed.stderr
+        assert run_gfs("verify", *args).exit_code == 0
+        folder = tmp_path / "restored"
+        done = run_gfs("restore", "web", *args, "--to", str(folder), "--as-domain", "cl1-r")
+        assert done.exit_code == 0, done.output
+        assert "on host kvm2" in done.output + done.stderr
+        restored = folder / "cl1-r-vda.qcow2"
+        assert str(restored) in kvm2.lookupByName("cl1-r").XMLDesc(0)
+        newest = Path(listing(listed)[-1]["path"]) / "disks" / "vda.qcow2"
+        judged = compare_images(newest, restored)
+        assert judged.returncode == 0, judged.stdout + judged.stderr
     finally:
         kvm2.close()
 
