@@ -59,7 +59,7 @@ if str(ROOT) not in sys.path:
 import libvirt  # noqa: E402
 import libvirt_qemu  # noqa: E402
 
-from benchmarks.common import allocated, sh  # noqa: E402
+from benchmarks.common import allocated, lab_teardown, run_quietly, sh  # noqa: E402
 from tests.lab.daemons import start_libvirt_daemons  # noqa: E402
 from tests.lab.domains import DomainFactory, reap_stale_domains  # noqa: E402
 from tests.lab.guest import BOOT_MARKER, build_guest_image  # noqa: E402
@@ -606,18 +606,15 @@ def main() -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if factory is not None:
-            factory.cleanup()
-        if conn is not None:
-            conn.close()
-        for argv in reversed(cleanups):
-            if argv[0] == "umount":
-                umount(argv[1])
-            else:
-                subprocess.run(argv, capture_output=True, check=False)
-        if daemons is not None:
-            daemons.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        lab_teardown(factory, conn, cleanups, daemons, workdir, undo)
+
+
+def undo(argv: tuple[str, ...]) -> None:
+    """A cleanup command: `umount` by `umount` (it waits for a busy mount), others run."""
+    if argv[0] == "umount":
+        umount(argv[1])
+    else:
+        run_quietly(argv)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -49,7 +48,7 @@ if str(ROOT) not in sys.path:
 
 import libvirt  # noqa: E402
 
-from benchmarks.common import allocated, sh  # noqa: E402
+from benchmarks.common import allocated, lab_teardown, sh  # noqa: E402
 from benchmarks.vm_export import POLICY, make_source, mount_target  # noqa: E402
 from tests.lab.daemons import start_libvirt_daemons  # noqa: E402
 from tests.lab.domains import DomainFactory, reap_stale_domains  # noqa: E402
@@ -172,17 +171,9 @@ def main() -> int:
         )
         return 0
     finally:
-        if factory is not None:
-            factory.cleanup()
-        if conn is not None:
-            conn.close()
         if server is not None:
             stop(server)
-        for argv in reversed(cleanups):
-            subprocess.run(argv, capture_output=True, check=False)
-        if daemons is not None:
-            daemons.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        lab_teardown(factory, conn, cleanups, daemons, workdir)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ if str(ROOT) not in sys.path:
 
 import libvirt  # noqa: E402
 
-from benchmarks.common import allocated, evict, sh  # noqa: E402
+from benchmarks.common import allocated, evict, lab_teardown, sh  # noqa: E402
 from tests.lab.daemons import start_libvirt_daemons  # noqa: E402
 from tests.lab.domains import DomainFactory, reap_stale_domains  # noqa: E402
 from tests.lab.guest import BOOT_MARKER, PATTERN_WRITTEN, build_guest_image  # noqa: E402
@@ -207,15 +206,7 @@ def main() -> int:
             print("quiesce: skipped, no qemu-ga in the guest image")
         return 0
     finally:
-        if factory is not None:
-            factory.cleanup()
-        if conn is not None:
-            conn.close()
-        for argv in reversed(cleanups):
-            subprocess.run(argv, capture_output=True, check=False)
-        if daemons is not None:
-            daemons.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        lab_teardown(factory, conn, cleanups, daemons, workdir)
 
 
 if __name__ == "__main__":
