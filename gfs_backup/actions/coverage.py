@@ -1,4 +1,5 @@
-"""What on this host no job backs up: libvirt domains, LVM logical volumes, btrfs subvolumes.
+"""What on this host no job backs up: libvirt domains, LVM logical volumes, btrfs subvolumes;
+and the domains of the remote hosts libvirt jobs name (`host =`, the hosts of a cluster).
 
 `gfs check` (exit 7) and `gfs status` name each one, so that a VM created next week, or a
 volume nobody wrote a job for, is heard of before the day it is needed. Left out on
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from gfs_backup.actions.members import why_left_out
-from gfs_backup.core.config import Config, Job
+from gfs_backup.core.config import LOCAL_HOST, Config, Job
 from gfs_backup.core.errors import GfsError
 from gfs_backup.tools.btrfs import make_subvolume_list_command, parse_subvolume_list
 from gfs_backup.tools.domainxml import gfs_metadata, parse_disks
@@ -36,6 +37,8 @@ from gfs_backup.tools.lvm import Volume, make_lvs_command, parse_lvs
 from gfs_backup.tools.mounts import Mount, read_mounts
 from gfs_backup.tools.virt import DEFAULT_URI, DomainInfo, list_domains
 from gfs_backup.transport.runner import Command, LocalRunner, Runner
+from gfs_backup.transport.ssh import SSHRunner, runner_for
+from gfs_backup.transport.virttunnel import tunnel_for
 
 T = TypeVar("T")
 SYSTEM_MOUNTS = ("/", "/boot", "/var")
@@ -75,6 +78,7 @@ def coverage(config: Config, runner: Runner | None = None) -> Coverage:
     ignored = list(config.coverage_ignore)
     local = [job for job in config.jobs if job.host == "local"]
     disks = _domains(local, ignored, found)
+    _remote_domains(config, ignored, found)
     mounts = _mounts(found)
     _volumes(local, ignored, disks, mounts, runner, found)
     _subvolumes(local, ignored, mounts, runner, found)
@@ -105,6 +109,35 @@ def _domains(jobs: list[Job], ignored: list[str], found: Coverage) -> set[str]:
             elif not _ignored(info.name, ignored):
                 found.uncovered.append(Uncovered("domain", info.name, uri))
     return covered_disks
+
+
+def _remote_domains(config: Config, ignored: list[str], found: Coverage) -> None:
+    """Uncovered domains of each remote host a libvirt job runs on, and of every host of a
+    cluster a job follows a domain across (a cluster job covers its domain on each host)."""
+    virt = [job for job in config.jobs if job.kind == "libvirt"]
+    places: dict[tuple[str, str], list[Job]] = {}
+    for job in virt:
+        uri = str(job.options.get("uri", DEFAULT_URI))
+        cluster = job.options.get("cluster")
+        hosts = config.clusters[str(cluster)].hosts if cluster else (job.host,)
+        for host in hosts:
+            if host != LOCAL_HOST:
+                places.setdefault((host, uri), []).append(job)
+    for (host, uri), jobs in sorted(places.items()):
+        where = f"{uri} on host {host}"
+        try:
+            runner = runner_for(host, config)
+            assert isinstance(runner, SSHRunner)
+            domains = list_domains(where, tunnel_for(runner, uri).uri)
+        except GfsError as exc:
+            found.problems.append(f"coverage: {exc}")
+            continue
+        for info in domains:
+            covered, why = _domain_covered(jobs, info)
+            if why and not covered:
+                found.left_out.append((f"{info.name} (host {host})", why))
+            elif not covered and not _ignored(info.name, ignored):
+                found.uncovered.append(Uncovered("domain", info.name, where))
 
 
 def _domain_covered(jobs: list[Job], info: DomainInfo) -> tuple[bool, str]:

@@ -117,6 +117,18 @@ def test_a_domain_migrating_between_hosts_keeps_one_history_and_ambiguity_fails(
         status = run_gfs("status", "web", *args)
         newest_first = f"{generations[1]['id']} kvm2, {generations[0]['id']} kvm1"
         assert f"host of each generation, newest first: {newest_first}" in status.stdout
+        orphan_name = f"gfs-orphan-{vm.name}"  # a VM made on kvm2 that no job names
+        orphan = kvm2.defineXML(
+            f"<domain type='qemu'><name>{orphan_name}</name><memory unit='MiB'>64</memory>"
+            "<os><type arch='x86_64'>hvm</type></os></domain>"
+        )
+        try:
+            everything = run_gfs("status", *args)  # with the coverage of every host
+            assert (
+                f"domain {orphan_name} (qemu:///system on host kvm2) is backed up by no job"
+            ) in everything.stdout, everything.output
+        finally:
+            orphan.undefine()
 
         # A stale copy of the domain starts on kvm1 while it runs on kvm2: which is it?
         stale_disk = create_disk(tmp_path / "stale.qcow2")

@@ -11,9 +11,12 @@ from typing import Any
 import pytest
 
 from gfs_backup.actions import cluster
+from gfs_backup.actions import coverage as coverage_module
 from gfs_backup.actions.cluster import Located, NotLocated, Seen, check_unmoved, locate
+from gfs_backup.actions.coverage import Coverage
 from gfs_backup.core.config import check_host_uri, load_config
 from gfs_backup.core.errors import GfsError, InputError
+from gfs_backup.tools.virt import DomainInfo
 from gfs_backup.transport.runner import Command, Completed
 from gfs_backup.transport.virttunnel import (
     PREFIX,
@@ -210,3 +213,47 @@ def test_a_killed_gfs_tunnel_directory_is_removed_a_live_one_kept(tmp_path: Path
     (tmp_path / "unrelated").mkdir()
     remove_stale_tunnels(tmp_path)
     assert (tmp_path / "unrelated").is_dir()
+
+
+def test_coverage_asks_every_remote_host_and_a_cluster_job_covers_its_domain_on_each(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            GOOD.replace(
+                'domain = "web01"\n', 'domain = "web01"\npolicy = "classic-gfs"\ntarget = "nas"\n'
+            )
+            + '[target.own]\npath = "/mnt/own"\nhost = "kvm3"\n'
+            + '[[job]]\nname = "db"\nkind = "libvirt"\nhost = "kvm3"\ndomain = "db01"\n'
+            + 'target = "own"\n',
+        )
+    )
+    on_host = {
+        "kvm1": ["web01", "stray1"],
+        "kvm2": ["web01"],  # a stale definition after a migration: the cluster job's
+        "kvm3": ["db01", "web01"],  # web01 here is another host's domain of that name
+    }
+    monkeypatch.setattr(coverage_module, "runner_for", lambda host, _config: Fake(host))
+    monkeypatch.setattr(coverage_module, "SSHRunner", Fake)
+    monkeypatch.setattr(coverage_module, "tunnel_for", lambda runner, _uri: runner)
+    monkeypatch.setattr(
+        coverage_module,
+        "list_domains",
+        lambda where, via: [
+            DomainInfo(name, f"u-{name}", True, False, "<domain/>") for name in on_host[via]
+        ],
+    )
+    found = Coverage()
+    coverage_module._remote_domains(config, [], found)
+    assert [(u.name, u.where) for u in found.uncovered] == [
+        ("stray1", "qemu:///system on host kvm1"),
+        ("web01", "qemu:///system on host kvm3"),
+    ]
+    assert found.problems == []
+
+
+class Fake:
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.uri = host
