@@ -6,8 +6,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gfs_backup.core.config import Config, Host
+from gfs_backup.core.config import DEFAULT_LIBVIRT_URI, Config, Host
 from gfs_backup.core.errors import GfsError, InputError, Problem
+from gfs_backup.tools.virt import Connection
 from gfs_backup.transport.known_hosts import (
     HostKey,
     HostKeyError,
@@ -21,6 +22,7 @@ from gfs_backup.transport.known_hosts import (
 )
 from gfs_backup.transport.runner import Command
 from gfs_backup.transport.ssh import CONNECT_TIMEOUT, SSHRunner, fetch_host_key
+from gfs_backup.transport.virttunnel import tunnel_for
 
 
 @dataclass(frozen=True)
@@ -104,16 +106,41 @@ def trust_host(host: Host, replace: bool, expect: str | None = None) -> Trusted:
     return Trusted(host, key, path, "replaced" if recorded else "recorded")
 
 
-def check_hosts(hosts: list[Host]) -> list[HostCheck]:
-    """Connect to each host and run `true` there; one result per host."""
+def libvirt_uris(config: Config, host: str) -> list[str]:
+    """The libvirt URIs gfs uses on `host`: of its libvirt jobs, and of the cluster jobs
+    whose cluster it is in."""
+    uris = set()
+    for job in config.jobs:
+        cluster = job.options.get("cluster")
+        hosts = config.clusters[str(cluster)].hosts if cluster else (job.host,)
+        if job.kind == "libvirt" and host in hosts:
+            uris.add(str(job.options.get("uri", DEFAULT_LIBVIRT_URI)))
+    return sorted(uris)
+
+
+def check_hosts(config: Config, hosts: list[Host]) -> list[HostCheck]:
+    """Connect to each host and run `true` there, and where libvirt jobs run on it, open
+    its libvirt through gfs's tunnel; one result per host."""
     results = []
     for host in hosts:
         runner = SSHRunner(host)
         try:
             runner.run(Command(("true",), timeout=CONNECT_TIMEOUT))
-            results.append(HostCheck(host, True, "ok"))
+            found = [_libvirt_version(runner, uri) for uri in libvirt_uris(config, host.name)]
+            results.append(HostCheck(host, True, "; ".join(["ok", *found])))
         except GfsError as exc:
             results.append(HostCheck(host, False, str(exc)))
         finally:
             runner.close()
     return results
+
+
+def _libvirt_version(runner: SSHRunner, uri: str) -> str:
+    """`uri` on the runner's host answers through the tunnel: its libvirt version."""
+    connection = Connection(f"{uri} on host {runner.host}", tunnel_for(runner, uri).uri)
+    try:
+        version = int(connection.conn.getLibVersion())
+    finally:
+        connection.close()
+    major, minor, micro = version // 1_000_000, version // 1000 % 1000, version % 1000
+    return f"libvirt {major}.{minor}.{micro} at {uri}"

@@ -91,17 +91,20 @@ def trust_command(name: str, replace: bool, expect: str | None, config_path: Pat
 @config_option
 @json_option
 def check_hosts_command(names: tuple[str, ...], config_path: Path, as_json: bool) -> None:
-    """Connect to each host (or the named ones) and run `true` there.
+    """Connect to each host (or the named ones) and run `true` there; where libvirt jobs
+    run (`host =`, or a cluster the host is in), open its libvirt through gfs's tunnel
+    (virt-ssh-helper) and show its version.
 
     Exit 0 if every host answered, 4 if some failed, 5 if all failed.
     """
-    results = check_hosts(select_hosts(load_config(config_path), names))
+    config = load_config(config_path)
+    results = check_hosts(config, select_hosts(config, names))
     if as_json:
         rows = [{"name": r.host.name, "ok": r.ok, "message": r.message} for r in results]
         click.echo(json.dumps({"hosts": rows}, indent=2))
     else:
         for result in results:
-            status = "ok" if result.ok else f"FAILED: {result.message}"
+            status = result.message if result.ok else f"FAILED: {result.message}"
             click.echo(f"{result.host.name}: {status}")
     failed = sum(not r.ok for r in results)
     if failed:

@@ -105,6 +105,9 @@ def test_running_domain_of_a_remote_host_is_backed_up_there_and_restores_there(
     checked = run_gfs("check", "--config", str(config))  # 7: a warning, tmpfs is not NFS
     assert checked.exit_code == 7 and "vm: libvirt on kvm2 -> nas" in checked.output
     assert checked.output.count("warning:") == 1 and "not NFS" in checked.output
+    hosts = run_gfs("hosts", "check", "--config", str(config))
+    assert hosts.exit_code == 0, hosts.output
+    assert re.search(r"^kvm2: ok; libvirt \d+\.\d+\.\d+ at qemu:///system$", hosts.output, re.M)
     status = run_gfs("status", "--config", str(config))
     assert status.exit_code == 0 and f"{generation.name} kvm2" in status.stdout, status.output
     drilled = run_gfs("drill", "vm", "--config", str(config))  # streamed here, booted here
