@@ -166,8 +166,8 @@ def main() -> int:
         reap_stale_domains(conn)
         image = build_guest_image(workdir / "guest")
         target.mkdir()
-        size = f"{options.disk_gib + 2}g"  # sparse: holds the data only
-        sh("mount", "-t", "tmpfs", "-o", f"size={size}", "gfs-drill-bench", str(target))
+        room = f"{options.disk_gib + 2}g"  # sparse: holds the data only
+        sh("mount", "-t", "tmpfs", "-o", f"size={room}", "gfs-drill-bench", str(target))
         mounted = True
         source = workdir / "source.qcow2"
         sh("qemu-img", "create", "-q", "-f", "qcow2", str(source), f"{options.disk_gib}G")
